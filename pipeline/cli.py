@@ -1,0 +1,36 @@
+"""`avatar-render`: one console script, one module per subcommand under `pipeline/commands/`.
+
+Each command module defines `register(subparsers)`, which adds its parser and sets `func` to the function
+that runs it. Modules import their heavy dependencies (torch, ray) inside `func`, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("model_info", "render_one", "synth", "eval", "run", "serve", "submit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avatar-render", description="Batch renderer of talking-avatar videos.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"pipeline.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"pipeline.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
