@@ -119,6 +119,9 @@ class GeneratorConfig(_Frozen):
     horizon_frames: int = 21  # RoPE temporal positions trained, sink included: positions < horizon
     reset_context_frames: int = 3  # URCR: latent frames re-written after a cache reset
     sink_frames: int = 1  # latent frames of the reference sink at the front of the cache
+    # "euler": integrate the flow ODE (teachers, many steps); "renoise": predict x0 and re-noise with fresh noise at
+    # the next level (the few-step distilled student, as in Self-Forcing).
+    sampler: Literal["euler", "renoise"] = "euler"
 
     @model_validator(mode="after")
     def _check(self) -> "GeneratorConfig":
@@ -173,7 +176,7 @@ def _tiny() -> Preset:
         num_layers=6,
         freq_dim=64,
         text_dim=32,
-        patch_size=(1, 1, 1),
+        patch_size=(1, 2, 2),
         audio_feature_dim=audio.n_mels,
         audio_window=vae.temporal_stride + audio.context_frames,
         audio_hidden=128,

@@ -1,0 +1,73 @@
+"""The writer stage: one Ray task per row that stitches its segments and uploads the final mp4.
+
+Segments are concatenated without re-encoding the video, the row's original audio is muxed as AAC, and
+the result is uploaded through the object store (atomic: the output appears only when complete). The
+segments are deleted only after the upload. Every row that enters the pipeline leaves this stage with a
+RowFinished event (rows failed by validation or skipped are closed by the driver before the pipeline).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import time
+
+import ray
+
+from actors.render import MP4
+from pipeline.events import RowFinished, StageTimed
+from pipeline.records import RENDERED, RowRecord
+from pipeline.settings import PipelineSettings
+from pipeline.storage import ObjectStore
+
+
+def write_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -> dict:
+    record = RowRecord.from_row(row)
+    events = []
+    if record.status == RENDERED:
+        started = time.perf_counter()
+        try:
+            _stitch_and_upload(record, ObjectStore(settings.storage))
+            record.status = "succeeded"
+        except Exception as err:
+            record.fail("write", f"{type(err).__name__}: {err}")
+        record.timings["write"] = time.perf_counter() - started
+        events.append(StageTimed(job_id, "write", record.timings["write"]))
+    events.append(row_finished(record, job_id))
+    ray.get(progress.push.remote(events))
+    return record.to_row()
+
+
+def row_finished(record: RowRecord, job_id: str) -> RowFinished:
+    """The event that closes a row, whatever its status."""
+    return RowFinished(
+        job_id=job_id,
+        row_id=record.task.id,
+        status=record.status,
+        output=record.task.output if record.status in ("succeeded", "skipped") else None,
+        error=record.error or None,
+        error_kind=record.error_kind or None,
+        frames=record.result.get("frames", 0),
+        video_seconds=record.result.get("video_seconds", 0.0),
+        timings=dict(record.timings),
+    )
+
+
+def _stitch_and_upload(record: RowRecord, store: ObjectStore) -> None:
+    from model.media import concat_mp4
+
+    task, result = record.task, record.result
+    segments = [u for u in store.list(task.segments) if u.endswith(MP4)]
+    if len(segments) != result["segments"]:
+        raise RuntimeError(f"expected {result['segments']} segments under {task.segments}, found {len(segments)}")
+    with tempfile.TemporaryDirectory(prefix="avatar-write-") as tmp:
+        local = []
+        for i, uri in enumerate(segments):
+            local.append(os.path.join(tmp, f"{i:06d}{MP4}"))
+            store.get_file(uri, local[-1])
+        out = os.path.join(tmp, "out" + MP4)
+        with store.local_copy(task.audio, suffix=posixpath.splitext(task.audio)[1]) as audio:
+            concat_mp4(local, out, audio_path=audio)
+        store.put_file(task.output, out)
+    store.delete_prefix(task.segments)

@@ -1,0 +1,67 @@
+"""Settings of the HTTP job service: environment variables `AVATAR_RENDER_*` and `.env`, like the pipeline's.
+
+The service embeds the pipeline's own settings (storage, Ray address, actor pool size, per-row limits), read
+from the same variables, e.g. `AVATAR_RENDER_NUM_ACTORS=2`, `AVATAR_RENDER_STORAGE__ENDPOINT_URL=...`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.settings import PipelineSettings
+
+MIB = 1024 * 1024
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AVATAR_RENDER_", env_nested_delimiter="__", env_file=".env", extra="ignore", frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Bearer token for every /v1 route. Required unless `host` is a loopback address.
+    auth_token: SecretStr | None = None
+    state_dir: Path = Path("service-state")  # the job store lives here; keep it on a persistent volume
+    # Where jobs may write: URI prefixes (`file:///data/out`, `s3://bucket/renders`). Empty: only under
+    # `<state_dir>/outputs`. A job's output must lie under one of them.
+    output_roots: list[str] = Field(default_factory=list)
+    # Where jobs may read manifests and inline rows' media from. Empty: anywhere the service can read.
+    input_roots: list[str] = Field(default_factory=list)
+    max_rows_per_job: int = Field(default=10_000, ge=1)
+    max_request_bytes: int = Field(default=4 * MIB, ge=1)
+    max_pending_jobs: int = Field(default=100, ge=1)  # queued + running; more is refused with 429
+    max_actors_per_job: int = Field(default=16, ge=1)
+    concurrent_jobs: int = Field(default=1, ge=1)  # jobs run at once; each shares the actor pool settings
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+
+    @property
+    def max_audio_seconds_per_row(self) -> float:
+        """Enforced by the pipeline per row (the row fails with an input error), set by
+        `AVATAR_RENDER_LIMITS__MAX_AUDIO_SECONDS`."""
+        return self.pipeline.limits.max_audio_seconds
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @model_validator(mode="after")
+    def _token_unless_loopback(self) -> "ServiceSettings":
+        if not self.is_loopback and not (self.auth_token and self.auth_token.get_secret_value()):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address, so the service requires a bearer token: "
+                "set AVATAR_RENDER_AUTH_TOKEN (or --token), or bind to 127.0.0.1"
+            )
+        return self
+
+    def effective_output_roots(self) -> list[str]:
+        return list(self.output_roots) or [(self.state_dir / "outputs").resolve().as_uri()]

@@ -1,0 +1,207 @@
+"""The persistent job store: one sqlite file in the service's state dir.
+
+Jobs outlive the service: a job's request, state and every finished row are written here as they happen, so a
+restarted service lists the same jobs and re-queues the ones that had not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+UNFINISHED_STATES: tuple[JobState, ...] = ("queued", "running")
+JOB_STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT UNIQUE NOT NULL,
+    request TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    rows_total INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS rows (
+    job_id TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    error_kind TEXT,
+    frames INTEGER NOT NULL DEFAULT 0,
+    video_seconds REAL NOT NULL DEFAULT 0,
+    duration_s REAL,
+    timings TEXT NOT NULL DEFAULT '{}',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (job_id, row_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+"""
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    request: dict  # the accepted submission, confined URIs filled in: what a restart runs again
+    state: JobState
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    rows_total: int | None = None  # known for inline rows and read manifests
+    cancel_requested: bool = False
+    attempts: int = 0  # how many times a worker began it (more than 1 after a restart)
+    error: str | None = None
+
+
+class RowRecord(BaseModel):
+    row_id: str
+    status: str
+    output: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    frames: int = 0
+    video_seconds: float = 0.0
+    duration_s: float | None = None
+    timings: dict = Field(default_factory=dict)
+    metrics: dict = Field(default_factory=dict)
+
+
+_JOB_COLUMNS = "job_id, request, state, created, started, finished, rows_total, cancel_requested, attempts, error"
+
+
+def _job_from_row(row: tuple) -> JobRecord:
+    job_id, request, state, created, started, finished, rows_total, cancel_requested, attempts, error = row
+    return JobRecord(
+        job_id=job_id, request=json.loads(request), state=state, created=created, started=started,
+        finished=finished, rows_total=rows_total, cancel_requested=bool(cancel_requested), attempts=attempts,
+        error=error,
+    )
+
+
+class JobStore:
+    """Thread-safe: one connection, one lock (sqlite serialises writers anyway)."""
+
+    def __init__(self, state_dir: Path):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "jobs.sqlite3"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, job: JobRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.job_id, json.dumps(job.request), job.state, job.created, job.started, job.finished,
+                 job.rows_total, int(job.cancel_requested), job.attempts, job.error),
+            )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job_from_row(row) if row else None
+
+    def list(self, *, state: str | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+        """Newest first."""
+        where, args = ("WHERE state = ?", [state]) if state else ("", [])
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
+            ).fetchall()
+        return [_job_from_row(r) for r in rows]
+
+    def unfinished(self) -> list[JobRecord]:
+        """Queued and running jobs, oldest first: the order a restarted service runs them in."""
+        marks = ",".join("?" * len(UNFINISHED_STATES))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", UNFINISHED_STATES
+            ).fetchall()
+        return [_job_from_row(r) for r in rows]
+
+    def update(self, job_id: str, **fields) -> None:
+        allowed = {"state", "started", "finished", "rows_total", "cancel_requested", "attempts", "error"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"cannot update job fields {sorted(set(fields) - allowed)}")
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE job_id = ?", (*fields.values(), job_id))
+
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {state: 0 for state in JOB_STATES} | dict(rows)
+
+    def put_row(self, job_id: str, row: RowRecord) -> None:
+        """Record a finished row. A row the pipeline skipped because an earlier attempt of this job already
+        rendered it keeps its earlier record (a restart must not turn 'succeeded' into 'skipped')."""
+        with self._lock:
+            if row.status == "skipped":
+                prior = self._db.execute(
+                    "SELECT status FROM rows WHERE job_id = ? AND row_id = ?", (job_id, row.row_id)
+                ).fetchone()
+                if prior and prior[0] == "succeeded":
+                    return
+            self._db.execute(
+                "INSERT OR REPLACE INTO rows (job_id, row_id, status, output, error, error_kind, frames, "
+                "video_seconds, duration_s, timings, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, row.row_id, row.status, row.output, row.error, row.error_kind, row.frames,
+                 row.video_seconds, row.duration_s, json.dumps(row.timings, default=str),
+                 json.dumps(row.metrics, default=str)),
+            )
+
+    def rows(self, job_id: str) -> list[RowRecord]:
+        with self._lock:
+            found = self._db.execute(
+                "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
+                "metrics FROM rows WHERE job_id = ? ORDER BY rowid", (job_id,)
+            ).fetchall()
+        return [
+            RowRecord(row_id=r[0], status=r[1], output=r[2], error=r[3], error_kind=r[4], frames=r[5],
+                      video_seconds=r[6], duration_s=r[7], timings=json.loads(r[8]), metrics=json.loads(r[9]))
+            for r in found
+        ]
+
+    def row_totals(self, job_id: str) -> tuple[dict[str, int], int, float]:
+        """(rows by status, frames, video-seconds) over the job's finished rows."""
+        with self._lock:
+            by_status = self._db.execute(
+                "SELECT status, COUNT(*), SUM(frames), SUM(video_seconds) FROM rows WHERE job_id = ? GROUP BY status",
+                (job_id,),
+            ).fetchall()
+        counts = {status: n for status, n, _, _ in by_status}
+        frames = sum(int(f or 0) for _, _, f, _ in by_status)
+        seconds = sum(float(s or 0.0) for _, _, _, s in by_status)
+        return counts, frames, seconds
+
+    def pending_rows(self) -> int:
+        """Rows of queued and running jobs (those whose row count is known) that have not finished."""
+        marks = ",".join("?" * len(UNFINISHED_STATES))
+        with self._lock:
+            (total,) = self._db.execute(
+                f"SELECT COALESCE(SUM(rows_total), 0) FROM jobs WHERE state IN ({marks}) AND rows_total IS NOT NULL",
+                UNFINISHED_STATES,
+            ).fetchone()
+            (finished,) = self._db.execute(
+                f"SELECT COUNT(*) FROM rows JOIN jobs USING (job_id) WHERE jobs.state IN ({marks}) "
+                "AND jobs.rows_total IS NOT NULL", UNFINISHED_STATES,
+            ).fetchone()
+        return max(0, int(total) - int(finished))
+
+

@@ -1,0 +1,118 @@
+"""The quality metrics, on plain arrays: lip-sync, audio-visual offset, identity, block seams, drift.
+
+Conventions:
+- `av_offset_frames` > 0 means the audio lags the video (the sound comes that many frames after the mouth
+  movement that matches it); "audio delayed by 5 frames" reads +5.
+- Block boundaries: the generator emits blocks of latent frames; the first block yields
+  `first_block_frames` video frames (1 + 4 * 2 = 9 for 3 latent frames) and every later one
+  `block_frames` (4 * 3 = 12). A boundary is the pair of frames (b - 1, b) for
+  b = first_block_frames + k * block_frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import signal
+
+MAX_LAG_FRAMES = 10
+FIRST_BLOCK_FRAMES = 9
+BLOCK_FRAMES = 12
+_ENVELOPE_BAND_HZ = (300.0, 4000.0)  # where speech energy follows the mouth (voice, not breath or hum)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0.0 when either side does not vary (a frozen mouth carries no sync)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = min(len(a), len(b))
+    a, b = a[:n] - a[:n].mean(), b[:n] - b[:n].mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 1e-12 else 0.0
+
+
+def lipsync_r(measured: np.ndarray, reference: np.ndarray) -> float:
+    return pearson(measured, reference)
+
+
+def lagged_correlations(measured: np.ndarray, reference: np.ndarray, max_lag: int = MAX_LAG_FRAMES) -> dict[int, float]:
+    """Pearson r of measured[t] against reference[t + lag] for every lag in [-max_lag, max_lag]."""
+    n = min(len(measured), len(reference))
+    out = {}
+    for lag in range(-max_lag, max_lag + 1):
+        if n - abs(lag) < 2:
+            continue
+        if lag >= 0:
+            out[lag] = pearson(measured[: n - lag], reference[lag:n])
+        else:
+            out[lag] = pearson(measured[-lag:n], reference[: n + lag])
+    return out
+
+
+def av_offset_frames(measured: np.ndarray, reference: np.ndarray, max_lag: int = MAX_LAG_FRAMES) -> int:
+    """Lag of peak cross-correlation: > 0 when the audio (reference) lags the video (measured)."""
+    correlations = lagged_correlations(measured, reference, max_lag)
+    return max(correlations, key=lambda lag: (correlations[lag], -abs(lag))) if correlations else 0
+
+
+def speech_envelope(audio: np.ndarray, sample_rate: int, num_frames: int, fps: float) -> np.ndarray:
+    """(num_frames,) RMS of the speech band over each frame's span: the opening the audio implies."""
+    sos = signal.butter(4, _ENVELOPE_BAND_HZ, btype="band", fs=sample_rate, output="sos")
+    band = signal.sosfilt(sos, audio.astype(np.float64))
+    per_frame = sample_rate / fps
+    edges = np.round(np.arange(num_frames + 1) * per_frame).astype(int)
+    energy = np.concatenate([[0.0], np.cumsum(band * band)])
+    edges = np.clip(edges, 0, len(band))
+    counts = np.maximum(np.diff(edges), 1)
+    return np.sqrt(np.diff(energy[edges]) / counts)
+
+
+def frame_changes(frames: np.ndarray) -> np.ndarray:
+    """(N - 1,) mean absolute pixel change between consecutive frames, pixel units in [0, 1]."""
+    changes = np.empty(max(len(frames) - 1, 0))
+    for i in range(len(changes)):  # one pair at a time: long videos stay within memory
+        changes[i] = np.abs(frames[i + 1].astype(np.int16) - frames[i].astype(np.int16)).mean() / 255.0
+    return changes
+
+
+def block_boundaries(num_frames: int, block_frames: int = BLOCK_FRAMES, first_block_frames: int = FIRST_BLOCK_FRAMES) -> np.ndarray:
+    """First frame index b of every block after the first, for b < num_frames."""
+    return np.arange(first_block_frames, num_frames, block_frames)
+
+
+def boundary_jitter(changes: np.ndarray, boundaries: np.ndarray) -> float | None:
+    """Mean change across block boundaries over the mean change of the frame pairs next to them inside
+    the blocks (the pair just before and just after each boundary). 1.0 is seamless; None without a
+    boundary that has both neighbours. Comparing with the neighbouring pairs, not every pair, keeps the
+    ratio from depending on what happens to move elsewhere in the video."""
+    # changes[i] is the pair (i, i + 1): a boundary at b is changes[b - 1], its neighbours b - 2 and b.
+    usable = boundaries[(boundaries >= 2) & (boundaries < len(changes))]
+    if len(usable) == 0:
+        return None
+    across = changes[usable - 1].mean()
+    inside = 0.5 * (changes[usable - 2] + changes[usable]).mean()
+    return float(across / inside) if inside > 1e-12 else (1.0 if across <= 1e-12 else float("inf"))
+
+
+def identity_errors(frames: np.ndarray, portrait: np.ndarray, mouth_mask: np.ndarray) -> np.ndarray:
+    """(N,) mean |frame - portrait| outside the mouth region, pixel units in [0, 1]."""
+    keep = ~mouth_mask
+    reference = portrait.astype(np.int16)[keep]
+    return np.array([np.abs(f.astype(np.int16)[keep] - reference).mean() / 255.0 for f in frames])
+
+
+def slope_per_minute(centres_seconds: list[float], values: list[float | None]) -> float | None:
+    """Least-squares slope of a metric over the render, per minute; None with fewer than two windows."""
+    points = [(t / 60.0, v) for t, v in zip(centres_seconds, values) if v is not None and np.isfinite(v)]
+    if len(points) < 2:
+        return None
+    t, v = np.array(points).T
+    return float(np.polyfit(t, v, 1)[0])
+
+
+def window_spans(num_frames: int, window_frames: int) -> list[tuple[int, int]]:
+    """Consecutive windows; a tail shorter than half a window joins the window before it."""
+    starts = list(range(0, num_frames, window_frames)) or [0]
+    spans = [(s, min(s + window_frames, num_frames)) for s in starts]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < window_frames / 2:
+        spans[-2] = (spans[-2][0], spans[-1][1])
+        spans.pop()
+    return spans

@@ -1,0 +1,41 @@
+"""Portrait images: decode PNG/JPEG (any PIL format), RGB, centre-crop to the target aspect, Lanczos resize."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.errors import InputError
+from model.media._ffmpeg import check_input_file
+
+
+def center_crop_box(src_w: int, src_h: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The largest centred (left, top, right, bottom) box of aspect width:height inside a src_w x src_h image."""
+    if src_w * height > src_h * width:  # source is wider: cut the sides
+        crop_w, crop_h = max(1, round(src_h * width / height)), src_h
+    else:  # source is taller: cut top and bottom
+        crop_w, crop_h = src_w, max(1, round(src_w * height / width))
+    left, top = (src_w - crop_w) // 2, (src_h - crop_h) // 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def load_portrait(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
+    """Decode an image file to uint8 (height, width, 3) RGB, centre-cropped to the aspect ratio then resized."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    path = check_input_file(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img)  # camera photos store their rotation in EXIF
+            rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise InputError(path, "not an image (PIL cannot identify the file format)") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports truncated/corrupt data as these
+        raise InputError(path, f"corrupt or truncated image: {err}") from None
+    box = center_crop_box(rgb.width, rgb.height, height, width)
+    # Crop first: resizing with box= would let the filter read pixels outside the crop.
+    resized = rgb.crop(box).resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8).copy()

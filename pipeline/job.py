@@ -1,0 +1,275 @@
+"""Run one job: manifest rows -> validate -> fetch -> render actors -> writers -> report.
+
+    report = run_job(JobSpec(job_id="j1", manifest="jobs/a.jsonl", output="s3://bucket/out"), settings)
+
+The stages run on Ray Data; the driver thread polls the job's progress actor, hands every event to
+`on_event` in order, and forwards `cancel`. A bad row becomes a failed row of the report, never an
+exception; only a job that cannot start (unreadable manifest, bad options) raises.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from pipeline.events import Event, StageTimed
+from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
+from pipeline.settings import PipelineSettings
+from pipeline.storage import ObjectStore, normalize_uri
+
+POLL_SECONDS = 0.2  # how often the driver reads new events
+EXISTS_CHECKS_IN_FLIGHT = 16  # concurrent existence checks of outputs (S3 HEAD requests)
+JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint"})  # settings a job may override
+
+
+class JobSpec(BaseModel):
+    job_id: str
+    manifest: str | None = None  # URI of a JSONL/CSV/Parquet manifest ...
+    rows: list[dict] | None = None  # ... or the rows inline (relative paths resolve against the cwd)
+    output: str  # output root URI: videos, report.parquet, report.jsonl, .segments/
+    actors: int | None = None  # render actors; None: settings.num_actors
+    force: bool = False  # re-render rows whose output exists
+    options: dict = Field(default_factory=dict)  # per-job overrides of JOB_OPTIONS settings
+
+
+class RowResult(BaseModel):
+    id: str
+    status: str  # succeeded | failed | skipped | cancelled
+    output: str | None = None
+    error: str | None = None
+    error_kind: str | None = None  # validation | input | fetch | render | write | cancelled
+    frames: int = 0
+    video_seconds: float = 0.0
+    duration_s: float = 0.0  # wall time of the row's stages together
+    timings: dict = Field(default_factory=dict)  # seconds per stage: fetch, render (generate inside), write
+    metrics: dict = Field(default_factory=dict)  # quality metrics, where computed
+
+
+class JobReport(BaseModel):
+    job_id: str
+    rows: list[RowResult]
+    counts: dict[str, int]  # rows by status
+    started: datetime
+    finished: datetime
+
+
+def run_job(
+    spec: JobSpec,
+    settings: PipelineSettings,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> JobReport:
+    import ray
+
+    from actors.progress import ProgressActor, progress_actor_name
+
+    started = datetime.now(timezone.utc)
+    settings = _job_settings(spec, settings)
+    store = ObjectStore(settings.storage)
+    output_root = normalize_uri(spec.output).rstrip("/")
+
+    tick = time.perf_counter()
+    tasks = _validated_tasks(spec, settings, store, output_root)
+    validate_seconds = time.perf_counter() - tick
+
+    _connect_ray(settings)
+    name = progress_actor_name(spec.job_id)
+    try:
+        ray.kill(ray.get_actor(name))  # left over from a crashed run with the same id
+    except ValueError:
+        pass
+    progress = ProgressActor.options(name=name).remote(spec.job_id)
+    ray.get(progress.push.remote([StageTimed(spec.job_id, "validate", validate_seconds)]))
+    try:
+        records = _execute(tasks, spec, settings, progress, on_event or (lambda event: None), cancel)
+    finally:
+        ray.kill(progress)
+
+    tick = time.perf_counter()
+    rows = [_row_result(record) for record in records]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    report = JobReport(job_id=spec.job_id, rows=rows, counts=counts, started=started,
+                       finished=datetime.now(timezone.utc))
+    write_report(report, output_root, store)
+    if on_event is not None:
+        on_event(StageTimed(spec.job_id, "report", time.perf_counter() - tick))
+    return report
+
+
+def _job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings:
+    unknown = set(spec.options) - JOB_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown job option(s) {sorted(unknown)}; allowed: {sorted(JOB_OPTIONS)}")
+    update: dict[str, Any] = dict(spec.options)
+    if spec.actors is not None:
+        update["num_actors"] = spec.actors
+    # Re-validate so that overrides obey the same constraints as settings from the environment.
+    return type(settings).model_validate({**settings.model_dump(), **update}) if update else settings
+
+
+def _validated_tasks(spec: JobSpec, settings: PipelineSettings, store: ObjectStore, output_root: str) -> list[RowTask]:
+    if (spec.manifest is None) == (spec.rows is None):
+        raise ValueError("a job needs exactly one of `manifest` and `rows`")
+    if spec.manifest is not None:
+        raw, base = read_manifest(spec.manifest, store), manifest_dir(spec.manifest)
+    else:
+        raw, base = list(spec.rows), normalize_uri(os.getcwd())
+    return validate_rows(raw, output_root=output_root, base_uri=base, limits=settings.limits,
+                         preset=settings.preset, model_key=f"{settings.preset}:{settings.checkpoint}")
+
+
+def _connect_ray(settings: PipelineSettings) -> None:
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the caller shows its own progress (rows, video-seconds)
+
+
+def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
+    """Run the Ray Data stages in a worker thread; relay events and cancellation from this thread."""
+    import ray
+    import ray.data
+
+    from actors.render import RenderActor
+    from actors.writer import row_finished, write_row
+    from pipeline.records import PENDING, RowRecord, initial_record
+    from pipeline.stages import fetch_row
+
+    records = [initial_record(task) for task in tasks]
+    _skip_finished(records, ObjectStore(settings.storage), spec.force)
+    # Rows already decided (invalid, skipped) never enter the dataset: the driver closes them here.
+    ray.get(progress.push.remote([row_finished(r, spec.job_id) for r in records if r.status != PENDING]))
+    rows = [r.to_row() for r in records if r.status == PENDING]
+    if not rows:
+        _relay_events(progress, on_event)
+        return records
+    stage_args = {"settings": settings, "job_id": spec.job_id, "progress": progress}
+    use_gpu = settings.device == "cuda"
+    actor_cpus = settings.actor_num_cpus
+    if not use_gpu:
+        # CPU actors hold their CPUs for the whole job: leave room for one fetch/write task, or they starve.
+        cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+        actor_cpus = min(actor_cpus, max(settings.io_num_cpus, (cluster_cpus - settings.io_num_cpus) / settings.num_actors))
+    dataset = (
+        ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per row: rows stream independently
+        .map(fetch_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
+        .map_batches(
+            RenderActor,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_constructor_kwargs=stage_args,
+            # A fixed pool; one row at a time per actor so no row waits behind a long one on a busy actor.
+            # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a killed actor
+            # comes back (model reloaded) and its row is retried there, resuming from the stored segments.
+            compute=ray.data.ActorPoolStrategy(size=settings.num_actors, max_tasks_in_flight_per_actor=1),
+            num_cpus=actor_cpus,
+            num_gpus=1 if use_gpu else 0,
+        )
+        .map(write_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
+    )
+
+    outcome: dict[str, Any] = {}
+
+    def consume() -> None:
+        try:
+            outcome["rows"] = dataset.take_all()
+        except BaseException as err:  # re-raised in the driver thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=consume, name=f"job-{spec.job_id}", daemon=True)
+    worker.start()
+    cursor, cancel_sent = 0, False
+    while True:
+        alive = worker.is_alive()
+        if cancel is not None and cancel.is_set() and not cancel_sent:
+            ray.get(progress.cancel.remote())
+            cancel_sent = True
+        cursor = _relay_events(progress, on_event, cursor)
+        if not alive:
+            break
+        worker.join(POLL_SECONDS)
+    if "error" in outcome:
+        raise outcome["error"]
+    done = {record.task.index: record for record in map(RowRecord.from_row, outcome["rows"])}
+    records = [done.get(record.task.index, record) for record in records]
+    for record in records:
+        if record.status == PENDING:  # cannot happen unless Ray Data dropped a row; never report "pending"
+            record.fail("internal", "the pipeline returned no result for this row")
+    return records
+
+
+def _skip_finished(records: list, store: ObjectStore, force: bool) -> None:
+    """Idempotency: a pending row whose output exists is skipped, unless forced (outputs appear atomically,
+    so an existing output is a complete one)."""
+    pending = [r for r in records if r.status == "pending"]
+    if force or not pending:
+        return
+    with ThreadPoolExecutor(max_workers=EXISTS_CHECKS_IN_FLIGHT) as pool:
+        for record, exists in zip(pending, pool.map(lambda r: store.exists(r.task.output), pending)):
+            if exists:
+                record.status = "skipped"
+
+
+def _relay_events(progress, on_event, cursor: int = 0) -> int:
+    """Hand every event after `cursor` to on_event, in order; returns the new cursor."""
+    import ray
+
+    events, cursor = ray.get(progress.events_since.remote(cursor))
+    for event in events:
+        on_event(event)
+    return cursor
+
+
+def _row_result(record) -> RowResult:
+    result, timings = record.result, record.timings
+    ok = record.status in ("succeeded", "skipped")
+    return RowResult(
+        id=record.task.id,
+        status=record.status,
+        output=record.task.output if ok else None,
+        error=record.error or None,
+        error_kind=record.error_kind or None,
+        frames=result.get("frames", 0),
+        video_seconds=result.get("video_seconds", 0.0),
+        duration_s=sum(v for k, v in timings.items() if k != "generate"),
+        timings=timings,
+        metrics=result.get("metrics", {}),
+    )
+
+
+REPORT_COLUMNS = ("id", "status", "output", "error", "error_kind", "frames", "video_seconds", "duration_s")
+
+
+def write_report(report: JobReport, output_root: str, store: ObjectStore) -> None:
+    """report.jsonl (one JSON object per row) and report.parquet (timings/metrics as JSON text columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [json.dumps({"job_id": report.job_id, **row.model_dump()}) for row in report.rows]
+    store.put_bytes(f"{output_root}/report.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"")
+    columns = {c: [getattr(row, c) for row in report.rows] for c in REPORT_COLUMNS}
+    columns["timings"] = [json.dumps(row.timings) for row in report.rows]
+    columns["metrics"] = [json.dumps(row.metrics) for row in report.rows]
+    schema = pa.schema([
+        ("id", pa.string()), ("status", pa.string()), ("output", pa.string()), ("error", pa.string()),
+        ("error_kind", pa.string()), ("frames", pa.int64()), ("video_seconds", pa.float64()),
+        ("duration_s", pa.float64()), ("timings", pa.string()), ("metrics", pa.string()),
+    ])
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), buffer)
+    store.put_bytes(f"{output_root}/report.parquet", buffer.getvalue())

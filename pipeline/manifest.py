@@ -1,0 +1,256 @@
+"""Job manifests: read JSONL, CSV or Parquet from any store, and validate each row on its own.
+
+Columns: `id`, `portrait`, `audio` (required); `prompt`, `output` and the per-row overrides `seed`,
+`steps` ("8,6,4", a list, or one int), `height`, `width` (optional). Relative input paths resolve against
+the manifest's directory. A row's `output` must lie inside the job's output root (a relative path, or a
+URI under the root) and end in ".mp4"; by default it is `<output root>/<id>.mp4` (the id made safe).
+
+Validation never raises for a bad row: it returns the row with an error naming the row and the problem.
+Rules: a missing or empty id fails the row; of two rows with the same id (or output) the second fails;
+a column the pipeline does not know fails every row that sets it (a non-empty value), so that a typo
+such as `seeed` is never silently ignored, while a CSV column left empty on a row does not hurt that row.
+Only an unreadable manifest (missing, unknown format) fails the whole job.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import posixpath
+from typing import Any
+
+from pydantic import BaseModel
+
+from model.config import get_preset
+from pipeline.settings import LimitSettings
+from pipeline.storage import ObjectStore, confined_uri, is_under, normalize_uri, parent_uri, safe_name
+
+REQUIRED = ("id", "portrait", "audio")
+OPTIONAL = ("prompt", "output", "seed", "steps", "height", "width")
+KNOWN_COLUMNS = frozenset(REQUIRED + OPTIONAL)
+SEGMENTS_DIR = ".segments"  # under the output root: one folder per row in progress
+
+
+class RenderOverrides(BaseModel):
+    """Per-row settings for the generator; None keeps the preset's value."""
+
+    seed: int = 0
+    step_plan: tuple[int, ...] | None = None
+    height: int | None = None
+    width: int | None = None
+
+
+class RowTask(BaseModel):
+    """One validated manifest row, or a row that failed validation (`error` set)."""
+
+    index: int  # position in the manifest, from 0
+    id: str
+    portrait: str = ""
+    audio: str = ""
+    prompt: str | None = None
+    output: str = ""
+    render: RenderOverrides = RenderOverrides()
+    segments: str = ""  # URI prefix of this row's stored segments
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(uri: str, store: ObjectStore) -> list[dict[str, Any] | str]:
+    """Raw rows in order: a dict per row, or an error string for a row that cannot even be parsed."""
+    uri = normalize_uri(uri)
+    ext = posixpath.splitext(uri)[1].lower()
+    if ext not in (".jsonl", ".csv", ".parquet"):
+        raise ValueError(f"{uri}: unknown manifest format {ext!r}; use .jsonl, .csv or .parquet")
+    data = store.get_bytes(uri)
+    if ext == ".jsonl":
+        return _read_jsonl(data)
+    if ext == ".csv":
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        return [{k: v for k, v in row.items() if k is not None} for row in reader]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def _read_jsonl(data: bytes) -> list[dict[str, Any] | str]:
+    rows: list[dict[str, Any] | str] = []
+    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            rows.append(f"line {number}: not valid JSON ({err.msg})")
+            continue
+        rows.append(row if isinstance(row, dict) else f"line {number}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_rows(
+    raw_rows: list[dict[str, Any] | str],
+    *,
+    output_root: str,
+    base_uri: str,
+    limits: LimitSettings,
+    preset: str,
+    model_key: str = "",
+) -> list[RowTask]:
+    """Validate every row; `base_uri` is the directory relative inputs resolve against.
+
+    `model_key` (preset + checkpoint) goes into each row's segment folder name, so a changed model or
+    changed inputs never resume from another render's segments.
+    """
+    output_root = normalize_uri(output_root).rstrip("/")
+    tasks: list[RowTask] = []
+    seen_ids: dict[str, int] = {}
+    seen_outputs: dict[str, str] = {}
+    for index, raw in enumerate(raw_rows):
+        label = f"row {index + 1}"
+        if isinstance(raw, str):
+            tasks.append(RowTask(index=index, id=f"#{index + 1}", error=f"{label}: {raw}"))
+            continue
+        row = {k: _empty_to_none(v) for k, v in raw.items()}
+        row_id = row.get("id")
+        if isinstance(row_id, int) and not isinstance(row_id, bool):
+            row_id = str(row_id)
+        if not isinstance(row_id, str) or not row_id.strip():
+            tasks.append(RowTask(index=index, id=f"#{index + 1}", error=f"{label}: missing id"))
+            continue
+        label = f"row {index + 1} (id {row_id!r})"
+        try:
+            if row_id in seen_ids:
+                raise ValueError(f"duplicate id (first used by row {seen_ids[row_id] + 1})")
+            seen_ids[row_id] = index
+            task = _validate(index, row_id, row, output_root, base_uri, limits, preset, model_key)
+            if task.output in seen_outputs:
+                raise ValueError(f"output {task.output} is also the output of id {seen_outputs[task.output]!r}")
+            seen_outputs[task.output] = row_id
+        except ValueError as err:
+            tasks.append(RowTask(index=index, id=row_id, error=f"{label}: {err}"))
+            continue
+        tasks.append(task)
+    return tasks
+
+
+def _validate(index, row_id, row, output_root, base_uri, limits, preset_name, model_key) -> RowTask:
+    unknown = sorted(k for k, v in row.items() if k not in KNOWN_COLUMNS and v is not None)
+    if unknown:
+        raise ValueError(f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(KNOWN_COLUMNS))}")
+    inputs = {}
+    for column in ("portrait", "audio"):
+        value = row.get(column)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"missing {column}")
+        inputs[column] = normalize_uri(value.strip(), base=base_uri)
+    prompt = row.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text, got {prompt!r}")
+
+    render = RenderOverrides(
+        seed=_int(row, "seed", 0, 2**63 - 1) if row.get("seed") is not None else 0,
+        step_plan=_steps(row.get("steps"), limits.max_steps),
+        height=_int(row, "height", 1, limits.max_height),
+        width=_int(row, "width", 1, limits.max_width),
+    )
+    if render.height is not None or render.width is not None:
+        video = get_preset(preset_name).video
+        get_preset(preset_name).with_resolution(render.height or video.height, render.width or video.width)
+
+    output = _output_uri(row.get("output"), row_id, output_root)
+    fingerprint = json.dumps([inputs, prompt, render.model_dump(), output, model_key], sort_keys=True)
+    key = f"{safe_name(row_id)}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:12]}"
+    return RowTask(
+        index=index,
+        id=row_id,
+        portrait=inputs["portrait"],
+        audio=inputs["audio"],
+        prompt=prompt,
+        output=output,
+        render=render,
+        segments=f"{output_root}/{SEGMENTS_DIR}/{key}",
+    )
+
+
+def _output_uri(value: Any, row_id: str, output_root: str) -> str:
+    if value is None:
+        return f"{output_root}/{safe_name(row_id)}.mp4"
+    if not isinstance(value, str):
+        raise ValueError(f"output must be a URI or relative path, got {value!r}")
+    if "://" in value or value.startswith("/"):
+        uri = normalize_uri(value)
+        if not is_under(uri, output_root):
+            raise ValueError(f"output {value!r} is outside the output root {output_root}")
+    else:
+        uri = confined_uri(output_root, value)
+    if SEGMENTS_DIR in uri[len(output_root):].split("/"):
+        raise ValueError(f"output {value!r} may not be inside {SEGMENTS_DIR}/")
+    if not uri.endswith(".mp4"):
+        raise ValueError(f"output {value!r} must end in .mp4")
+    return uri
+
+
+def _empty_to_none(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None  # Parquet/pandas spell a missing number as NaN
+    return value
+
+
+def _int(row: dict, column: str, low: int, high: int) -> int | None:
+    value = row.get(column)
+    if value is None:
+        return None
+    try:
+        number = _as_int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{column} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{column} must be in [{low}, {high}], got {number}")
+    return number
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError
+        return int(value)
+    if isinstance(value, str):  # CSV: "42", or "42.0" when pandas wrote a column with gaps
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    return int(value)
+
+
+def _steps(value: Any, max_steps: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [v for v in value.replace(" ", "").split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    try:
+        plan = tuple(_as_int(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps must be positive integers like '8,6,4', got {value!r}") from None
+    if not plan or min(plan) < 1 or max(plan) > max_steps:
+        raise ValueError(f"steps must be integers in [1, {max_steps}], got {value!r}")
+    return plan
+
+
+def manifest_dir(uri: str) -> str:
+    """The directory a manifest's relative paths resolve against."""
+    return parent_uri(normalize_uri(uri))

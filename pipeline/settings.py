@@ -1,0 +1,57 @@
+"""Settings of a pipeline run: environment variables `AVATAR_RENDER_*` (nested with `__`) and `.env`.
+
+Objects are built by the caller and passed down explicitly (to run_job, the render actors, the stores);
+nothing reads a global. Example: `AVATAR_RENDER_STORAGE__ENDPOINT_URL=http://127.0.0.1:9000`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+S3_MIN_PART = 5 * MIB  # S3 rejects smaller parts (except the last)
+
+
+class StorageSettings(BaseModel):
+    """Object storage: `file://` needs nothing; `s3://` talks to AWS or any S3-compatible endpoint."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint_url: str | None = None  # None: AWS; e.g. "http://127.0.0.1:9000" for MinIO or moto
+    region: str = "us-east-1"
+    access_key_id: str | None = None  # None: boto3's usual credential chain
+    secret_access_key: str | None = None
+    multipart_threshold: int = Field(default=64 * MIB, ge=1)  # bytes; files this large go up in parts
+    multipart_chunk_size: int = Field(default=16 * MIB, ge=S3_MIN_PART)
+    max_attempts: int = Field(default=5, ge=1)  # tries per request, first included; botocore "standard" retries
+
+
+class LimitSettings(BaseModel):
+    """Refuse rows that would not fit the machine, before spending a render on them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_audio_seconds: float = Field(default=4 * 3600.0, gt=0)
+    max_height: int = Field(default=1080, gt=0)
+    max_width: int = Field(default=1920, gt=0)
+    max_steps: int = Field(default=64, gt=0)  # per block, in a per-row step plan
+
+
+class PipelineSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AVATAR_RENDER_", env_nested_delimiter="__", env_file=".env", extra="ignore", frozen=True
+    )
+
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else start a local Ray
+    num_actors: int = Field(default=1, ge=1)  # render actors, each holding one resident model
+    actor_num_cpus: float = Field(default=1.0, gt=0)  # CPUs reserved per render actor (threads torch may use)
+    io_num_cpus: float = Field(default=0.25, gt=0)  # CPUs reserved per fetch/write task (they mostly wait)
+    segment_blocks: int = Field(default=8, ge=1)  # K: blocks per stored segment (the unit of resume)
+    checkpoint: str | None = None  # None: the bundled default model
+    preset: str = "tiny"
+    device: Literal["cpu", "cuda"] = "cpu"  # "cuda": one GPU per render actor

@@ -1,0 +1,65 @@
+"""Shared fixtures: one local Ray cluster and one moto S3 server (real HTTP on 127.0.0.1) per session."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with 2 CPUs, shared by every test that needs Ray (starting one costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free loopback port; yields StorageSettings pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.settings import StorageSettings
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield StorageSettings(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's moto server: returns its URI, "s3://<name>"."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def s3_client(settings):
+    """A plain boto3 client for the moto server, to look at S3 independently of ObjectStore."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
+                        aws_access_key_id=settings.access_key_id, aws_secret_access_key=settings.secret_access_key)
+
+
+@pytest.fixture
+def s3_raw(s3_server):
+    return s3_client(s3_server)

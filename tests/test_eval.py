@@ -1,0 +1,155 @@
+"""The metrics measure what they claim: on ground-truth SynthTalk videos, on broken ones, and on a real photo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from model.eval import evaluate, score
+from model.eval.metrics import block_boundaries, boundary_jitter, frame_changes
+from model.synth import FPS, load_truth_phones, make_clip, shift_phones, write_clip
+
+DELAY_FRAMES = 5
+LONG_SECONDS = 60.0  # enough block boundaries (~125) for the seam ratio to settle near 1 on ground truth
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """A 60-s ground-truth clip written to disk and decoded back (what a renderer's output looks like)."""
+    from model.media.audio import load_audio
+    from model.media.video import read_video
+
+    out = tmp_path_factory.mktemp("synthtalk")
+    clip = make_clip(0, LONG_SECONDS)
+    row = write_clip(clip, out)
+    paths = {k: str(out / v) for k, v in row.items() if k != "id"}
+    frames, fps = read_video(paths["video"])
+    audio = load_audio(paths["audio"])
+    return {"paths": paths, "frames": frames, "fps": fps, "audio": audio, "clip": clip, "dir": out}
+
+
+def test_ground_truth_video_scores_as_perfect(long_clip):
+    p = long_clip["paths"]
+    result = evaluate(p["video"], p["portrait"], p["audio"], p["truth"])
+    assert result["lipsync_reference"] == "phones" and result["mouth_method"] == "synth"
+    assert result["lipsync_r"] >= 0.95
+    assert result["av_offset_frames"] == 0
+    assert result["boundary_jitter"] == pytest.approx(1.0, abs=0.05)
+    assert result["identity_error"] < 0.03
+    assert result["frames"] == int(LONG_SECONDS * FPS)
+    assert len(result["windows"]) == 2 and all(w["lipsync_r"] >= 0.95 for w in result["windows"])
+    assert set(result["drift"]) == {f"{m}_per_min" for m in ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")}
+    assert abs(result["drift"]["lipsync_r_per_min"]) < 0.05  # ground truth does not drift
+
+
+def test_without_truth_the_audio_envelope_is_the_reference(long_clip):
+    c = long_clip
+    result = score(c["frames"], c["fps"], c["clip"].portrait, c["audio"])
+    assert result["lipsync_reference"] == "envelope"
+    assert result["av_offset_frames"] == 0
+    assert result["lipsync_r"] > 0.4
+
+
+def test_audio_delayed_by_5_frames_reads_offset_5(long_clip):
+    c = long_clip
+    phones = load_truth_phones(json.loads(open(c["paths"]["truth"]).read()))
+    delayed = shift_phones(phones, DELAY_FRAMES / FPS)
+    result = score(c["frames"], c["fps"], c["clip"].portrait, c["audio"], phones=delayed)
+    assert result["av_offset_frames"] == DELAY_FRAMES
+    assert result["lipsync_r"] < 0.9  # misaligned: the zero-lag correlation drops
+    early = score(c["frames"], c["fps"], c["clip"].portrait, c["audio"], phones=shift_phones(phones, -DELAY_FRAMES / FPS))
+    assert early["av_offset_frames"] == -DELAY_FRAMES
+    # The same through the audio itself: delay the speech (silence in front), no truth file.
+    pad = int(DELAY_FRAMES / FPS * 16000)
+    late_audio = np.concatenate([np.zeros(pad, dtype=np.float32), c["audio"][:-pad]])
+    assert score(c["frames"], c["fps"], c["clip"].portrait, late_audio)["av_offset_frames"] == DELAY_FRAMES
+
+
+def test_frozen_mouth_has_no_lipsync():
+    clip = make_clip(3, 20.0, freeze_mouth=True)
+    result = score(clip.frames, FPS, clip.portrait, clip.audio, phones=load_truth_phones(clip.truth))
+    assert abs(result["lipsync_r"]) < 0.2
+    moving = make_clip(3, 20.0)
+    assert score(moving.frames, FPS, moving.portrait, moving.audio, phones=load_truth_phones(moving.truth))["lipsync_r"] >= 0.95
+
+
+def test_seams_at_block_boundaries_raise_jitter(long_clip):
+    frames = long_clip["frames"]
+    boundaries = block_boundaries(len(frames))
+    assert boundaries[0] == 9 and boundaries[1] - boundaries[0] == 12
+    # Each block re-renders the scene a little brighter or darker: a visible jump at every seam.
+    block_of = np.searchsorted(boundaries, np.arange(len(frames)), side="right")
+    offsets = np.where(block_of % 2 == 0, 0, 6).astype(np.int16)
+    seamed = np.clip(frames.astype(np.int16) + offsets[:, None, None, None], 0, 255).astype(np.uint8)
+    assert boundary_jitter(frame_changes(seamed), boundaries) > 2.0
+    # Boundaries in the wrong place do not see the seams as seams.
+    assert boundary_jitter(frame_changes(frames), block_boundaries(len(frames), 12, 15)) == pytest.approx(1.0, abs=0.1)
+
+
+def test_identity_error_grows_for_another_face(long_clip):
+    c = long_clip
+    own = score(c["frames"][:250], c["fps"], c["clip"].portrait, c["audio"])["identity_error"]
+    stranger = make_clip(0, 10.0, identity_seed=12345)
+    other = score(stranger.frames, FPS, c["clip"].portrait, c["audio"])["identity_error"]
+    assert 0 < own < 0.03 and other > 3 * own
+
+
+def test_eval_command_json(tmp_path, capsys):
+    from model.synth import write_dataset
+    from pipeline.cli import main
+
+    write_dataset(tmp_path, 1, 10.0, seed=5, speech="espeak")
+    clip = tmp_path / "clip_00000"
+    argv = ["eval", str(clip / "video.mp4"), "--portrait", str(clip / "portrait.png"), "--audio", str(clip / "audio.wav"),
+            "--truth", str(clip / "truth.json"), "--json"]
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last)
+    for key in ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter", "lipsync_reference", "frames",
+                "windows", "drift"):
+        assert key in result
+    assert result["lipsync_r"] >= 0.95 and result["av_offset_frames"] == 0 and result["frames"] == 250
+
+
+def _astronaut_opening_mouth(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """skimage's astronaut with her mouth opened by a warp, wider every frame: the jaw drops and the gap is dark."""
+    import skimage.data
+    from scipy.ndimage import map_coordinates
+
+    from model.eval.facemesh import FaceMesh
+
+    image = skimage.data.astronaut()
+    with FaceMesh() as mesh:
+        points = mesh.landmarks(image)
+    assert points is not None, "the face mesh finds the astronaut's face"
+    mx = (points[61, 0] + points[291, 0]) / 2  # mouth corners
+    my = (points[13, 1] + points[14, 1]) / 2  # between the inner lips
+    half = (points[291, 0] - points[61, 0]) / 2
+    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]].astype(np.float32)
+    along = np.exp(-0.5 * ((xx - mx) / (1.6 * half)) ** 2)
+    below = np.clip((yy - my) / 4 + 0.5, 0, 1) * np.exp(-np.clip(yy - my - 2 * half, 0, None) / (1.5 * half))
+    gaps = np.linspace(0, 1.2 * half, steps)
+    frames = []
+    for gap in gaps:
+        src = [yy - gap * along * below, xx]
+        warped = np.stack([map_coordinates(image[..., ch].astype(np.float32), src, order=1) for ch in range(3)], -1)
+        inside = ((xx - mx) / (0.8 * half)) ** 2 + ((yy - my - gap / 2) / (gap / 2 + 1e-3)) ** 2 < 1
+        warped[inside] = (40, 15, 20)
+        frames.append(np.clip(warped, 0, 255).astype(np.uint8))
+    return np.stack(frames), gaps
+
+
+def test_facemesh_finds_and_tracks_the_astronauts_mouth():
+    from scipy.stats import spearmanr
+
+    from model.eval.facemesh import facemesh_mouth_box, facemesh_opening
+
+    frames, gaps = _astronaut_opening_mouth(10)
+    rows, cols = facemesh_mouth_box(frames[0])
+    assert rows.start < 150 < rows.stop and cols.start < 224 < cols.stop  # her mouth, near (224, 146)
+    opening = facemesh_opening(frames)
+    assert not np.isnan(opening).any()
+    assert spearmanr(opening, gaps).statistic > 0.8
+    assert opening[-1] > 2 * opening[0]

@@ -1,0 +1,92 @@
+"""A real Prometheus (the Debian package) scrapes the service on loopback while a real job renders; PromQL over
+its HTTP API then returns the frames rendered."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+import yaml
+
+from deploy.app import create_app
+from pipeline.cli import main
+from test_service_jobs import FPS, ServiceThread, free_port, make_inputs, service_settings, wait_for
+
+
+def service_output_root(tmp_path) -> str:
+    return f"file://{(tmp_path / 'state' / 'outputs').resolve()}/"
+
+SCRAPE_INTERVAL = "1s"  # fast, so several scrapes land while a few-second job runs
+PROMETHEUS = shutil.which("prometheus")
+
+
+class Prometheus:
+    def __init__(self, workdir, target: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+            "scrape_configs": [{"job_name": "avatar-render", "metrics_path": "/metrics",
+                                "static_configs": [{"targets": [target]}]}],
+        }
+        workdir.mkdir()
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.args = [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
+                     f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"]
+        self.log = open(workdir / "prometheus.log", "wb")
+
+    def __enter__(self) -> "Prometheus":
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, "prometheus exited; see prometheus.log"
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "prometheus did not become ready"
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+        self.log.close()
+
+    def query(self, promql: str) -> float | None:
+        body = httpx.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=5).json()
+        assert body["status"] == "success", body
+        result = body["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="needs the Debian prometheus package (make system-deps)")
+def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
+    seconds = 2.0
+    media = make_inputs(tmp_path / "in", seconds)
+    port = free_port()
+    with ServiceThread(create_app(service_settings(tmp_path)), port) as service, \
+            Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}") as prometheus:
+        # The job goes in through the CLI client, which follows it to the end.
+        manifest = tmp_path / "job.jsonl"
+        manifest.write_text(json.dumps({"id": "a", **media}) + "\n")
+        assert main(["submit", str(manifest), "--url", service.url, "--wait", "--poll", "0.2"]) == 0
+        (job,) = httpx.get(f"{service.url}/v1/jobs").json()["jobs"]
+        assert job["state"] == "succeeded" and job["frames"] == int(seconds * FPS), job
+        assert job["output"].startswith(service_output_root(tmp_path))
+
+        # Wait for a scrape after the job ended, then ask Prometheus.
+        frames = wait_for(
+            lambda: {"state": "", "frames": prometheus.query("sum(avatar_render_frames_rendered_total)")},
+            lambda s: s["frames"] == seconds * FPS, "Prometheus to see every frame",
+        )["frames"]
+        assert frames == int(seconds * FPS)
+        assert prometheus.query('max_over_time(avatar_render_jobs{state="running"}[10m])') == 1  # seen mid-job
+        assert prometheus.query("sum(avatar_render_video_seconds_rendered_total)") == pytest.approx(seconds)
+        assert prometheus.query('avatar_render_rows_total{status="succeeded"}') == 1
+        assert prometheus.query("max(avatar_render_actor_fps)") > 0
+        assert prometheus.query('up{job="avatar-render"}') == 1

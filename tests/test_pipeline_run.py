@@ -1,0 +1,195 @@
+"""The whole pipeline on a real local Ray: failure isolation, S3 in and out, idempotency, cancel, resume.
+
+Renders are tiny (the seeded random `tiny` model, 64x64, ~1 s of audio) so each row takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+from PIL import Image
+
+from model.media import read_video, save_wav
+from pipeline.events import BlockRendered, RowFinished, RowStarted
+from pipeline.job import JobSpec, run_job
+from pipeline.settings import PipelineSettings
+from pipeline.storage import ObjectStore
+
+SAMPLE_RATE = 16000
+SEGMENT_BLOCKS = 2  # K: small, so a 1-2 s row has several segments
+
+
+def make_portrait(path, seed: int = 0) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def make_audio(path, seconds: float, seed: int = 0) -> None:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    noise = np.random.default_rng(seed).standard_normal(t.size)
+    save_wav(path, 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2 + 0.02 * noise, SAMPLE_RATE)
+
+
+def settings(**update) -> PipelineSettings:
+    return PipelineSettings(segment_blocks=SEGMENT_BLOCKS, num_actors=1, **update)
+
+
+def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    make_portrait(inputs / "face.png")
+    make_audio(inputs / "speech.wav", 1.0)
+    (inputs / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" + os.urandom(300))
+    (inputs / "text.png").write_text("this is not an image")
+    save_wav(inputs / "empty.wav", np.zeros(0, dtype=np.float32), SAMPLE_RATE)
+    good = {"portrait": "in/face.png", "audio": "in/speech.wav"}
+    rows = [
+        {"id": "good-1", **good},
+        {"id": "missing-file", "portrait": "in/face.png", "audio": "in/nowhere.wav"},
+        {"id": "corrupt-audio", "portrait": "in/face.png", "audio": "in/corrupt.wav"},
+        {"id": "not-an-image", "portrait": "in/text.png", "audio": "in/speech.wav"},
+        {"id": "zero-length", "portrait": "in/face.png", "audio": "in/empty.wav"},
+        {"id": "good-1", **good, "seed": 3},
+        {"id": "unknown-column", **good, "voice": "deep"},
+        {"id": "good-2", **good, "seed": 5},
+    ]
+    manifest = tmp_path / "job.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("AVATAR_RENDER_SEGMENT_BLOCKS", str(SEGMENT_BLOCKS))
+
+    assert main(["run", str(manifest), "--output", str(tmp_path / "out")]) == 1
+
+    lines = [json.loads(line) for line in open(tmp_path / "out" / "report.jsonl")]
+    assert [r["id"] for r in lines] == [r["id"] for r in rows]  # one report row per manifest row, in order
+    duplicate = lines[5]
+    assert duplicate["status"] == "failed" and "duplicate id (first used by row 1)" in duplicate["error"]
+    report = {r["id"]: r for r in lines[:5] + lines[6:]}
+    for row_id in ("good-1", "good-2"):
+        assert report[row_id]["status"] == "succeeded", report[row_id]
+        frames, _ = read_video(tmp_path / "out" / f"{row_id}.mp4")
+        assert len(frames) == 25 == report[row_id]["frames"]  # 1 s at 25 fps
+    expected = {
+        "missing-file": ("input", "nowhere.wav: audio file not found"),
+        "corrupt-audio": ("input", "corrupt.wav: cannot decode audio"),
+        "not-an-image": ("input", "text.png: not an image"),
+        "zero-length": ("input", "empty.wav"),
+        "unknown-column": ("validation", "unknown column(s) 'voice'"),
+    }
+    for row_id, (kind, text) in expected.items():
+        assert report[row_id]["status"] == "failed" and report[row_id]["error_kind"] == kind, report[row_id]
+        assert text in report[row_id]["error"], report[row_id]["error"]
+    assert "8 rows: 6 failed, 2 succeeded" in capsys.readouterr().out
+    assert not os.listdir(tmp_path / "out" / ".segments")  # finished rows leave no segments
+
+
+def test_s3_job_is_idempotent_and_force_rerenders(ray_cluster, s3_server, s3_bucket, s3_raw, tmp_path):
+    store = ObjectStore(s3_server)
+    make_portrait(tmp_path / "face.png")
+    make_audio(tmp_path / "speech.wav", 1.0)
+    store.put_file(f"{s3_bucket}/in/face.png", tmp_path / "face.png")
+    store.put_file(f"{s3_bucket}/in/speech.wav", tmp_path / "speech.wav")
+    store.put_bytes(f"{s3_bucket}/jobs/job.csv", b"id,portrait,audio,prompt\nclip,../in/face.png,../in/speech.wav,hi\n")
+    spec = JobSpec(job_id="s3-job", manifest=f"{s3_bucket}/jobs/job.csv", output=f"{s3_bucket}/out")
+    job_settings = settings(storage=s3_server)
+    events = []
+
+    first = run_job(spec, job_settings, on_event=events.append)
+    assert first.counts == {"succeeded": 1}, first.rows
+    row = first.rows[0]
+    assert row.output == f"{s3_bucket}/out/clip.mp4" and row.frames == 25
+    assert {"fetch", "render", "write"} <= set(row.timings)
+    kinds = [type(e) for e in events if getattr(e, "row_id", None) == "clip"]
+    assert kinds[0] is RowStarted and kinds[-1] is RowFinished and BlockRendered in kinds
+    video = tmp_path / "clip.mp4"
+    store.get_file(row.output, video)
+    assert len(read_video(video)[0]) == 25
+    assert store.list(f"{s3_bucket}/out/.segments") == []
+    bucket = s3_bucket[len("s3://"):]
+    assert {o["Key"] for o in s3_raw.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]} == {
+        "out/clip.mp4", "out/report.jsonl", "out/report.parquet"}
+
+    second = run_job(spec, job_settings)
+    assert second.counts == {"skipped": 1}
+    assert second.rows[0].output == row.output
+
+    forced = run_job(spec.model_copy(update={"force": True}), job_settings)
+    assert forced.counts == {"succeeded": 1}
+
+    import io
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(store.get_bytes(f"{s3_bucket}/out/report.parquet")))
+    assert table.column("status").to_pylist() == ["succeeded"]
+    assert json.loads(table.column("timings")[0].as_py())["render"] > 0
+
+
+def test_cancel_keeps_segments_and_the_next_run_resumes(ray_cluster, tmp_path):
+    make_portrait(tmp_path / "face.png")
+    make_audio(tmp_path / "speech.wav", 2.0)
+    spec = JobSpec(job_id="cancel-job", rows=[{"id": "long", "portrait": str(tmp_path / "face.png"),
+                                               "audio": str(tmp_path / "speech.wav")}], output=str(tmp_path / "out"))
+    cancel = threading.Event()
+
+    def on_event(event) -> None:
+        if isinstance(event, BlockRendered) and event.block_index >= SEGMENT_BLOCKS - 1:
+            cancel.set()
+
+    report = run_job(spec, settings(), on_event=on_event, cancel=cancel)
+    assert report.rows[0].status == "cancelled" and report.rows[0].error_kind == "cancelled"
+    assert not (tmp_path / "out" / "long.mp4").exists()
+    assert os.listdir(tmp_path / "out" / ".segments")
+
+    events = []
+    report = run_job(spec.model_copy(update={"job_id": "cancel-job-2"}), settings(), on_event=events.append)
+    assert report.rows[0].status == "succeeded" and report.rows[0].frames == 50
+    (started,) = [e for e in events if isinstance(e, RowStarted)]
+    assert started.resumed_from_block >= SEGMENT_BLOCKS
+
+
+def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path):
+    """Kill the render actor right after its first segment is stored; the row still completes, renders
+    each finished segment once, and its frames equal those of an uninterrupted render of the same inputs."""
+    import ray
+
+    from actors.progress import progress_actor_name
+
+    make_portrait(tmp_path / "face.png")
+    make_audio(tmp_path / "speech.wav", 2.0)
+    row = {"portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}
+    spec = JobSpec(job_id="kill-job", rows=[{"id": "killed", **row}, {"id": "reference", **row}],
+                   output=str(tmp_path / "out"))
+    events, killed = [], []
+
+    def on_event(event) -> None:
+        events.append(event)
+        if (not killed and isinstance(event, BlockRendered) and event.row_id == "killed"
+                and event.block_index == SEGMENT_BLOCKS - 1):  # pushed after segment 0 was stored
+            progress = ray.get_actor(progress_actor_name(spec.job_id))
+            (actor,) = ray.get(progress.get_render_actors.remote()).values()
+            ray.kill(actor, no_restart=False)
+            killed.append(event.actor_id)
+
+    report = run_job(spec, settings(), on_event=on_event)
+    assert killed, "the render actor was never killed"
+    assert report.counts == {"succeeded": 2}, report.rows
+    starts = [e for e in events if isinstance(e, RowStarted) and e.row_id == "killed"]
+    assert [s.resumed_from_block > 0 for s in starts] == [False, True], starts
+    assert starts[1].resumed_from_block % SEGMENT_BLOCKS == 0
+    blocks = {row_id: [e.block_index for e in events if isinstance(e, BlockRendered) and e.row_id == row_id]
+              for row_id in ("killed", "reference")}
+    total = len(blocks["reference"])
+    assert sorted(set(blocks["killed"])) == list(range(total))
+    # Finished segments are never rendered again: only blocks of the one unfinished segment repeat.
+    repeated = [b for b in set(blocks["killed"]) if blocks["killed"].count(b) > 1]
+    assert len(blocks["killed"]) - total == len(repeated) <= SEGMENT_BLOCKS, blocks["killed"]
+    assert all(b >= starts[1].resumed_from_block for b in repeated), (repeated, starts[1])
+    killed_frames, _ = read_video(tmp_path / "out" / "killed.mp4")
+    reference_frames, _ = read_video(tmp_path / "out" / "reference.mp4")
+    assert killed_frames.shape == reference_frames.shape == (50, 64, 64, 3)
+    assert np.array_equal(killed_frames, reference_frames)  # identical on CPU: restore is bit-exact

@@ -1,0 +1,150 @@
+"""Jobs through the service end to end on a real local Ray: a job outlives a restart of the service and
+resumes from its stored segments; a running job is cancelled at the next block."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from deploy.app import create_app
+from deploy.settings import ServiceSettings
+from deploy.store import JobStore
+from model.media import probe, save_wav
+from pipeline.events import RowStarted
+from pipeline.settings import PipelineSettings
+
+SAMPLE_RATE = 16000
+FPS = 25  # the tiny preset's frame rate
+TERMINAL = ("succeeded", "failed", "cancelled")
+DEADLINE_S = 240  # bound on every wait; a render of a few seconds takes far less
+
+
+def make_inputs(directory, seconds: float) -> dict:
+    """A random 64x64 portrait and a voiced tone of `seconds`: a valid row's media."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(directory / "face.png")
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    save_wav(directory / "speech.wav", 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2,
+             SAMPLE_RATE)
+    return {"portrait": str(directory / "face.png"), "audio": str(directory / "speech.wav")}
+
+
+def service_settings(tmp_path, **overrides) -> ServiceSettings:
+    # One block per segment: every block rendered is a point a resumed row can continue from.
+    pipeline = PipelineSettings(segment_blocks=1, num_actors=1)
+    return ServiceSettings(state_dir=tmp_path / "state", pipeline=pipeline, **overrides)
+
+
+def wait_for(get_status, predicate, what: str) -> dict:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        status = get_status()
+        if predicate(status):
+            return status
+        assert status["state"] not in TERMINAL or predicate(status), f"ended before {what}: {status}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: {status}")
+
+
+def record_events(app) -> list:
+    """Keep a copy of every pipeline event the manager handles (its real handling still runs)."""
+    manager, seen = app.state.manager, []
+    handle = manager.handle_event
+
+    def recording(job_id, event):
+        seen.append(event)
+        handle(job_id, event)
+
+    manager.handle_event = recording
+    return seen
+
+
+def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path):
+    seconds = 3.0
+    media = make_inputs(tmp_path / "in", seconds)
+    rows = [{"id": "long", **media}, {"id": "missing", "portrait": media["portrait"], "audio": "/nowhere.wav"}]
+    settings = service_settings(tmp_path)
+
+    with TestClient(create_app(settings)) as c:
+        job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["frames"] > 0, "the first block")
+    # The service stopped mid-job: the job is kept, queued to run again, not cancelled.
+    store = JobStore(settings.state_dir)
+    interrupted = store.get(job_id)
+    store.close()
+    assert interrupted.state == "queued" and interrupted.attempts == 1 and not interrupted.cancel_requested
+
+    app = create_app(settings)
+    events = record_events(app)
+    with TestClient(app) as c:
+        assert job_id in [job["job_id"] for job in c.get("/v1/jobs").json()["jobs"]]
+        done = wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["state"] in TERMINAL, "the end")
+        rows_out = {r["id"]: r for r in c.get(f"/v1/jobs/{job_id}/rows").json()["rows"]}
+
+    assert done["state"] == "succeeded" and done["attempts"] == 2, done
+    assert done["counts"] == {"succeeded": 1, "failed": 1} and done["progress"] == 1.0
+    long = rows_out["long"]
+    assert long["status"] == "succeeded" and long["frames"] == int(seconds * FPS)
+    info = probe(long["output"].removeprefix("file://"))
+    assert info["frames"] == int(seconds * FPS) and info["has_audio"]
+    assert rows_out["missing"]["status"] == "failed" and rows_out["missing"]["error_kind"] == "input"
+    assert "nowhere.wav" in rows_out["missing"]["error"]
+    # The second attempt continued the row from its stored segments instead of starting over.
+    restarts = [e for e in events if isinstance(e, RowStarted) and e.row_id == "long"]
+    assert restarts and restarts[0].resumed_from_block >= 1, restarts
+
+
+def test_cancel_stops_a_running_job_at_the_next_block(ray_cluster, tmp_path):
+    seconds = 6.0
+    media = make_inputs(tmp_path / "in", seconds)
+    with TestClient(create_app(service_settings(tmp_path))) as c:
+        job_id = c.post("/v1/jobs", json={"rows": [{"id": "talk", **media}]}).json()["job_id"]
+        wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["frames"] > 0, "the first block")
+        response = c.delete(f"/v1/jobs/{job_id}")
+        assert response.status_code == 202 and response.json()["cancel_requested"]
+        done = wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["state"] in TERMINAL, "the end")
+        (row,) = c.get(f"/v1/jobs/{job_id}/rows").json()["rows"]
+        assert c.delete(f"/v1/jobs/{job_id}").status_code == 202  # cancelling a cancelled job is a no-op
+        metrics = c.get("/metrics").text
+    assert done["state"] == "cancelled", done
+    assert row["status"] == "cancelled" and row["output"] is None
+    assert 'avatar_render_rows_total{status="cancelled"} 1.0' in metrics
+    assert 'avatar_render_jobs{state="cancelled"} 1.0' in metrics
+
+
+# -- helpers shared with the Prometheus test ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceThread:
+    """The app served by uvicorn on a loopback port, in a thread (what `avatar-render serve --uvicorn` runs)."""
+
+    def __init__(self, app, port: int):
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServiceThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)

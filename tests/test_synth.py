@@ -1,0 +1,118 @@
+"""SynthTalk: deterministic speech and faces, ground truth that matches, espeak-ng, the `synth` command."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from model.synth import PHONES, Identity, Speaker, formant_speech, load_truth_phones, make_clip, render_portrait
+from model.synth.phones import PAUSE
+
+
+def _check_timings(phones, seconds):
+    assert phones[0].start == pytest.approx(0.0, abs=1e-6)
+    assert phones[-1].end == pytest.approx(seconds, abs=1e-6)
+    for p, q in zip(phones, phones[1:]):
+        assert p.start < p.end <= q.start + 1e-9
+        assert p.phone in PHONES
+
+
+def test_formant_speech_is_deterministic_and_speech_like():
+    seconds = 4.0
+    a, b = formant_speech(3, seconds), formant_speech(3, seconds)
+    assert np.array_equal(a.samples, b.samples) and a.phones == b.phones
+    assert a.samples.dtype == np.float32 and len(a.samples) == int(seconds * 16000)
+    _check_timings(a.phones, seconds)
+    vowels = {n for n, p in PHONES.items() if p.kind == "vowel" and len(p.formants) >= 2}
+    assert len(vowels) >= 5
+    kinds = {PHONES[p.phone].kind for p in a.phones}
+    assert {"vowel", "pause"} <= kinds and kinds & {"fricative", "plosive"}
+
+    # Vowels are loud, pauses silent: the audio really follows its phone timings.
+    def rms(kind):
+        spans = [p for p in a.phones if PHONES[p.phone].kind == kind and p.end - p.start > 0.06]
+        return np.mean([np.sqrt(np.mean(a.samples[int(p.start * 16000) + 160 : int(p.end * 16000) - 160] ** 2)) for p in spans])
+
+    assert rms("vowel") > 20 * rms("pause")
+    # Another speaker seed changes the voice, not the words.
+    other = formant_speech(3, seconds, speaker_seed=99)
+    assert Speaker.from_seed(3) != Speaker.from_seed(99)
+    assert not np.allclose(other.samples, a.samples)
+
+
+def test_identities_are_distinct_and_render_at_any_size():
+    portraits = np.stack([render_portrait(Identity.from_seed(s)) for s in range(60)]).astype(np.float32)
+    diffs = np.abs(portraits[:, None] - portraits[None]).mean(axis=(2, 3, 4))
+    assert diffs[~np.eye(len(portraits), dtype=bool)].min() > 2.0  # every pair differs visibly (of 255)
+    identity = Identity.from_seed(5)
+    assert render_portrait(identity, 96, 128).shape == (96, 128, 3)
+    big, small = render_portrait(identity, 256), render_portrait(identity, 64)
+    shrunk = big.reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
+    assert np.abs(shrunk - small).mean() < 6  # the same face at any resolution
+
+
+def test_clip_ground_truth_and_separable_seeds():
+    clip = make_clip(11, 3.0, identity_seed=100, speaker_seed=200)
+    n = 75
+    assert clip.frames.shape == (n, 64, 64, 3) and clip.portrait.shape == (64, 64, 3)
+    frames = clip.truth["frames"]
+    for name in ("opening", "width", "rounding", "dx", "dy", "roll", "scale", "blink"):
+        assert len(frames[name]) == n
+    assert max(frames["opening"]) > 0.5 and min(frames["opening"]) < 0.05  # the mouth opens and closes
+    _check_timings(load_truth_phones(clip.truth), 3.0)
+    same_face = make_clip(12, 3.0, identity_seed=100, speaker_seed=201)
+    assert np.array_equal(same_face.portrait, clip.portrait)
+    assert not np.allclose(same_face.audio, clip.audio)
+    other_face = make_clip(11, 3.0, identity_seed=101, speaker_seed=200)
+    assert np.array_equal(other_face.audio, clip.audio)  # same words, same voice
+    assert not np.array_equal(other_face.portrait, clip.portrait)
+
+
+def test_blinks_and_head_motion_do_not_depend_on_the_audio():
+    a = make_clip(21, 3.0, speaker_seed=1)
+    b = make_clip(21, 3.0, speaker_seed=2)
+    for name in ("dx", "dy", "roll", "scale", "blink"):
+        assert a.truth["frames"][name] == b.truth["frames"][name]
+    assert max(a.truth["frames"]["blink"]) > 0.9  # at least one full blink in 3 s
+
+
+def test_espeak_speaks_sentences_with_phone_timings():
+    from model.synth.espeak import espeak_speech
+
+    seconds = 4.0
+    speech = espeak_speech(2, seconds)
+    assert len(speech.samples) == int(seconds * 16000)
+    _check_timings(speech.phones, seconds)
+    vowels = [p for p in speech.phones if PHONES[p.phone].kind == "vowel"]
+    assert len(vowels) >= 8 and len({p.phone for p in vowels}) >= 3
+    speaking = np.zeros(len(speech.samples), dtype=bool)
+    for p in speech.phones:
+        if p.phone != PAUSE:
+            speaking[int(p.start * 16000) : int(p.end * 16000)] = True
+    loud = np.sqrt(np.mean(speech.samples[speaking] ** 2))
+    quiet = np.sqrt(np.mean(speech.samples[~speaking] ** 2))
+    assert loud > 5 * quiet  # the timings say where the speech is
+    # The same faces are driven by it.
+    clip = make_clip(2, 2.0, speech="espeak")
+    assert max(clip.truth["frames"]["opening"]) > 0.4
+
+
+def test_synth_command_writes_a_manifest_that_parses(tmp_path, capsys):
+    from model.media.video import probe
+    from pipeline.cli import main
+
+    out = tmp_path / "synthtalk"
+    assert main(["synth", "--out", str(out), "--clips", "2", "--seconds", "2", "--seed", "4"]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["clip_00000", "clip_00001"]
+    for row in rows:
+        assert set(row) == {"id", "portrait", "audio", "video", "truth"}
+        for key in ("portrait", "audio", "video", "truth"):
+            assert not os.path.isabs(row[key]) and (out / row[key]).is_file()
+        info = probe(out / row["video"])
+        assert info["frames"] == 50 and info["has_audio"] and (info["width"], info["height"]) == (64, 64)
+        truth = json.loads((out / row["truth"]).read_text())
+        assert truth["num_frames"] == 50 and len(truth["frames"]["opening"]) == 50
