@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo train-tiny bench-long bench-pipeline bench-service bench-gpu clean
+.PHONY: install system-deps test demo examples train-tiny bench-long bench-pipeline bench-service bench-gpu clean
 
 # torch is installed first and pinned: a looser resolution pulls several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -31,6 +31,10 @@ test: install system-deps
 
 demo: install
 	$(VENV)/bin/avatar-render run examples/manifest.jsonl --output outputs/
+
+# Regenerate the bundled example inputs (they are committed; `make demo` does not need this).
+examples: install
+	$(PY) examples/make_examples.py
 
 train-tiny: install
 	$(PY) -m model.train.recipe --out runs/tiny

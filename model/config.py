@@ -168,7 +168,7 @@ class Preset(_Frozen):
 
 def _tiny() -> Preset:
     audio = AudioConfig(encoder="logmel", n_mels=40, context_frames=4)
-    vae = VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
+    vae = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)  # decode of 12 frames ~0.15 s on 2 cores
     dit = DiTConfig(
         dim=192,
         ffn_dim=768,

@@ -126,6 +126,7 @@ class ObjectStore:
         target = _local(uri)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}{TEMP_MARK}", dir=os.path.dirname(target))
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
         try:
             with os.fdopen(fd, "wb") as dst:
                 while chunk := src.read(COPY_CHUNK):

@@ -32,6 +32,7 @@ def _temp_path_beside(path: str) -> str:
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part.mp4", dir=directory)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; a finished video is an ordinary readable file
     os.close(fd)
     return tmp
 
