@@ -28,7 +28,7 @@ def write_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -
     if record.status == RENDERED:
         started = time.perf_counter()
         try:
-            _stitch_and_upload(record, ObjectStore(settings.storage))
+            _stitch_and_upload(record, ObjectStore(settings.storage), settings.metrics_max_seconds)
             record.status = "succeeded"
         except Exception as err:
             record.fail("write", f"{type(err).__name__}: {err}")
@@ -54,7 +54,19 @@ def row_finished(record: RowRecord, job_id: str) -> RowFinished:
     )
 
 
-def _stitch_and_upload(record: RowRecord, store: ObjectStore) -> None:
+def _quality_metrics(video: str, portrait: str, audio: str) -> dict:
+    """The report's per-row quality numbers; a metric that cannot be computed is reported, not fatal."""
+    from model.eval import evaluate
+
+    try:
+        scores = evaluate(video, portrait, audio)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    keys = ("lipsync_r", "lipsync_reference", "av_offset_frames", "identity_error", "boundary_jitter")
+    return {k: scores[k] for k in keys if k in scores}
+
+
+def _stitch_and_upload(record: RowRecord, store: ObjectStore, metrics_max_seconds: float) -> None:
     from model.media import concat_mp4
 
     task, result = record.task, record.result
@@ -69,5 +81,8 @@ def _stitch_and_upload(record: RowRecord, store: ObjectStore) -> None:
         out = os.path.join(tmp, "out" + MP4)
         with store.local_copy(task.audio, suffix=posixpath.splitext(task.audio)[1]) as audio:
             concat_mp4(local, out, audio_path=audio)
+            if 0 < result["video_seconds"] <= metrics_max_seconds:
+                with store.local_copy(task.portrait, suffix=posixpath.splitext(task.portrait)[1]) as portrait:
+                    result["metrics"] = _quality_metrics(out, portrait, audio)
         store.put_file(task.output, out)
     store.delete_prefix(task.segments)

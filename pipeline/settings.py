@@ -55,3 +55,6 @@ class PipelineSettings(BaseSettings):
     checkpoint: str | None = None  # None: the bundled default model
     preset: str = "tiny"
     device: Literal["cpu", "cuda"] = "cpu"  # "cuda": one GPU per render actor
+    # Quality metrics (model.eval: lip-sync vs. the speech envelope, identity, seams) for the report; they decode the
+    # whole output, so rows longer than this many seconds skip them (0 turns them off).
+    metrics_max_seconds: float = Field(default=600.0, ge=0)

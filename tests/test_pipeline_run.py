@@ -73,6 +73,8 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
         assert report[row_id]["status"] == "succeeded", report[row_id]
         frames, _ = read_video(tmp_path / "out" / f"{row_id}.mp4")
         assert len(frames) == 25 == report[row_id]["frames"]  # 1 s at 25 fps
+        metrics = report[row_id]["metrics"]  # quality numbers of the rendered video, from model.eval
+        assert metrics["lipsync_reference"] == "envelope" and 0 <= metrics["identity_error"] <= 1
     expected = {
         "missing-file": ("input", "nowhere.wav: audio file not found"),
         "corrupt-audio": ("input", "corrupt.wav: cannot decode audio"),
