@@ -171,3 +171,17 @@ def test_strict_load_names_every_offending_key(tmp_path):
     assert "blocks.0.self_attn.q.weight" in message
     assert "blocks.0.extra.weight" in message
     assert "head.head.bias" in message and "mis-shaped" in message
+
+
+def test_bfloat16_forward_runs_and_stays_close_to_float32():
+    torch.manual_seed(4)
+    dit = CausalWanDiT(SMALL).eval()
+    randomize_conditioning(dit)
+    latents, cond, audio, text, timesteps = make_inputs(SMALL, 4)
+    with torch.no_grad():
+        ref = dit(latents, timesteps, dit.embed_text(text), torch.arange(4), cond, audio)
+        half = dit.to(torch.bfloat16)
+        out = half(latents.bfloat16(), timesteps, half.embed_text(text.bfloat16()), torch.arange(4),
+                   cond.bfloat16(), audio.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 5e-2
