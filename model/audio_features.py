@@ -56,32 +56,45 @@ class AudioFeaturizer(ABC):
         return temporal_stride + self.context_frames
 
     @abstractmethod
-    def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int) -> torch.Tensor:
+    def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int, offset: int) -> torch.Tensor:
         """Features (last_frame - first_frame + 1, feature_dim) of video frames first..last (first >= 0).
 
-        `samples` ends exactly at the end of `last_frame` ((last_frame + 1) * hop samples).
+        `samples[0]` is stream sample `offset` (at most `(first_frame - history_frames) * hop`, or 0), and
+        `samples` ends exactly at the end of `last_frame` ((last_frame + 1) * hop).
         """
 
+    history_frames: int  # video frames before `first_frame` whose audio frame_features reads
+
+    def first_sample_needed(self, first_latent: int, temporal_stride: int) -> int:
+        """The earliest sample a block starting at `first_latent` reads (earlier audio may be dropped)."""
+        first_frame = last_video_frame(first_latent, temporal_stride) - self.audio_window(temporal_stride) + 1
+        return max(0, (max(first_frame, 0) - self.history_frames) * self.hop)
+
     def block_features(
-        self, samples: np.ndarray, first_latent: int, num_latent: int, temporal_stride: int
+        self, samples: np.ndarray, first_latent: int, num_latent: int, temporal_stride: int, offset: int = 0
     ) -> torch.Tensor:
         """(num_latent, audio_window, feature_dim) float32 for latent frames first_latent .. +num_latent-1.
 
-        `samples`: mono audio from time 0 at `sample_rate`; only those before the block's end are read,
-        and missing ones (audio shorter than the video) count as silence.
+        `samples`: mono audio at `sample_rate` whose first sample is sample `offset` of the stream (0: from time 0;
+        a streaming caller may drop what `first_sample_needed` says no block reads any more). Only samples before
+        the block's end are read, and missing ones (audio shorter than the video) count as silence. The cost does
+        not depend on the block's position in the stream.
         """
         if num_latent < 1 or first_latent < 0:
             raise ValueError(f"need first_latent >= 0 and num_latent >= 1, got {first_latent}, {num_latent}")
         window = self.audio_window(temporal_stride)
         ends = [last_video_frame(k, temporal_stride) for k in range(first_latent, first_latent + num_latent)]
         first_frame, last_frame = ends[0] - window + 1, ends[-1]
+        start_sample = self.first_sample_needed(first_latent, temporal_stride)
+        if offset > start_sample:
+            raise ValueError(f"the block needs audio from sample {start_sample}, but samples start at {offset}")
         end_sample = (last_frame + 1) * self.hop
-        block_samples = np.zeros(end_sample, dtype=np.float32)
-        available = np.asarray(samples, dtype=np.float32)[:end_sample]
+        block_samples = np.zeros(end_sample - start_sample, dtype=np.float32)
+        available = np.asarray(samples[start_sample - offset : end_sample - offset], dtype=np.float32)
         block_samples[: len(available)] = available
 
         computed_from = max(first_frame, 0)
-        feats = self.frame_features(block_samples, computed_from, last_frame).float()
+        feats = self.frame_features(block_samples, computed_from, last_frame, start_sample).float()
         # Zero vectors stand for the frames before the start of the audio.
         feats = torch.cat([feats.new_zeros(computed_from - first_frame, self.feature_dim), feats])
         rows = torch.tensor([end - first_frame for end in ends])[:, None] - window + 1 + torch.arange(window)
@@ -124,15 +137,16 @@ class LogMelFeaturizer(AudioFeaturizer):
     def __init__(self, audio: AudioConfig, fps: int = 25):
         super().__init__(audio, fps)
         self.feature_dim = audio.n_mels
+        self.history_frames = self.WINDOW_HOPS - 1
         self.win_length = self.WINDOW_HOPS * self.hop
         self.window = torch.hann_window(self.win_length, periodic=True)
         # Scale so a full-scale sine's peak bin has power ~1/4 whatever the window length.
         self.power_scale = 1.0 / float(self.window.sum()) ** 2
         self.mel = mel_filterbank(audio.n_mels, self.win_length, audio.sample_rate)
 
-    def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int) -> torch.Tensor:
+    def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int, offset: int) -> torch.Tensor:
         start = (first_frame + 1) * self.hop - self.win_length  # the first frame's window start
-        x = torch.from_numpy(samples[max(start, 0):])
+        x = torch.from_numpy(samples[max(start, 0) - offset:])
         x = torch.nn.functional.pad(x, (max(-start, 0), 0))  # zeros before time 0
         spec = torch.stft(
             x, n_fft=self.win_length, hop_length=self.hop, window=self.window, center=False, return_complex=True
@@ -172,9 +186,9 @@ class Wav2Vec2Featurizer(AudioFeaturizer):
         self.normalize = _reads_do_normalize(model_dir)
 
     @torch.no_grad()
-    def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int) -> torch.Tensor:
+    def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int, offset: int) -> torch.Tensor:
         window_first = max(0, first_frame - self.history_frames)
-        x = torch.from_numpy(samples[window_first * self.hop:]).to(self.device)
+        x = torch.from_numpy(samples[window_first * self.hop - offset:]).to(self.device)
         if self.normalize:  # per-window zero mean / unit variance, as Wav2Vec2FeatureExtractor does per input
             x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
         hidden = self.model(x[None].to(self.dtype)).last_hidden_state  # (1, T, D) at ~50 Hz

@@ -129,6 +129,42 @@ class RenderState:
         return cls.from_bytes(Path(path).read_bytes())
 
 
+class AudioBuffer:
+    """The stream's samples still needed: appends are amortised O(1), and read audio is dropped from the front,
+    so memory and per-block cost stay constant however long the audio is."""
+
+    def __init__(self):
+        self._data = np.zeros(0, dtype=np.float32)
+        self._size = 0
+        self.start = 0  # stream index of the first sample held
+
+    @property
+    def end(self) -> int:
+        """Stream index one past the last sample received."""
+        return self.start + self._size
+
+    @property
+    def samples(self) -> np.ndarray:
+        return self._data[: self._size]
+
+    def append(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if self._size + samples.size > self._data.size:
+            grown = np.zeros(max(2 * self._data.size, self._size + samples.size), dtype=np.float32)
+            grown[: self._size] = self.samples
+            self._data = grown
+        self._data[self._size : self._size + samples.size] = samples
+        self._size += samples.size
+
+    def drop_before(self, index: int) -> None:
+        drop = min(max(0, index - self.start), self._size)
+        if drop * 2 < self._data.size:  # compact only when it frees at least half: amortised O(1)
+            return
+        self._data = self.samples[drop:].copy()
+        self._size -= drop
+        self.start += drop
+
+
 class AvatarModel:
     """One resident model: DiT, VAE, audio featurizer and text encoder, loaded once and shared by renders."""
 
@@ -230,7 +266,7 @@ class RenderSession:
         self.sample_rate = preset.audio.sample_rate
         self.reference = reference
         self.rng = rng
-        self.samples = np.zeros(0, dtype=np.float32)
+        self.audio = AudioBuffer()
         self.audio_final = False
         self.total_frames: int | None = None
         self.blocks_done = 0
@@ -258,12 +294,18 @@ class RenderSession:
         """Append float32 mono samples at the preset's rate. After a restore, feed from sample 0 again."""
         if self.audio_final:
             raise RuntimeError("audio was already marked final")
-        self.samples = np.concatenate([self.samples, np.asarray(samples, dtype=np.float32).reshape(-1)])
+        self.audio.append(samples)
+        self._drop_read_audio()
         if final:
-            if self.samples.size == 0:
+            if self.audio.end == 0:
                 raise ValueError("zero-length audio: nothing to render")
             self.audio_final = True
-            self.total_frames = math.ceil(self.samples.size * self.fps / self.sample_rate)
+            self.total_frames = math.ceil(self.audio.end * self.fps / self.sample_rate)
+
+    def _drop_read_audio(self) -> None:
+        """Forget audio no later block reads (the oldest is a URCR reset re-writing the last frames)."""
+        first_latent = max(0, self.latents_done - self.gen.reset_context_frames)
+        self.audio.drop_before(self.model.featurizer.first_sample_needed(first_latent, self.stride))
 
     @property
     def finished(self) -> bool:
@@ -282,12 +324,13 @@ class RenderSession:
         first_latent = self.latents_done
         video_end = self._video_frames_through(first_latent + n)
         needed = math.ceil(video_end * self.sample_rate / self.fps)
-        if not self.audio_final and self.samples.size < needed:
+        if not self.audio_final and self.audio.end < needed:
             return None  # wait for more audio: no look-ahead past this block, but the block needs all of it
         with torch.no_grad():
             frames = self._generate_block(first_latent, n)
         if self.total_frames is not None:
             frames = frames[: max(0, self.total_frames - self.frames_done)]
+        self._drop_read_audio()
         block = VideoBlock(index=self.blocks_done, first_frame=self.frames_done, frames=frames)
         self.blocks_done += 1
         self.blocks_rendered_here += 1
@@ -301,8 +344,8 @@ class RenderSession:
     # -- the block step --------------------------------------------------------------------------------------
 
     def _audio_features(self, first_latent: int, n: int) -> torch.Tensor:
-        end = math.ceil(self._video_frames_through(first_latent + n) * self.sample_rate / self.fps)
-        feats = self.model.featurizer.block_features(self.samples[:end], first_latent, n, self.stride)
+        feats = self.model.featurizer.block_features(self.audio.samples, first_latent, n, self.stride,
+                                                     offset=self.audio.start)
         return feats.unsqueeze(0).to(self.model.device, self.model.dtype)
 
     def _cond(self, n: int, is_reference: bool) -> torch.Tensor:
@@ -347,16 +390,40 @@ class RenderSession:
         self._write_context(context, self.cache.allocate(context.shape[2]),
                             self._audio_features(first, context.shape[2]))
 
+    def next_latents(self, exit_step: int | None = None) -> torch.Tensor:
+        """Training rollouts: the next block's latents without decoding (see `denoise_block`). Needs final audio."""
+        if not self.audio_final:
+            raise RuntimeError("training rollouts need the whole audio (feed_audio(..., final=True))")
+        clean = self.denoise_block(self.latents_done, self.gen.frames_per_block, exit_step)
+        self.blocks_done += 1
+        return clean
+
     def _generate_block(self, first_latent: int, n: int) -> np.ndarray:
+        clean = self.denoise_block(first_latent, n)
+        video = self.decoder.decode_block(clean.float())
+        return tensor_to_frames(video[0])
+
+    def denoise_block(self, first_latent: int, n: int, exit_step: int | None = None) -> torch.Tensor:
+        """The next block's clean latents (1, C, n, h, w): URCR, PSB plan, sampling, then the MCI context write.
+
+        `exit_step` (training, Self-Forcing): stop at that denoising step and return its x0 prediction, computed with
+        gradients if they are enabled; every earlier step and the cache write run without gradients.
+        """
         if not self.cache.fits(n):
-            self._reset_cache()
+            with torch.no_grad():
+                self._reset_cache()
         positions = self.cache.allocate(n)
         audio = self._audio_features(first_latent, n)
         shape = (1, self.preset.dit.latent_channels, n, self.preset.latent_height, self.preset.latent_width)
         x = self._noise(torch.empty(shape, device=self.model.device, dtype=self.model.dtype))
         sigmas = self.schedule.sigmas(self.plan.steps(self.blocks_done))
-        for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-            velocity = self._forward(x, float(self.schedule.timestep(sigma)), positions, audio, write=False)
+        for step, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
+            exiting = exit_step is not None and step == exit_step
+            with torch.set_grad_enabled(exiting and torch.is_grad_enabled()):
+                velocity = self._forward(x, float(self.schedule.timestep(sigma)), positions, audio, write=False)
+            if exiting:
+                x = self.schedule.predict_x0(x, velocity, sigma)
+                break
             if self.gen.sampler == "euler":
                 x = x + (sigma_next - sigma) * velocity
             else:  # few-step student: predict x0, re-noise to the next level with fresh noise
@@ -364,12 +431,12 @@ class RenderSession:
                 x = self.schedule.add_noise(x0, self._noise(x0), sigma_next) if sigma_next > 0 else x0
         clean = x
         self.latents_done = first_latent + n
-        self.recent = torch.cat([self.recent, clean], dim=2)[:, :, -self._recent_frames():]
+        self.recent = torch.cat([self.recent, clean.detach()], dim=2)[:, :, -self._recent_frames():]
         last = self.total_frames is not None and self._video_frames_through(self.latents_done) >= self.total_frames
         if not last:
-            self._write_context(clean, positions, audio)
-        video = self.decoder.decode_block(clean.float())
-        return tensor_to_frames(video[0])
+            with torch.no_grad():
+                self._write_context(clean.detach(), positions, audio)
+        return clean
 
     def _recent_frames(self) -> int:
         return max(self.gen.reset_context_frames, self.decoder_context)

@@ -188,3 +188,19 @@ def test_zero_length_audio_is_an_error(model):
     session = model.open(portrait(), None, RenderSettings())
     with pytest.raises(ValueError, match="zero-length"):
         session.feed_audio(np.zeros(0, np.float32), final=True)
+
+
+def test_audio_held_by_a_streaming_render_stays_bounded(model):
+    """Read audio is dropped: a long stream keeps a constant amount of audio, and the frames are unchanged."""
+    audio = speech(12.0)
+    whole = np.concatenate(render(model.open(portrait(), None, RenderSettings(seed=6, step_plan=(1,))), audio))
+    session = model.open(portrait(), None, RenderSettings(seed=6, step_plan=(1,)))
+    held, frames = [], []
+    for piece in np.array_split(audio, 48):
+        session.feed_audio(piece)
+        frames += [b.frames for b in session]
+        held.append(session.audio.samples.size)
+    session.feed_audio(np.zeros(0, np.float32), final=True)
+    frames += [b.frames for b in session]
+    assert np.array_equal(np.concatenate(frames), whole)
+    assert session.audio.start > 0 and max(held[24:]) <= 3 * 16000  # at most ~3 s held, whatever the length
