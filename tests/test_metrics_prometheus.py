@@ -80,9 +80,11 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         assert job["output"].startswith(service_output_root(tmp_path))
 
         # Wait for a scrape after the job ended, then ask Prometheus.
+        # (Frames and the finished row are separate events: one scrape can fall between them, so wait for both.)
         frames = wait_for(
-            lambda: {"state": "", "frames": prometheus.query("sum(avatar_render_frames_rendered_total)")},
-            lambda s: s["frames"] == seconds * FPS, "Prometheus to see every frame",
+            lambda: {"state": "", "frames": prometheus.query("sum(avatar_render_frames_rendered_total)"),
+                     "rows": prometheus.query('avatar_render_rows_total{status="succeeded"}')},
+            lambda s: s["frames"] == seconds * FPS and s["rows"] == 1, "Prometheus to see every frame and the row",
         )["frames"]
         assert frames == int(seconds * FPS)
         assert prometheus.query('max_over_time(avatar_render_jobs{state="running"}[10m])') == 1  # seen mid-job
