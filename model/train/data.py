@@ -1,0 +1,120 @@
+"""SynthTalk clips -> training tensors: video frames, VAE latents, the portrait's latent, audio features per latent frame.
+
+Identities and speakers are drawn from disjoint seed ranges for training and evaluation (`Split`), so evaluation
+faces and voices are never seen in training. Audio features come from the preset's featurizer through
+`block_features`, exactly as the generator computes them for a block, so training and generation agree frame by frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from model.audio_features import build_featurizer
+from model.config import Preset
+from model.synth import Clip, make_clip
+from model.vae import WanVAE, frames_to_tensor
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_seed: int = 0  # what is said, head motion, blinks: clip i uses data_seed * 100_000 + i
+    num_clips: int = 32
+    seconds: float = 4.0
+    num_identities: int = 16  # training faces: identity seeds [identity_base, identity_base + n)
+    num_speakers: int = 16
+    identity_base: int = 1000
+    speaker_base: int = 5000
+    eval_identity_base: int = 90_000  # held-out faces and voices: far from every training seed
+    eval_speaker_base: int = 95_000
+
+
+def training_clips(data: DataConfig, size: int) -> list[Clip]:
+    """Clip i: identity i mod n_id, speaker (i // n_id + i) mod n_spk, so faces and voices mix."""
+    clips = []
+    for i in range(data.num_clips):
+        identity = data.identity_base + i % data.num_identities
+        speaker = data.speaker_base + (i // data.num_identities + i) % data.num_speakers
+        clips.append(make_clip(data.data_seed * 100_000 + i, data.seconds, size, identity_seed=identity,
+                               speaker_seed=speaker))
+    return clips
+
+
+def eval_clip(data: DataConfig, index: int, seconds: float, size: int, speech: str = "formant") -> Clip:
+    """A held-out clip: an identity and a speaker never used in training."""
+    return make_clip(10_000_000 + index, seconds, size, speech=speech, identity_seed=data.eval_identity_base + index,
+                     speaker_seed=data.eval_speaker_base + index)
+
+
+def usable_frames(num_frames: int, temporal_stride: int) -> int:
+    """Largest 1 + s*k <= num_frames: the VAE takes 1 + s*k frames."""
+    return 1 + (num_frames - 1) // temporal_stride * temporal_stride
+
+
+def clip_video(clip: Clip, temporal_stride: int) -> torch.Tensor:
+    """(1, 3, 1+s*k, H, W) in [-1, 1]."""
+    return frames_to_tensor(clip.frames[: usable_frames(len(clip.frames), temporal_stride)])
+
+
+@dataclass
+class LatentClip:
+    latents: torch.Tensor  # (C, F, h, w) normalised VAE latents of the clip
+    reference: torch.Tensor  # (C, 1, h, w) the portrait's latent
+    audio: torch.Tensor  # (F, audio_window, feature_dim), latent frame k's window as the generator builds it
+
+
+def encode_clip(clip: Clip, vae: WanVAE, preset: Preset, featurizer=None) -> LatentClip:
+    featurizer = featurizer or build_featurizer(preset)
+    stride = preset.vae.temporal_stride
+    with torch.no_grad():
+        latents = vae.encode(clip_video(clip, stride))[0]
+        reference = vae.encode(frames_to_tensor(clip.portrait[None]))[0]
+    audio = featurizer.block_features(clip.audio, 0, latents.shape[1], stride)
+    return LatentClip(latents.float(), reference.float(), audio.float())
+
+
+@dataclass
+class Batch:
+    """Windows of consecutive latent frames, all starting right after the sink (training positions)."""
+
+    latents: torch.Tensor  # (B, C, F, h, w)
+    reference: torch.Tensor  # (B, C, 1, h, w)
+    audio: torch.Tensor  # (B, F, A, D)
+
+
+class LatentDataset:
+    """Random windows of `frames` consecutive latent frames from encoded clips."""
+
+    def __init__(self, clips: list[LatentClip]):
+        if not clips:
+            raise ValueError("no clips")
+        self.clips = clips
+
+    def sample(self, batch: int, frames: int, rng: np.random.Generator) -> Batch:
+        picks = []
+        for _ in range(batch):
+            clip = self.clips[int(rng.integers(len(self.clips)))]
+            total = clip.latents.shape[1]
+            if frames > total:
+                raise ValueError(f"window of {frames} latent frames > clip of {total}")
+            start = int(rng.integers(total - frames + 1))
+            picks.append((clip.latents[:, start:start + frames], clip.reference, clip.audio[start:start + frames]))
+        latents, reference, audio = (torch.stack(x) for x in zip(*picks))
+        return Batch(latents, reference, audio)
+
+    def save(self, path) -> None:
+        torch.save([(c.latents, c.reference, c.audio) for c in self.clips], path)
+
+    @classmethod
+    def load(cls, path) -> "LatentDataset":
+        return cls([LatentClip(*row) for row in torch.load(path, weights_only=True)])
+
+
+def conditioning(reference: torch.Tensor, frames: int, is_reference: bool) -> torch.Tensor:
+    """(B, C, 1, h, w) -> (B, C+1, frames, h, w): reference latent | mask, as the generator builds it."""
+    ref = reference.expand(-1, -1, frames, -1, -1)
+    return torch.cat([ref, torch.full_like(ref[:, :1], 1.0 if is_reference else 0.0)], dim=1)

@@ -1,0 +1,75 @@
+"""The teacher and student training steps under Ray Train (`TorchTrainer`, DDP; gloo on CPU, NCCL on GPUs).
+
+Every worker builds the same data and model (same seed), wraps the `SinkDenoiser` with `prepare_model` (DDP: the
+gradients are averaged across workers at each step), and runs the very `TeacherStage`/`StudentStage.step` that the
+single-process recipe runs, each worker drawing its own batches. Rank 0 writes the trained DiT to `out/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+STAGES = ("teacher", "student")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from model.config import Preset
+    from model.dit import CausalWanDiT
+    from model.train.common import SinkDenoiser
+    from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
+    from model.train.student import StudentStage
+    from model.train.teacher import DiTTrainConfig, TeacherStage
+    from model.vae import WanVAE
+
+    torch.set_num_threads(config.get("threads_per_worker", 1))
+    rank = ray.train.get_context().get_world_rank()
+    preset = Preset.model_validate(config["preset"])
+    torch.manual_seed(config["seed"])  # identical data and initial weights on every worker
+    vae = WanVAE(preset.vae).eval()
+    if config.get("vae_state"):
+        vae.load_state_dict(torch.load(config["vae_state"], weights_only=True))
+    clips = training_clips(DataConfig.model_validate(config["data"]), preset.video.height)
+    dataset = LatentDataset([encode_clip(c, vae, preset) for c in clips])
+    dit = CausalWanDiT(preset.dit)
+    if config.get("dit_state"):
+        dit.load_state_dict(torch.load(config["dit_state"], weights_only=True))
+    model = ray.train.torch.prepare_model(SinkDenoiser(dit, preset.text.max_length))
+    dit = model.module.dit if hasattr(model, "module") else model.dit
+    stage_cls = {"teacher": TeacherStage, "student": StudentStage}[config["stage"]]
+    stage = stage_cls(dit, dataset, preset, DiTTrainConfig.model_validate(config["dit"]), seed=config["seed"] + rank,
+                      model=model)
+    for step in range(config["steps"]):
+        losses = stage.step(step)
+        ray.train.report({"step": step + 1, "rank": rank, **losses})
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    checksum = float(sum(p.detach().double().sum() for p in dit.parameters()))
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "param_checksum": checksum, **losses}))
+    if rank == 0:
+        torch.save(dit.state_dict(), out / f"{config['stage']}_dit.pt")
+
+
+def train_with_ray(stage: str, preset, data, dit_cfg, steps: int, num_workers: int, out: str | Path, *,
+                   seed: int = 0, dit_state: str | None = None, vae_state: str | None = None, use_gpu: bool = False):
+    """Run `steps` of a DiT stage on `num_workers` Ray Train workers; returns the Ray Train result."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    config = {"stage": stage, "preset": preset.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+              "dit": dit_cfg.model_dump(mode="json"), "steps": steps, "seed": seed, "out": str(Path(out).resolve()),
+              "dit_state": dit_state, "vae_state": vae_state}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"train-{stage}", storage_path=str(Path(out).resolve() / "ray")),
+    )
+    return trainer.fit()

@@ -1,0 +1,159 @@
+"""The whole training recipe (DESIGN 3.4): data -> VAE -> teacher -> causal student -> DMD distillation -> ship.
+
+    python -m model.train.recipe --out runs/tiny [--budget-minutes 60]
+
+Every stage checkpoints into `<out>/<stage>/` and a re-run resumes where it stopped (finished stages are loaded, not
+re-trained). The time budget is split between the stages by `STAGE_SHARE`; each stage stops at its step cap or its
+share of the time, whichever comes first, and `done.json` records which. The result is written with
+`save_checkpoint` to `--ship-to` (default: the bundled model directory) with a MODEL_CARD.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.audio_features import build_featurizer
+from model.checkpoint import save_checkpoint
+from model.config import Preset, get_preset
+from model.dit import CausalWanDiT
+from model.generator import BUNDLED_MODEL
+from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
+from model.train.distill import DistillConfig, DistillStage, distilled_preset
+from model.train.loop import run_stage
+from model.train.student import StudentStage, student_from_teacher
+from model.train.teacher import DiTTrainConfig, TeacherStage
+from model.train.vae import VAEStage, VAETrainConfig
+from model.vae import WanVAE
+
+STAGE_SHARE = {"vae": 0.2, "teacher": 0.4, "student": 0.15, "distill": 0.25}
+
+
+class RecipeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
+    dit: DiTTrainConfig = Field(default_factory=DiTTrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    max_steps: dict[str, int] = Field(default_factory=lambda: {"vae": 4000, "teacher": 20000, "student": 5000,
+                                                                "distill": 2000})
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minutes: float | None = None,
+               ship_to: str | Path | None = None, command: str = "", log=print) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps({"preset": preset.name, "recipe": cfg.model_dump(mode="json"),
+                                                 "budget_minutes": budget_minutes}, indent=2))
+    started = time.monotonic()
+    budget = {k: None if budget_minutes is None else share * budget_minutes * 60 for k, share in STAGE_SHARE.items()}
+    torch.manual_seed(cfg.seed)
+    summaries: dict[str, dict] = {}
+
+    log(f"data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s (data seed {cfg.data.data_seed})")
+    clips = training_clips(cfg.data, preset.video.height)
+
+    vae = WanVAE(preset.vae)
+    summaries["vae"] = run_stage(VAEStage(vae, clips, cfg.vae, cfg.seed), out, cfg.max_steps["vae"], budget["vae"],
+                                 cfg.checkpoint_every, log)
+    vae.eval().requires_grad_(False)
+
+    latents_path = out / "data" / "latents.pt"
+    if latents_path.exists():
+        dataset = LatentDataset.load(latents_path)
+    else:
+        latents_path.parent.mkdir(parents=True, exist_ok=True)
+        featurizer = build_featurizer(preset)
+        dataset = LatentDataset([encode_clip(c, vae, preset, featurizer) for c in clips])
+        dataset.save(latents_path)
+
+    teacher = CausalWanDiT(preset.dit)
+    summaries["teacher"] = run_stage(TeacherStage(teacher, dataset, preset, cfg.dit, cfg.seed), out,
+                                     cfg.max_steps["teacher"], budget["teacher"], cfg.checkpoint_every, log)
+    teacher.eval().requires_grad_(False)
+
+    student = student_from_teacher(teacher)
+    summaries["student"] = run_stage(StudentStage(student, dataset, preset, cfg.dit, cfg.seed), out,
+                                     cfg.max_steps["student"], budget["student"], cfg.checkpoint_every, log)
+    # The causal student before distillation, sampled with many Euler steps: the "no distillation" reference.
+    save_checkpoint(out / "student_model", preset, {"dit": student, "vae": vae}, {"stage": "causal student"})
+
+    summaries["distill"] = run_stage(DistillStage(student, teacher, vae, clips, preset, cfg.distill, cfg.seed), out,
+                                     cfg.max_steps["distill"], budget["distill"], cfg.checkpoint_every, log)
+    shipped = distilled_preset(preset)
+    result = {"stages": summaries, "seconds": round(time.monotonic() - started, 1)}
+    save_checkpoint(out / "final_model", shipped, {"dit": student, "vae": vae}, {"training": result})
+    if ship_to is not None:
+        save_checkpoint(ship_to, shipped, {"dit": student, "vae": vae}, {"training": result})
+        write_model_card(Path(ship_to), shipped, cfg, result, command, budget_minutes)
+        log(f"shipped to {ship_to}")
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def write_model_card(directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str,
+                     budget_minutes: float | None) -> None:
+    dit = CausalWanDiT(preset.dit)
+    rows = "\n".join(f"| {name} | {s['steps']} | {s['seconds'] / 60:.1f} | {s['stopped_by']} | "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in s["final_losses"].items()) + " |"
+                     for name, s in result["stages"].items())
+    text = f"""# Model card: avatar-render `tiny` (SynthTalk)
+
+Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4).
+
+- Command: `{command}`
+- Data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s, data seed {cfg.data.data_seed}; training identity
+  seeds {cfg.data.identity_base}..{cfg.data.identity_base + cfg.data.num_identities - 1}, speaker seeds
+  {cfg.data.speaker_base}..{cfg.data.speaker_base + cfg.data.num_speakers - 1}. Held-out evaluation uses identity seeds
+  from {cfg.data.eval_identity_base} and speaker seeds from {cfg.data.eval_speaker_base} (never seen in training).
+- DiT: {sum(p.numel() for p in dit.parameters()):,} parameters; VAE: tiny Wan2.1-style causal 3D VAE trained here.
+- Generator: step plan {list(preset.generator.step_plan)} (PSB), sampler `{preset.generator.sampler}`,
+  t_mci {preset.generator.t_mci} (MCI), horizon {preset.generator.horizon_frames} latent frames with URCR resets.
+- Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; budget {budget_minutes} minutes;
+  total {result['seconds'] / 60:.1f} minutes.
+
+| stage | steps | minutes | stopped by | final losses (mean of last 20 steps) |
+|---|---|---|---|---|
+{rows}
+
+## Quality
+
+See `docs/results.md` for held-out metrics and the commands that produced them. This is a short CPU training run:
+read those numbers before relying on the model.
+"""
+    (directory / "MODEL_CARD.md").write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, logs, loss curves)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="total training time, split by stage")
+    parser.add_argument("--clips", type=int, default=None, help="training clips (default: the recipe's)")
+    parser.add_argument("--data-seed", type=int, default=None)
+    parser.add_argument("--ship-to", default=str(BUNDLED_MODEL), help="where the final model goes ('' = nowhere)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    cfg = RecipeConfig()
+    data = cfg.data.model_copy(update={k: v for k, v in {"num_clips": args.clips, "data_seed": args.data_seed}.items()
+                                       if v is not None})
+    cfg = cfg.model_copy(update={"data": data})
+    command = "python -m model.train.recipe " + " ".join(sys.argv[1:] if argv is None else argv)
+    run_recipe(args.out, preset, cfg, args.budget_minutes, args.ship_to or None, command)
+
+
+if __name__ == "__main__":
+    main()

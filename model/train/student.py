@@ -1,0 +1,65 @@
+"""Stage 3: the causal student, initialised from the teacher (DESIGN 3.4.3).
+
+Block-causal attention over [sink | context blocks | target block]: each block sees itself and everything before it,
+as a block sees the KV cache at generation. The context blocks are what the cache would hold, corrupted as MCI does
+with t ~ U[0, t_mci_max]; the target block is at a random noise level. The number of context blocks varies from 0
+(the first block, sink only) to a full cache window, at random positions inside the horizon.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from model.config import Preset
+from model.dit import CausalWanDiT
+from model.scheduler import FlowMatchSchedule
+from model.train.common import SinkDenoiser, flow_matching_loss, sample_sigmas
+from model.train.data import LatentDataset
+from model.train.teacher import DiTTrainConfig, random_first_position
+
+
+def student_from_teacher(teacher: CausalWanDiT) -> CausalWanDiT:
+    return copy.deepcopy(teacher)
+
+
+class StudentStage:
+    name = "student"
+
+    def __init__(self, dit: CausalWanDiT, data: LatentDataset, preset: Preset, cfg: DiTTrainConfig, seed: int = 0,
+                 model: torch.nn.Module | None = None):
+        self.dit, self.data, self.preset, self.cfg = dit.train().requires_grad_(True), data, preset, cfg
+        self.model = model or SinkDenoiser(dit, preset.text.max_length)  # a DDP wrapper of one under Ray Train
+        self.schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
+        self.rng = np.random.default_rng(seed)
+        self.opt = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    def state_modules(self):
+        return {"dit": self.dit}
+
+    def optimizers(self):
+        return {"dit": self.opt}
+
+    def step(self, index: int) -> dict[str, float]:
+        gen = self.preset.generator
+        n = gen.frames_per_block
+        context_blocks = int(self.rng.integers(gen.window_frames // n + 1))
+        frames = (context_blocks + 1) * n
+        batch = self.data.sample(self.cfg.batch, frames, self.rng)
+        b = self.cfg.batch
+        t_max = self.cfg.t_mci_max / gen.num_train_timesteps
+        context = torch.rand(b, context_blocks) * t_max  # MCI: one corruption level per context block
+        target = sample_sigmas(b, gen.shift)[:, None]
+        sigmas = torch.cat([context.repeat_interleave(n, dim=1), target.expand(-1, n)], dim=1)
+        weights = torch.cat([torch.full((context_blocks * n,), self.cfg.context_weight), torch.ones(n)])
+        weights = weights * frames / weights.sum()
+        loss = flow_matching_loss(self.model, self.schedule, batch.latents, sigmas, batch.reference, batch.audio,
+                                  random_first_position(self.rng, frames, self.preset),
+                                  attention="block_causal", frame_groups=[n] * (context_blocks + 1), weights=weights)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.dit.parameters(), 1.0)
+        self.opt.step()
+        return {"flow": loss.item()}
