@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from model.audio_features import AudioFeaturizer, Wav2Vec2Featurizer, build_featurizer

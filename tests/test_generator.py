@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.config import DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
-from model.generator import AvatarModel, RenderSettings, RenderState
+from model.generator import AvatarModel, RenderSettings
 
 
 def small_preset(**generator) -> Preset:

@@ -10,37 +10,19 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
-from model.config import Preset
 from model.dit import CausalWanDiT
-from model.scheduler import FlowMatchSchedule
-from model.train.common import SinkDenoiser, flow_matching_loss, sample_sigmas
-from model.train.data import LatentDataset
-from model.train.teacher import DiTTrainConfig, random_first_position
+from model.train.common import flow_matching_loss, sample_sigmas
+from model.train.teacher import DiTStage, random_first_position
 
 
 def student_from_teacher(teacher: CausalWanDiT) -> CausalWanDiT:
     return copy.deepcopy(teacher)
 
 
-class StudentStage:
+class StudentStage(DiTStage):
     name = "student"
-
-    def __init__(self, dit: CausalWanDiT, data: LatentDataset, preset: Preset, cfg: DiTTrainConfig, seed: int = 0,
-                 model: torch.nn.Module | None = None):
-        self.dit, self.data, self.preset, self.cfg = dit.train().requires_grad_(True), data, preset, cfg
-        self.model = model or SinkDenoiser(dit, preset.text.max_length)  # a DDP wrapper of one under Ray Train
-        self.schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
-        self.rng = np.random.default_rng(seed)
-        self.opt = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    def state_modules(self):
-        return {"dit": self.dit}
-
-    def optimizers(self):
-        return {"dit": self.opt}
 
     def step(self, index: int) -> dict[str, float]:
         gen = self.preset.generator

@@ -33,8 +33,10 @@ def random_first_position(rng: np.random.Generator, frames: int, preset: Preset)
     return int(rng.integers(gen.sink_frames, gen.horizon_frames - frames + 1))
 
 
-class TeacherStage:
-    name = "teacher"
+class DiTStage:
+    """What the flow-matching stages share: the DiT being trained, its data, optimizer and schedule."""
+
+    name: str
 
     def __init__(self, dit: CausalWanDiT, data: LatentDataset, preset: Preset, cfg: DiTTrainConfig, seed: int = 0,
                  model: torch.nn.Module | None = None):
@@ -49,6 +51,10 @@ class TeacherStage:
 
     def optimizers(self):
         return {"dit": self.opt}
+
+
+class TeacherStage(DiTStage):
+    name = "teacher"
 
     def step(self, index: int) -> dict[str, float]:
         frames = self.cfg.window_blocks * self.preset.generator.frames_per_block
