@@ -135,18 +135,11 @@ def test_recipe_ships_a_loadable_model(tmp_path):
     assert result["stages"]["teacher"]["steps"] == 2
 
 
-def test_teacher_step_under_ray_train_with_two_workers(tmp_path):
-    import ray
-
+def test_teacher_step_under_ray_train_with_two_workers(ray_cluster, tmp_path):
     from model.train.ray_train import train_with_ray
 
     data = DataConfig(num_clips=1, seconds=1.2, num_identities=1, num_speakers=1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        train_with_ray("teacher", small_preset(), data, DiTTrainConfig(batch=2), steps=2, num_workers=2,
-                       out=tmp_path)
-    finally:
-        ray.shutdown()
+    train_with_ray("teacher", small_preset(), data, DiTTrainConfig(batch=2), steps=2, num_workers=2, out=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     # Different batches on each worker, yet DDP keeps the weights identical.
