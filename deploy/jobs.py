@@ -19,7 +19,7 @@ from deploy.confine import confine, normalize_uri
 from deploy.metrics import ServiceMetrics
 from deploy.schemas import JobRequest, JobStatus, RowStatus
 from deploy.settings import ServiceSettings
-from deploy.store import JobRecord, JobStore, RowRecord
+from deploy.store import JobRecord, JobStore
 from pipeline.events import BlockRendered, Event, RowFinished, RowStarted
 from pipeline.job import JOB_OPTIONS
 from pipeline.manifest import manifest_dir, read_manifest
@@ -177,7 +177,7 @@ class JobManager:
     def rows(self, job_id: str) -> list[RowStatus] | None:
         if self.store.get(job_id) is None:
             return None
-        finished = [RowStatus(id=r.row_id, **r.model_dump(exclude={"row_id"})) for r in self.store.rows(job_id)]
+        finished = self.store.rows(job_id)
         done = {r.id for r in finished}
         with self._lock:
             flight = self._running.get(job_id)
@@ -207,8 +207,8 @@ class JobManager:
                     so_far[0] += event.frames
                     so_far[1] += event.video_seconds
         elif isinstance(event, RowFinished):
-            self.store.put_row(job_id, RowRecord(
-                row_id=event.row_id, status=event.status, output=event.output, error=event.error,
+            self.store.put_row(job_id, RowStatus(
+                id=event.row_id, status=event.status, output=event.output, error=event.error,
                 error_kind=event.error_kind, frames=event.frames, video_seconds=event.video_seconds,
                 timings=dict(event.timings), metrics=dict(event.metrics),
             ))
@@ -257,11 +257,7 @@ class JobManager:
             report = run_job(spec, self.settings.pipeline, on_event=lambda e: self.handle_event(job_id, e),
                              cancel=flight.cancel)
             for row in report.rows:
-                self.store.put_row(job_id, RowRecord(
-                    row_id=row.id, status=row.status, output=row.output, error=row.error, error_kind=row.error_kind,
-                    frames=row.frames or 0, video_seconds=row.video_seconds or 0.0, duration_s=row.duration_s,
-                    timings=dict(row.timings or {}), metrics=dict(row.metrics or {}),
-                ))
+                self.store.put_row(job_id, RowStatus(**row.model_dump()))
             self.store.update(job_id, rows_total=max(len(report.rows), job.rows_total or 0))
         except Exception as err:
             log.exception("job %s failed", job_id)

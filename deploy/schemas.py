@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deploy.store import JobState
+from deploy.store import JobState, RowStatus  # noqa: F401  (RowStatus is part of this API)
 
 
 class JobRequest(BaseModel):
@@ -49,19 +49,6 @@ class JobStatus(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobStatus]
-
-
-class RowStatus(BaseModel):
-    id: str
-    status: str
-    output: str | None = None
-    error: str | None = None
-    error_kind: str | None = None
-    frames: int = 0
-    video_seconds: float = 0.0
-    duration_s: float | None = None
-    timings: dict = Field(default_factory=dict)
-    metrics: dict = Field(default_factory=dict)
 
 
 class RowList(BaseModel):

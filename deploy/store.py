@@ -63,8 +63,10 @@ class JobRecord(BaseModel):
     error: str | None = None
 
 
-class RowRecord(BaseModel):
-    row_id: str
+class RowStatus(BaseModel):
+    """One row of a job as stored and as the API returns it (`GET /v1/jobs/{id}/rows`)."""
+
+    id: str
     status: str
     output: str | None = None
     error: str | None = None
@@ -148,32 +150,32 @@ class JobStore:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {state: 0 for state in JOB_STATES} | dict(rows)
 
-    def put_row(self, job_id: str, row: RowRecord) -> None:
+    def put_row(self, job_id: str, row: RowStatus) -> None:
         """Record a finished row. A row the pipeline skipped because an earlier attempt of this job already
         rendered it keeps its earlier record (a restart must not turn 'succeeded' into 'skipped')."""
         with self._lock:
             if row.status == "skipped":
                 prior = self._db.execute(
-                    "SELECT status FROM rows WHERE job_id = ? AND row_id = ?", (job_id, row.row_id)
+                    "SELECT status FROM rows WHERE job_id = ? AND row_id = ?", (job_id, row.id)
                 ).fetchone()
                 if prior and prior[0] == "succeeded":
                     return
             self._db.execute(
                 "INSERT OR REPLACE INTO rows (job_id, row_id, status, output, error, error_kind, frames, "
                 "video_seconds, duration_s, timings, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, row.row_id, row.status, row.output, row.error, row.error_kind, row.frames,
+                (job_id, row.id, row.status, row.output, row.error, row.error_kind, row.frames,
                  row.video_seconds, row.duration_s, json.dumps(row.timings, default=str),
                  json.dumps(row.metrics, default=str)),
             )
 
-    def rows(self, job_id: str) -> list[RowRecord]:
+    def rows(self, job_id: str) -> list[RowStatus]:
         with self._lock:
             found = self._db.execute(
                 "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
                 "metrics FROM rows WHERE job_id = ? ORDER BY rowid", (job_id,)
             ).fetchall()
         return [
-            RowRecord(row_id=r[0], status=r[1], output=r[2], error=r[3], error_kind=r[4], frames=r[5],
+            RowStatus(id=r[0], status=r[1], output=r[2], error=r[3], error_kind=r[4], frames=r[5],
                       video_seconds=r[6], duration_s=r[7], timings=json.loads(r[8]), metrics=json.loads(r[9]))
             for r in found
         ]
