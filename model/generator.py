@@ -62,6 +62,9 @@ class RenderSettings(BaseModel):
     t_mci: float | None = None
     height: int | None = None
     width: int | None = None
+    # Ablation only: False lets temporal positions grow past the trained horizon, up to the end of the RoPE table
+    # (`rope_max_positions`), where a reset is still forced because no later position exists.
+    urcr: bool = True
 
 
 @dataclass
@@ -245,6 +248,8 @@ class AvatarModel:
             preset = preset.with_resolution(settings.height or preset.video.height, settings.width or preset.video.width)
         gen = preset.generator.model_copy(update={
             k: v for k, v in {"step_plan": settings.step_plan, "t_mci": settings.t_mci}.items() if v is not None})
+        if not settings.urcr:
+            gen = gen.model_copy(update={"horizon_frames": preset.dit.rope_max_positions})
         return preset.model_copy(update={"generator": type(preset.generator).model_validate(gen.model_dump())})
 
 

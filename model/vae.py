@@ -94,6 +94,16 @@ class WanVAE(nn.Module):
     def num_video_frames(self, num_latent_frames: int) -> int:
         return 1 + (num_latent_frames - 1) * self.temporal_stride
 
+    def set_latent_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> VAEConfig:
+        """Fix the per-channel latent statistics once a VAE is trained (Wan2.1's latents_mean/std); returns the
+        config that now describes this VAE. Diffusion trains on z_norm = (z - mean) / std, about unit variance."""
+        mean = tuple(round(float(v), 4) for v in mean)
+        std = tuple(round(float(v), 4) for v in std)
+        self.config = self.config.model_copy(update={"latents_mean": mean, "latents_std": std})
+        self.latents_mean.copy_(torch.tensor(mean).view_as(self.latents_mean))
+        self.latents_std.copy_(torch.tensor(std).view_as(self.latents_std))
+        return self.config
+
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.latents_mean.to(z.dtype)) / self.latents_std.to(z.dtype)
 

@@ -101,6 +101,19 @@ def test_urcr_keeps_positions_in_horizon_and_cache_fixed(model):
     assert len(sizes) == 1  # the cache never grows
 
 
+def test_urcr_off_lets_positions_grow_past_the_horizon(model):
+    """The ablation switch: without URCR, positions run past the trained horizon and the cache never resets
+    (until the RoPE table ends, far beyond this render)."""
+    session = model.open(portrait(), None, RenderSettings(seed=1, step_plan=(1,), urcr=False))
+    gen = model.preset.generator
+    session.feed_audio(speech(8 * gen.frames_per_block * 4 / 25), final=True)
+    blocks = sum(1 for _ in session)
+    assert blocks >= 8
+    assert session.cache.resets == 0
+    assert session.cache.next_position > gen.horizon_frames
+    assert session.gen.horizon_frames == model.preset.dit.rope_max_positions
+
+
 def count_forwards(session) -> list[int]:
     """Denoising passes (no cache write) per block."""
     calls = []

@@ -23,10 +23,11 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data_seed: int = 0  # what is said, head motion, blinks: clip i uses data_seed * 100_000 + i
-    num_clips: int = 32
+    num_clips: int = 128
     seconds: float = 4.0
-    num_identities: int = 16  # training faces: identity seeds [identity_base, identity_base + n)
-    num_speakers: int = 16
+    # Many faces, so the DiT learns to copy the reference sink rather than memorise faces (evaluation faces are new).
+    num_identities: int = 128  # training faces: identity seeds [identity_base, identity_base + n)
+    num_speakers: int = 64
     identity_base: int = 1000
     speaker_base: int = 5000
     eval_identity_base: int = 90_000  # held-out faces and voices: far from every training seed

@@ -35,7 +35,7 @@ def save_stage(path: Path, stage: Stage, step: int, history: list[dict]) -> None
 
 
 def load_stage(path: Path, stage: Stage) -> tuple[int, list[dict]]:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     for k, m in stage.state_modules().items():
         m.load_state_dict(state["modules"][k])
     for k, o in stage.optimizers().items():

@@ -30,10 +30,10 @@ from model.train.distill import DistillConfig, DistillStage, distilled_preset
 from model.train.loop import run_stage
 from model.train.student import StudentStage, student_from_teacher
 from model.train.teacher import DiTTrainConfig, TeacherStage
-from model.train.vae import VAEStage, VAETrainConfig
+from model.train.vae import VAEStage, VAETrainConfig, latent_statistics
 from model.vae import WanVAE
 
-STAGE_SHARE = {"vae": 0.2, "teacher": 0.4, "student": 0.15, "distill": 0.25}
+STAGE_SHARE = {"vae": 0.25, "teacher": 0.4, "student": 0.15, "distill": 0.2}
 
 
 class RecipeConfig(BaseModel):
@@ -67,6 +67,10 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     summaries["vae"] = run_stage(VAEStage(vae, clips, cfg.vae, cfg.seed), out, cfg.max_steps["vae"], budget["vae"],
                                  cfg.checkpoint_every, log)
     vae.eval().requires_grad_(False)
+    # Fix the latent normalisation from the training clips (deterministic, so a resumed run gets the same numbers).
+    vae_config = vae.set_latent_normalization(*latent_statistics(vae, clips, preset.vae.temporal_stride))
+    preset = preset.model_copy(update={"vae": vae_config})
+    log(f"latent normalisation: std {[round(v, 2) for v in vae_config.latents_std]}")
 
     latents_path = out / "data" / "latents.pt"
     if latents_path.exists():
@@ -81,6 +85,8 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     summaries["teacher"] = run_stage(TeacherStage(teacher, dataset, preset, cfg.dit, cfg.seed), out,
                                      cfg.max_steps["teacher"], budget["teacher"], cfg.checkpoint_every, log)
     teacher.eval().requires_grad_(False)
+    # The bidirectional teacher as a checkpoint of its own: the many-step reference row of docs/results.md.
+    save_checkpoint(out / "teacher_model", preset, {"dit": teacher, "vae": vae}, {"stage": "bidirectional teacher"})
 
     student = student_from_teacher(teacher)
     summaries["student"] = run_stage(StudentStage(student, dataset, preset, cfg.dit, cfg.seed), out,
@@ -99,6 +105,17 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
         log(f"shipped to {ship_to}")
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def reuse_stages(source: Path, out: Path, stages: tuple[str, ...]) -> None:
+    """Copy finished stage directories of another run, so this run resumes after them."""
+    import shutil
+
+    for stage in stages:
+        if stage != "data" and not (source / stage / "done.json").exists():
+            raise SystemExit(f"--reuse: {source / stage} is not a finished stage")
+        if not (out / stage).exists():
+            shutil.copytree(source / stage, out / stage)
 
 
 def write_model_card(directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str,
@@ -142,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=None, help="training clips (default: the recipe's)")
     parser.add_argument("--data-seed", type=int, default=None)
     parser.add_argument("--ship-to", default=str(BUNDLED_MODEL), help="where the final model goes ('' = nowhere)")
+    parser.add_argument("--max-steps", default=None,
+                        help="step caps per stage, e.g. vae=1600,teacher=5000 (default: the recipe's)")
+    parser.add_argument("--reuse", default=None,
+                        help="start from another run's finished VAE and teacher (ablations of the later stages)")
+    parser.add_argument("--mci-off", action="store_true",
+                        help="ablation: clean context in training (t_mci_max = 0) and t_mci = 0 at inference")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -150,7 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg = RecipeConfig()
     data = cfg.data.model_copy(update={k: v for k, v in {"num_clips": args.clips, "data_seed": args.data_seed}.items()
                                        if v is not None})
-    cfg = cfg.model_copy(update={"data": data})
+    caps = dict(cfg.max_steps)
+    for item in filter(None, (args.max_steps or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in caps or not value.isdigit():
+            parser.error(f"--max-steps: expected stage=steps with a stage in {sorted(caps)}, got {item!r}")
+        caps[name] = int(value)
+    cfg = cfg.model_copy(update={"data": data, "max_steps": caps})
+    if args.mci_off:
+        cfg = cfg.model_copy(update={"dit": cfg.dit.model_copy(update={"t_mci_max": 0.0})})
+        preset = preset.model_copy(update={"generator": preset.generator.model_copy(update={"t_mci": 0.0})})
+    if args.reuse:
+        reuse_stages(Path(args.reuse), Path(args.out), ("vae", "teacher", "data"))
     command = "python -m model.train.recipe " + " ".join(sys.argv[1:] if argv is None else argv)
     run_recipe(args.out, preset, cfg, args.budget_minutes, args.ship_to or None, command)
 
