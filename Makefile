@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo examples train-tiny bench-long bench-pipeline bench-service bench-gpu clean
+.PHONY: install system-deps test demo examples train-tiny eval-tiny ablation-mci-off bench-long bench-pipeline bench-service bench-gpu clean
 
 # torch is installed first and pinned: a looser resolution pulls several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -36,8 +36,32 @@ demo: install
 examples: install
 	$(PY) examples/make_examples.py
 
+# The whole recipe from scratch (VAE, teacher, causal student, DMD), then the model goes to model/weights/tiny.
+# At the recipe's step caps this is about 3.5 hours on 2 CPU cores (estimated from the measured step rates in
+# docs/results.md); it resumes where it stopped if interrupted.
 train-tiny: install
-	$(PY) -m model.train.recipe --out runs/tiny
+	$(PY) -m model.train.recipe --out runs/tiny --threads 2
+
+# docs/results.md's rows for a trained run: held-out metrics, ablations, 10-minute drift with and without URCR.
+RUN ?= runs/tiny
+MODEL ?= model/weights/tiny
+HELDOUT := $(PY) -m model.train.heldout --clips 4 --seconds 8
+eval-tiny: install
+	$(HELDOUT) --checkpoint $(MODEL) --out $(RUN)/eval/default.json
+	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(RUN)/eval/espeak.json
+	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(RUN)/eval/psb-off.json
+	$(HELDOUT) --checkpoint $(MODEL) --t-mci 0 --out $(RUN)/eval/mci-off-inference.json
+	$(HELDOUT) --checkpoint $(RUN)/teacher_model --teacher-steps 32 --out $(RUN)/eval/teacher-32-steps.json
+	$(HELDOUT) --checkpoint $(RUN)/student_model --step-plan 16 --out $(RUN)/eval/student-16-euler-steps.json
+	$(PY) -m model.train.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --out $(RUN)/eval/urcr-10min.json
+	$(PY) -m model.train.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --no-urcr --out $(RUN)/eval/no-urcr-10min.json
+	$(PY) -m model.train.drift_plot $(RUN)/eval/urcr-10min.json $(RUN)/eval/no-urcr-10min.json --label "URCR on" --label "URCR off" --out docs/img/drift_urcr.png
+	$(PY) -m model.train.results_table $(RUN)/eval/*.json
+
+# The MCI-off training ablation: the same VAE and teacher, student and DMD trained with clean context (t_mci = 0).
+ablation-mci-off: install
+	$(PY) -m model.train.recipe --out $(RUN)-mci-off --reuse $(RUN) --mci-off --threads 2 --ship-to ''
+	$(HELDOUT) --checkpoint $(RUN)-mci-off/final_model --out $(RUN)/eval/mci-off-training.json
 
 bench-long: install
 	$(PY) benchmarks/long_render.py

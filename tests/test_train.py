@@ -121,7 +121,7 @@ def test_distillation_rolls_out_through_the_generator_with_resets(setup, tmp_pat
 
 def test_recipe_ships_a_loadable_model(tmp_path):
     cfg = RecipeConfig(data=DATA, vae=dict(batch=1), dit=dict(batch=2), distill=dict(rollout_blocks=4),
-                       max_steps={"vae": 2, "teacher": 2, "student": 2, "distill": 1})
+                       max_steps={"vae": 2, "teacher": 2, "student": 2, "distill": 1}, vae_gate_lipsync_r=None)
     ship = tmp_path / "ship"
     run_recipe(tmp_path / "run", small_preset(), cfg, ship_to=ship, command="test", log=lambda *_: None)
     preset, modules, extra = read_checkpoint(ship)
@@ -226,3 +226,31 @@ def test_teacher_samples_independent_windows_of_the_whole_clip(setup):
     windows = -(-latent_frames // 6)
     assert len(calls) == 3 * windows and {a for _, a in calls} == {"bidirectional"}
     assert sum(f - 1 for f, _ in calls) == 3 * latent_frames  # each window once per step, after its sink
+
+
+def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_path):
+    from model.checkpoint import save_checkpoint
+    from model.train.heldout import evaluate_checkpoint
+
+    preset, _, vae, _ = setup
+    save_checkpoint(tmp_path / "m", preset, {"dit": CausalWanDiT(preset.dit), "vae": vae}, {})
+    result = evaluate_checkpoint(str(tmp_path / "m"), clips=1, seconds=2.4, urcr=False, window_seconds=0.8,
+                                 data=DATA, progress=lambda *_: None)
+    assert result["urcr"] is False and len(result["windows"][0]) == 3
+    assert isinstance(result["drift_passed"], bool)
+    assert set(result["model_metrics"]) == {"lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter"}
+    teacher = evaluate_checkpoint(str(tmp_path / "m"), clips=1, seconds=2.4, teacher_steps=2, references=False,
+                                  data=DATA, progress=lambda *_: None)
+    assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None
+
+
+def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):
+    from model.train.recipe import VAEGateError
+
+    preset = small_preset().model_copy(update={"video": small_preset().video.model_copy(update={"height": 64,
+                                                                                              "width": 64})})
+    cfg = RecipeConfig(data=DATA, vae=dict(batch=1, image_batch=1), max_steps={"vae": 1, "teacher": 1, "student": 1,
+                                                                               "distill": 1})
+    with pytest.raises(VAEGateError, match="cannot draw the mouth"):
+        run_recipe(tmp_path / "run", preset, cfg, log=lambda *_: None)
+    assert (tmp_path / "run" / "vae" / "done.json").exists() and not (tmp_path / "run" / "teacher").exists()

@@ -31,7 +31,12 @@ from model.train.loop import run_stage
 from model.train.student import StudentStage, student_from_teacher
 from model.train.teacher import DiTTrainConfig, TeacherStage
 from model.train.vae import VAEStage, VAETrainConfig, latent_statistics
+from model.train.vae_report import vae_report
 from model.vae import WanVAE
+
+class VAEGateError(RuntimeError):
+    """The trained VAE is not good enough for the DiT stages to be worth running."""
+
 
 STAGE_SHARE = {"vae": 0.25, "teacher": 0.4, "student": 0.15, "distill": 0.2}
 
@@ -47,6 +52,9 @@ class RecipeConfig(BaseModel):
                                                                 "distill": 2000})
     checkpoint_every: int = 50
     seed: int = 0
+    # The VAE must draw the mouth before anything downstream can move it in sync: below this lip-sync of its own
+    # reconstruction (held-out clips), the recipe stops after the VAE instead of spending hours on the DiT stages.
+    vae_gate_lipsync_r: float | None = 0.8
 
 
 def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minutes: float | None = None,
@@ -71,6 +79,15 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     vae_config = vae.set_latent_normalization(*latent_statistics(vae, clips, preset.vae.temporal_stride))
     preset = preset.model_copy(update={"vae": vae_config})
     log(f"latent normalisation: std {[round(v, 2) for v in vae_config.latents_std]}")
+    if cfg.vae_gate_lipsync_r is not None:
+        report = vae_report(vae, clips=2, seconds=8.0, data=cfg.data, size=preset.video.height)
+        log(f"VAE on held-out clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
+            f"{report['recon_lipsync_r']:.3f}")
+        if report["recon_lipsync_r"] < cfg.vae_gate_lipsync_r:
+            raise VAEGateError(
+                f"the VAE reconstructs held-out clips with lipsync_r {report['recon_lipsync_r']:.3f} < "
+                f"{cfg.vae_gate_lipsync_r}: it cannot draw the mouth yet. Train it longer (e.g. --max-steps "
+                f"vae={2 * summaries['vae']['steps']}; delete {out / 'vae' / 'done.json'} to resume it).")
 
     latents_path = out / "data" / "latents.pt"
     if latents_path.exists():
@@ -186,7 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.reuse:
         reuse_stages(Path(args.reuse), Path(args.out), ("vae", "teacher", "data"))
     command = "python -m model.train.recipe " + " ".join(sys.argv[1:] if argv is None else argv)
-    run_recipe(args.out, preset, cfg, args.budget_minutes, args.ship_to or None, command)
+    try:
+        run_recipe(args.out, preset, cfg, args.budget_minutes, args.ship_to or None, command)
+    except VAEGateError as err:
+        raise SystemExit(f"stopped after the VAE stage: {err}") from None
 
 
 if __name__ == "__main__":
