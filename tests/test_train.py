@@ -137,18 +137,24 @@ def test_recipe_ships_a_loadable_model(tmp_path):
     assert result["stages"]["teacher"]["steps"] == 2
 
 
-def test_teacher_step_under_ray_train_with_two_workers(ray_cluster, tmp_path):
+@pytest.mark.parametrize("stage", ["teacher", "vae"])
+def test_stage_steps_under_ray_train_with_two_workers(ray_cluster, tmp_path, stage):
     from model.train.ray_train import train_with_ray
+    from model.train.vae import VAETrainConfig
 
     data = DataConfig(num_clips=1, seconds=1.2, num_identities=1, num_speakers=1)
-    train_with_ray("teacher", small_preset(), data, DiTTrainConfig(batch=2), steps=2, num_workers=2, out=tmp_path)
+    cfg = VAETrainConfig(batch=1, image_batch=1, image_steps=1, latent_frames=2) if stage == "vae" \
+        else DiTTrainConfig(batch=2)
+    train_with_ray(stage, small_preset(), data, cfg, steps=2, num_workers=2, out=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
-    # Different batches on each worker, yet DDP keeps the weights identical.
+    # Different batches on each worker, yet the averaged gradients keep the weights identical.
     assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-6)
-    assert ranks[0]["flow"] != ranks[1]["flow"]
-    state = torch.load(tmp_path / "teacher_dit.pt", weights_only=True)
-    assert set(state) == set(CausalWanDiT(small_preset().dit).state_dict())
+    loss = "flow" if stage == "teacher" else "l1"
+    assert ranks[0][loss] != ranks[1][loss]
+    module = CausalWanDiT(small_preset().dit) if stage == "teacher" else WanVAE(small_preset().vae)
+    state = torch.load(tmp_path / f"{stage}_{'dit' if stage == 'teacher' else 'vae'}.pt", weights_only=True)
+    assert set(state) == set(module.state_dict())
 
 
 def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(setup, tmp_path):

@@ -1,8 +1,10 @@
-"""The teacher and student training steps under Ray Train (`TorchTrainer`, DDP; gloo on CPU, NCCL on GPUs).
+"""The VAE, teacher and student training steps under Ray Train (`TorchTrainer`; gloo on CPU, NCCL on GPUs).
 
-Every worker builds the same data and model (same seed), wraps the `SinkDenoiser` with `prepare_model` (DDP: the
-gradients are averaged across workers at each step), and runs the very `TeacherStage`/`StudentStage.step` that the
-single-process recipe runs, each worker drawing its own batches. Rank 0 writes the trained DiT to `out/`.
+Every worker builds the same data and model (same seed) and runs the very `VAEStage`/`TeacherStage`/`StudentStage`
+step that the single-process recipe runs, each worker drawing its own batches. The DiT stages wrap the `SinkDenoiser`
+with `prepare_model` (DDP averages the gradients at each step). The VAE's step is an encode and a decode, not one
+forward call DDP could wrap, so its gradients are averaged by a hook on each parameter as soon as backward has
+accumulated it: the same arithmetic. Rank 0 writes the trained module to `out/`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,22 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("teacher", "student")
+STAGES = ("vae", "teacher", "student")
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """All-reduce every parameter's gradient right after backward accumulates it, divided by the world size."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+
+    def hook(param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
+
+    for param in module.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(hook)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -25,6 +42,7 @@ def train_loop_per_worker(config: dict) -> None:
     from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
     from model.train.student import StudentStage
     from model.train.teacher import DiTTrainConfig, TeacherStage
+    from model.train.vae import VAEStage, VAETrainConfig
     from model.vae import WanVAE
 
     torch.set_num_threads(config.get("threads_per_worker", 1))
@@ -35,36 +53,47 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("vae_state"):
         vae.load_state_dict(torch.load(config["vae_state"], weights_only=True))
     clips = training_clips(DataConfig.model_validate(config["data"]), preset.video.height)
-    dataset = LatentDataset([encode_clip(c, vae, preset) for c in clips])
-    dit = CausalWanDiT(preset.dit)
-    if config.get("dit_state"):
-        dit.load_state_dict(torch.load(config["dit_state"], weights_only=True))
-    model = ray.train.torch.prepare_model(SinkDenoiser(dit, preset.text.max_length))
-    dit = model.module.dit if hasattr(model, "module") else model.dit
-    stage_cls = {"teacher": TeacherStage, "student": StudentStage}[config["stage"]]
-    stage = stage_cls(dit, dataset, preset, DiTTrainConfig.model_validate(config["dit"]), seed=config["seed"] + rank,
-                      model=model)
+    if config["stage"] == "vae":
+        stage = VAEStage(vae, clips, VAETrainConfig.model_validate(config["vae"]), seed=config["seed"] + rank)
+        average_gradients(vae)
+        trained = vae
+    else:
+        dataset = LatentDataset([encode_clip(c, vae, preset) for c in clips])
+        dit = CausalWanDiT(preset.dit)
+        if config.get("dit_state"):
+            dit.load_state_dict(torch.load(config["dit_state"], weights_only=True))
+        model = ray.train.torch.prepare_model(SinkDenoiser(dit, preset.text.max_length))
+        dit = model.module.dit if hasattr(model, "module") else model.dit
+        stage_cls = {"teacher": TeacherStage, "student": StudentStage}[config["stage"]]
+        stage = stage_cls(dit, dataset, preset, DiTTrainConfig.model_validate(config["dit"]),
+                          seed=config["seed"] + rank, model=model)
+        trained = dit
     for step in range(config["steps"]):
         losses = stage.step(step)
         ray.train.report({"step": step + 1, "rank": rank, **losses})
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
-    checksum = float(sum(p.detach().double().sum() for p in dit.parameters()))
+    checksum = float(sum(p.detach().double().sum() for p in trained.parameters()))
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "param_checksum": checksum, **losses}))
     if rank == 0:
-        torch.save(dit.state_dict(), out / f"{config['stage']}_dit.pt")
+        name = "vae" if config["stage"] == "vae" else "dit"
+        torch.save(trained.state_dict(), out / f"{config['stage']}_{name}.pt")
 
 
-def train_with_ray(stage: str, preset, data, dit_cfg, steps: int, num_workers: int, out: str | Path, *,
+def train_with_ray(stage: str, preset, data, stage_cfg, steps: int, num_workers: int, out: str | Path, *,
                    seed: int = 0, dit_state: str | None = None, vae_state: str | None = None, use_gpu: bool = False):
-    """Run `steps` of a DiT stage on `num_workers` Ray Train workers; returns the Ray Train result."""
+    """Run `steps` of a stage on `num_workers` Ray Train workers; returns the Ray Train result.
+
+    `stage_cfg` is the stage's config: a VAETrainConfig for "vae", a DiTTrainConfig for "teacher" and "student".
+    """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     config = {"stage": stage, "preset": preset.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-              "dit": dit_cfg.model_dump(mode="json"), "steps": steps, "seed": seed, "out": str(Path(out).resolve()),
+              "vae" if stage == "vae" else "dit": stage_cfg.model_dump(mode="json"), "steps": steps, "seed": seed,
+              "out": str(Path(out).resolve()),
               "dit_state": dit_state, "vae_state": vae_state}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
