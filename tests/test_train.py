@@ -143,7 +143,7 @@ def test_stage_steps_under_ray_train_with_two_workers(ray_cluster, tmp_path, sta
     from model.train.vae import VAETrainConfig
 
     data = DataConfig(num_clips=1, seconds=1.2, num_identities=1, num_speakers=1)
-    cfg = VAETrainConfig(batch=1, image_batch=1, image_steps=1, latent_frames=2) if stage == "vae" \
+    cfg = VAETrainConfig(batch=1, image_batch=1, image_steps=1, causal_steps=0, latent_frames=2) if stage == "vae" \
         else DiTTrainConfig(batch=2)
     train_with_ray(stage, small_preset(), data, cfg, steps=2, num_workers=2, out=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -160,15 +160,16 @@ def test_stage_steps_under_ray_train_with_two_workers(ray_cluster, tmp_path, sta
 def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(setup, tmp_path):
     preset, clips, _, _ = setup
     vae = WanVAE(preset.vae)
-    cfg = VAETrainConfig(batch=1, image_batch=2, image_steps=2, latent_frames=4)
+    cfg = VAETrainConfig(batch=1, image_batch=2, image_steps=2, causal_steps=1, causal_latent_frames=3,
+                         latent_frames=4)
     stage = VAEStage(vae, clips, cfg, seed=0)
     shapes = []
     original = stage.sample
     stage.sample = lambda batch, window: shapes.append((batch, window)) or original(batch, window)
     summary = run_stage(stage, tmp_path, max_steps=4, log=lambda *_: None)
     assert summary["steps"] == 4
-    # Two single-frame steps, then windows of 4 latent frames; the residual blocks stay frame-local.
-    assert shapes == [(2, 1), (2, 1), (1, 13), (1, 13)]
+    # Two single-frame steps, a causal window, then a window of 4 latent frames with frame-local residual blocks.
+    assert shapes == [(2, 1), (2, 1), (1, 9), (1, 13)]
     convs = residual_temporal_convs(vae)
     assert convs and all(c.weight[:, :, :-1].abs().max() == 0 for c in convs)
     assert all(c.weight[:, :, -1].abs().max() > 0 for c in convs)

@@ -1,16 +1,19 @@
-"""Stage 1: the tiny VAE (DESIGN 3.4.1). Reconstruction L1 + L2 and a small KL, in two phases.
+"""Stage 1: the tiny VAE (DESIGN 3.4.1). Reconstruction L1 + L2 and a small KL, in three phases.
 
 1. `image_steps` on single frames: a causal video VAE encodes the first frame of a clip on its own, and that spatial
    path learns several times faster per second of CPU on frames than on windows.
-2. The rest on windows of `latent_frames`.
+2. `causal_steps` on windows of `causal_latent_frames` with full causal 3D convs.
+3. The rest on windows of `latent_frames` with the residual blocks' causal convs *frame-local* (their temporal taps
+   held at zero); only the resamplers' time convs mix frames.
 
-Throughout, the residual blocks' causal 3D convs are frame-local (their temporal taps held at zero); only the
-resamplers' time convs mix frames. Why: stacked causal convs make the encoder and the decoder recurrences whose reach
-(up to ~30 latent frames here, see `decoder_context_frames`) is far longer than any window a CPU can train on. A VAE
-trained on 3-latent-frame windows with full taps decoded its first chunks well (MAE 12/255) and then degraded chunk by
-chunk past the window (55/255 by the 5th), in the encoder as well as the decoder. Frame-local residual blocks bound the
-reach to 1 latent frame back in the encoder and 3 in the decoder, which a 4-latent-frame window covers, so any length
-decodes like the trained window. The weights keep Wan2.1's shapes and checkpoint format; the taps are simply zero.
+Why phase 3: stacked causal convs make the encoder and the decoder recurrences whose reach (up to ~30 latent frames
+here, see `decoder_context_frames`) is far longer than any window a CPU can train on. After phase 2 the VAE decoded
+its first chunks well (MAE 12/255) and then degraded chunk by chunk past the window (55/255 by the 5th), in the
+encoder as well as the decoder. Frame-local residual blocks bound the reach to 1 latent frame back in the encoder and
+3 in the decoder, which a 4-latent-frame window covers, so any length decodes like the trained window. The weights
+keep Wan2.1's shapes and checkpoint format; the taps are simply zero. Phase 2 stays because the shipped VAE was
+trained through it (the fix came mid-run) and `make train-tiny` retraces that schedule; `causal_steps=0` is the
+cleaner schedule for a new run.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ class VAETrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     batch: int = 4
-    latent_frames: int = 4  # windows of 1 + s*(n-1) video frames: they cover the frame-local VAE's temporal reach
-    image_steps: int = 700  # single-frame steps first (see the module docstring)
+    latent_frames: int = 4  # phase 3 windows of 1 + s*(n-1) video frames: they cover the frame-local VAE's reach
+    causal_latent_frames: int = 3  # phase 2 windows
+    image_steps: int = 700  # phases, see the module docstring
+    causal_steps: int = 1051
     image_batch: int = 16
     lr: float = 2e-3  # image steps; windows train at half of it
     kl_weight: float = 1e-4
@@ -42,7 +47,7 @@ class VAEStage:
         self.vae, self.cfg = vae.train().requires_grad_(True), cfg
         self.frames = [c.frames for c in clips]  # uint8, converted per batch
         self.window = vae.num_video_frames(cfg.latent_frames)
-        zero_temporal_taps(vae)
+        self.causal_window = vae.num_video_frames(cfg.causal_latent_frames)
         self.rng = np.random.default_rng(seed)
         self.opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
 
@@ -62,9 +67,15 @@ class VAEStage:
 
     def step(self, index: int) -> dict[str, float]:
         images = index < self.cfg.image_steps
+        local = index >= self.cfg.image_steps + self.cfg.causal_steps
         for group in self.opt.param_groups:
             group["lr"] = self.cfg.lr if images else 0.5 * self.cfg.lr
-        video = self.sample(self.cfg.image_batch, 1) if images else self.sample(self.cfg.batch, self.window)
+        if images:
+            video = self.sample(self.cfg.image_batch, 1)
+        else:
+            video = self.sample(self.cfg.batch, self.window if local else self.causal_window)
+        if local:
+            zero_temporal_taps(self.vae)  # entering phase 3, or resuming in it
         posterior = self.vae.posterior(video)
         recon = self.vae.model.decode(posterior.sample()).sample
         l1 = (recon - video).abs().mean()
@@ -75,7 +86,8 @@ class VAEStage:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
         self.opt.step()
-        zero_temporal_taps(self.vae)  # projected: Adam's momentum must not revive them
+        if local:
+            zero_temporal_taps(self.vae)  # projected: Adam's momentum must not revive them
         return {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
 
 
