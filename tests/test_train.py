@@ -73,7 +73,7 @@ def test_teacher_and_student_learn_and_resume(setup, tmp_path):
     teacher = CausalWanDiT(preset.dit)
     summary = run_stage(TeacherStage(teacher, dataset, preset, cfg), tmp_path, max_steps=16, checkpoint_every=8,
                         log=lambda *_: None)
-    history = torch.load(tmp_path / "teacher" / "checkpoint.pt", weights_only=False)["history"]
+    history = torch.load(tmp_path / "teacher" / "checkpoint.pt", weights_only=True)["history"]
     first, last = np.mean([h["flow"] for h in history[:5]]), np.mean([h["flow"] for h in history[-5:]])
     assert summary["steps"] == 16 and last < first
     assert (tmp_path / "teacher" / "losses.png").stat().st_size > 1000
@@ -86,7 +86,7 @@ def test_teacher_and_student_learn_and_resume(setup, tmp_path):
     (tmp_path / "student" / "done.json").unlink()
     fresh = student_from_teacher(teacher)
     summary = run_stage(StudentStage(fresh, dataset, preset, cfg), tmp_path, max_steps=6, log=lambda *_: None)
-    history = torch.load(tmp_path / "student" / "checkpoint.pt", weights_only=False)["history"]
+    history = torch.load(tmp_path / "student" / "checkpoint.pt", weights_only=True)["history"]
     assert summary["steps"] == 6 and [h["step"] for h in history] == list(range(1, 7))
     assert not all(torch.equal(a, b) for a, b in zip(fresh.parameters(), teacher.parameters()))
 

@@ -1,6 +1,6 @@
 """SynthTalk clips -> training tensors: video frames, VAE latents, the portrait's latent, audio features per latent frame.
 
-Identities and speakers are drawn from disjoint seed ranges for training and evaluation (`Split`), so evaluation
+Identities and speakers are drawn from disjoint seed ranges for training and evaluation (`DataConfig`), so evaluation
 faces and voices are never seen in training. Audio features come from the preset's featurizer through
 `block_features`, exactly as the generator computes them for a block, so training and generation agree frame by frame.
 """

@@ -30,7 +30,8 @@ from model.scheduler import FlowMatchSchedule
 from model.synth import Clip, load_truth_phones
 from model.train.common import SinkDenoiser
 from model.train.data import DataConfig, eval_clip
-from model.train.vae import reconstruction_error
+from model.train.teacher import DiTTrainConfig
+from model.train.vae import reconstruct_clip
 from model.vae import frames_to_tensor, tensor_to_frames
 
 KEYS = ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")
@@ -65,7 +66,7 @@ def window_is_worse(metric: str, first: float | None, value: float | None, toler
 
 
 def drift_check(windows: list[dict]) -> dict:
-    """Every window against the first, per metric: the worst relative change and the windows that fail."""
+    """Every window against the first, per metric: the first value, every window's value and the windows that fail."""
     first = windows[0]
     out = {}
     for k in KEYS:
@@ -89,11 +90,11 @@ def sample_teacher(model: AvatarModel, clip: Clip, steps: int, window_frames: in
     schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
     sigmas = schedule.sigmas(steps).tolist()
     generator = torch.Generator().manual_seed(seed)
-    shape = (1, preset.dit.latent_channels, 0, preset.latent_height, preset.latent_width)
     latents = []
     for start in range(0, total, window_frames):
         n = min(window_frames, total - start)
-        x = torch.randn(shape[:2] + (n,) + shape[3:], generator=generator)
+        x = torch.randn(1, preset.dit.latent_channels, n, preset.latent_height, preset.latent_width,
+                        generator=generator)
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
             t = schedule.timestep(torch.full((1, n), sigma))
             x = x + (sigma_next - sigma) * denoiser(x, t, reference, audio[:, start:start + n], preset.generator.sink_frames)
@@ -115,7 +116,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
         phones = load_truth_phones(clip.truth)
         started = time.monotonic()
         if teacher_steps:
-            window = 2 * model.preset.generator.frames_per_block  # the teacher's training window
+            window = DiTTrainConfig().window_blocks * model.preset.generator.frames_per_block  # its training window
             frames = sample_teacher(model, clip, teacher_steps, window, seed=i)
         else:
             session = model.open(clip.portrait, None, RenderSettings(seed=i, step_plan=step_plan, t_mci=t_mci, urcr=urcr))
@@ -127,7 +128,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
         windows.append(result["windows"])
         checks.append(drift_check(result["windows"]))
         if references:
-            recon = reconstruction_error(model.vae, clip, stride)
+            recon = reconstruct_clip(model.vae, clip, stride)
             vae_rows.append(_metrics(score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)))
             still = np.repeat(clip.portrait[None], len(frames), axis=0)
             still_rows.append(_metrics(score(still, clip.fps, clip.portrait, clip.audio, phones=phones)))

@@ -34,6 +34,7 @@ from model.train.vae import VAEStage, VAETrainConfig, latent_statistics
 from model.train.vae_report import vae_report
 from model.vae import WanVAE
 
+
 class VAEGateError(RuntimeError):
     """The trained VAE is not good enough for the DiT stages to be worth running."""
 

@@ -107,8 +107,8 @@ def zero_temporal_taps(vae: WanVAE) -> None:
 
 
 @torch.no_grad()
-def reconstruction_error(vae: WanVAE, clip: Clip, temporal_stride: int) -> np.ndarray:
-    """The VAE's own reconstruction of a clip, uint8 frames: the floor any generator's identity error is judged by."""
+def reconstruct_clip(vae: WanVAE, clip: Clip, temporal_stride: int) -> np.ndarray:
+    """The VAE's own reconstruction of a clip (encode -> decode), uint8 frames: the floor generators are judged by."""
     was_training = vae.training
     vae.eval()
     recon = vae.decode(vae.encode(clip_video(clip, temporal_stride)))

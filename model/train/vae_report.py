@@ -19,7 +19,7 @@ from model.config import get_preset
 from model.eval import score
 from model.synth import load_truth_phones
 from model.train.data import DataConfig, eval_clip
-from model.train.vae import reconstruction_error
+from model.train.vae import reconstruct_clip
 from model.vae import WanVAE
 
 
@@ -35,7 +35,7 @@ def vae_report(vae: WanVAE, clips: int, seconds: float, data: DataConfig | None 
     rows = []
     for i in range(clips):
         clip = eval_clip(data, i, seconds, size)
-        recon = reconstruction_error(vae, clip, stride)
+        recon = reconstruct_clip(vae, clip, stride)
         error = np.abs(recon.astype(np.float32) - clip.frames[: len(recon)].astype(np.float32)).mean(axis=(1, 2, 3))
         per_latent = [float(error[0])] + [float(error[1 + stride * k: 1 + stride * (k + 1)].mean())
                                           for k in range((len(error) - 1) // stride)]
