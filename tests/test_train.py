@@ -261,3 +261,18 @@ def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):
     with pytest.raises(VAEGateError, match="cannot draw the mouth"):
         run_recipe(tmp_path / "run", preset, cfg, log=lambda *_: None)
     assert (tmp_path / "run" / "vae" / "done.json").exists() and not (tmp_path / "run" / "teacher").exists()
+
+
+def test_vae_report_locates_seams_at_latent_frame_boundaries(setup):
+    """The truth has no seams; an untrained VAE's reconstruction is scored with the same per-position changes."""
+    from model.train.vae_report import vae_report
+
+    preset, _, vae, _ = setup
+    report = vae_report(vae, clips=1, seconds=2.4, data=DATA, size=SIZE)
+    stride = preset.vae.temporal_stride
+    row = report["clips"][0]
+    assert len(row["mae_by_latent_frame"]) > 1
+    changes = row["change_by_pair_position"]
+    assert len(changes["recon"]) == len(changes["truth"]) == stride
+    assert max(changes["truth"]) < 3 * min(changes["truth"]) + 1e-6  # motion spreads evenly over the pairs
+    assert set(report) == {"clips", "mae", "recon_lipsync_r", "recon_boundary_jitter"}

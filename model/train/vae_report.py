@@ -3,8 +3,11 @@
     python -m model.train.vae_report runs/tiny/vae/checkpoint.pt --clips 2 --seconds 8
 
 Per clip: the mean absolute error (0-255) of every latent frame's video frames after encode -> decode of the whole clip
-(a VAE whose causal state drifts shows it growing with the index), and the lip-sync and identity metrics of the
-reconstruction (the ceiling for any generator using this VAE: a mouth the VAE cannot draw cannot move in sync).
+(a VAE whose causal state drifts shows it growing with the index), and the lip-sync, identity and boundary-jitter
+metrics of the reconstruction (the ceiling for any generator using this VAE: a mouth the VAE cannot draw cannot move
+in sync). `change_by_pair_position` locates the seams: the mean frame-to-frame change (0-255) of the reconstruction and
+of the truth for the pairs that cross from one latent frame's video frames to the next (position 0) and for the pairs
+inside them (1 .. stride - 1).
 """
 
 from __future__ import annotations
@@ -36,17 +39,24 @@ def vae_report(vae: WanVAE, clips: int, seconds: float, data: DataConfig | None 
     for i in range(clips):
         clip = eval_clip(data, i, seconds, size)
         recon = reconstruct_clip(vae, clip, stride)
-        error = np.abs(recon.astype(np.float32) - clip.frames[: len(recon)].astype(np.float32)).mean(axis=(1, 2, 3))
+        truth_frames = clip.frames[: len(recon)].astype(np.float32)
+        error = np.abs(recon.astype(np.float32) - truth_frames).mean(axis=(1, 2, 3))
         per_latent = [float(error[0])] + [float(error[1 + stride * k: 1 + stride * (k + 1)].mean())
                                           for k in range((len(error) - 1) // stride)]
         result = score(recon, clip.fps, clip.portrait, clip.audio, phones=load_truth_phones(clip.truth))
         truth = score(clip.frames[: len(recon)], clip.fps, clip.portrait, clip.audio,
                       phones=load_truth_phones(clip.truth))
+        # Pair i joins frames i and i + 1; frame 1 + stride * k starts latent frame k + 1, so i % stride == 0 crosses.
+        changes = {name: np.abs(np.diff(v.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+                   for name, v in (("recon", recon), ("truth", truth_frames))}
         rows.append({"mae_by_latent_frame": [round(v, 1) for v in per_latent], "mae": round(float(error.mean()), 2),
+                     "change_by_pair_position": {name: [round(float(c[k::stride].mean()), 3) for k in range(stride)]
+                                                 for name, c in changes.items()},
                      "recon_lipsync_r": result["lipsync_r"], "truth_lipsync_r": truth["lipsync_r"],
-                     "recon_identity_error": result["identity_error"], "truth_identity_error": truth["identity_error"]})
-    return {"clips": rows, "mae": float(np.mean([r["mae"] for r in rows])),
-            "recon_lipsync_r": float(np.mean([r["recon_lipsync_r"] for r in rows]))}
+                     "recon_identity_error": result["identity_error"], "truth_identity_error": truth["identity_error"],
+                     "recon_boundary_jitter": result["boundary_jitter"], "truth_boundary_jitter": truth["boundary_jitter"]})
+    return {"clips": rows, **{key: float(np.mean([r[key] for r in rows]))
+                              for key in ("mae", "recon_lipsync_r", "recon_boundary_jitter")}}
 
 
 def main(argv: list[str] | None = None) -> None:
