@@ -197,6 +197,22 @@ def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(
     assert z.mean().abs() < 0.5 and 0.5 < z.std() < 2.0
 
 
+def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():
+    from model.eval.metrics import block_boundaries, boundary_jitter, frame_changes
+    from model.train.heldout import latent_seam_jitter
+
+    n = 9 + 12 * 4
+    index = np.arange(n)
+    # A jump of 10 at every block start, on top of a flicker of 1 between all frames.
+    level = 10 * np.searchsorted(block_boundaries(n), index, side="right") + index % 2
+    frames = (level[:, None, None, None] * np.ones((1, 4, 4, 3))).astype(np.uint8)
+    assert boundary_jitter(frame_changes(frames), block_boundaries(n)) > 5
+    assert latent_seam_jitter(frames, 4) == pytest.approx(1.0)  # the block seams do not leak into it
+    level += 3 * np.searchsorted(1 + 4 * np.arange(n // 4), index, side="right")  # a jump at every latent frame too
+    frames = (level[:, None, None, None] * np.ones((1, 4, 4, 3))).astype(np.uint8)
+    assert latent_seam_jitter(frames, 4) > 2
+
+
 def test_drift_check_compares_every_window_with_the_first():
     base = {"lipsync_r": 0.8, "av_offset_frames": 0, "identity_error": 0.02, "boundary_jitter": 1.0, "start_s": 0.0}
     ok = dict(base, lipsync_r=0.75, identity_error=0.0215, start_s=30.0)
@@ -245,7 +261,8 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
                                  data=DATA, progress=lambda *_: None)
     assert result["urcr"] is False and len(result["windows"][0]) == 3
     assert isinstance(result["drift_passed"], bool)
-    assert set(result["model_metrics"]) == {"lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter"}
+    assert set(result["model_metrics"]) == {"lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter",
+                                            "latent_seam_jitter"}
     teacher = evaluate_checkpoint(str(tmp_path / "m"), clips=1, seconds=2.4, teacher_steps=2, references=False,
                                   data=DATA, progress=lambda *_: None)
     assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None

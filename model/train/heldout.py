@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.eval import score
+from model.eval import metrics, score
 from model.generator import AvatarModel, RenderSettings
 from model.scheduler import FlowMatchSchedule
 from model.synth import Clip, load_truth_phones
@@ -35,16 +35,28 @@ from model.train.vae import reconstruct_clip
 from model.vae import frames_to_tensor, tensor_to_frames
 
 KEYS = ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")
+ROW_KEYS = KEYS + ("latent_seam_jitter",)
 DRIFT_TOLERANCE = 0.10  # a window may be at most 10% worse than the first (issue 5)
 
 
-def _metrics(result: dict) -> dict:
-    return {k: result[k] for k in KEYS}
+def latent_seam_jitter(frames: np.ndarray, temporal_stride: int) -> float | None:
+    """`boundary_jitter` measured at the latent-frame boundaries *inside* the generator's blocks.
+
+    Every block boundary is also a boundary between two latent frames' video frames, so the block seams include the
+    VAE's own seams. These boundaries have only the VAE's: next to `boundary_jitter` they tell the two apart.
+    """
+    latent_starts = np.arange(1 + temporal_stride, len(frames), temporal_stride)  # frame 1 + s*k starts latent k+1
+    inside = np.setdiff1d(latent_starts, metrics.block_boundaries(len(frames)))
+    return metrics.boundary_jitter(metrics.frame_changes(frames), inside)
+
+
+def _metrics(result: dict, frames: np.ndarray, temporal_stride: int) -> dict:
+    return {**{k: result[k] for k in KEYS}, "latent_seam_jitter": latent_seam_jitter(frames, temporal_stride)}
 
 
 def mean_rows(rows: list[dict]) -> dict:
     out = {}
-    for k in KEYS:
+    for k in ROW_KEYS:
         values = [r[k] for r in rows if r[k] is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
         out[k] = float(np.mean(values)) if values else None
     return out
@@ -124,14 +136,14 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
             frames = np.concatenate([b.frames for b in session])
         seconds_taken += time.monotonic() - started
         result = score(frames, clip.fps, clip.portrait, clip.audio, phones=phones, window_seconds=window_seconds)
-        rendered.append(_metrics(result))
+        rendered.append(_metrics(result, frames, stride))
         windows.append(result["windows"])
         checks.append(drift_check(result["windows"]))
         if references:
             recon = reconstruct_clip(model.vae, clip, stride)
-            vae_rows.append(_metrics(score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)))
+            vae_rows.append(_metrics(score(recon, clip.fps, clip.portrait, clip.audio, phones=phones), recon, stride))
             still = np.repeat(clip.portrait[None], len(frames), axis=0)
-            still_rows.append(_metrics(score(still, clip.fps, clip.portrait, clip.audio, phones=phones)))
+            still_rows.append(_metrics(score(still, clip.fps, clip.portrait, clip.audio, phones=phones), still, stride))
         progress(f"clip {i}: {rendered[-1]}")
     return {"checkpoint": checkpoint or "bundled", "model": model.description, "clips": clips, "seconds": seconds,
             "speech": speech, "sampler": f"teacher, {teacher_steps} Euler steps" if teacher_steps else "generator",
