@@ -35,9 +35,6 @@ class VAETrainConfig(BaseModel):
     causal_latent_frames: int = 3  # phase 2 windows
     image_steps: int = 700  # phases, see the module docstring
     causal_steps: int = 1051
-    frame_local_steps: int = 1649
-    decoder_latent_frames: int = 6  # phase 4 windows (experiment): the decoder's reach (3) plus boundaries
-    temporal_weight: float = 10.0
     image_batch: int = 16
     lr: float = 2e-3  # image steps; windows train at half of it
     kl_weight: float = 1e-4
@@ -51,7 +48,6 @@ class VAEStage:
         self.frames = [c.frames for c in clips]  # uint8, converted per batch
         self.window = vae.num_video_frames(cfg.latent_frames)
         self.causal_window = vae.num_video_frames(cfg.causal_latent_frames)
-        self.decoder_window = vae.num_video_frames(cfg.decoder_latent_frames)
         self.rng = np.random.default_rng(seed)
         self.opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
 
@@ -69,49 +65,30 @@ class VAEStage:
             videos.append(frames_to_tensor(frames[start:start + window]))
         return torch.cat(videos)
 
-    def phase(self, index: int) -> str:
-        cfg = self.cfg
-        ends = np.cumsum([cfg.image_steps, cfg.causal_steps, cfg.frame_local_steps])
-        return ("images", "causal", "frame-local", "decoder")[int(np.searchsorted(ends, index, side="right"))]
-
     def step(self, index: int) -> dict[str, float]:
-        phase = self.phase(index)
+        images = index < self.cfg.image_steps
+        local = index >= self.cfg.image_steps + self.cfg.causal_steps
         for group in self.opt.param_groups:
-            group["lr"] = self.cfg.lr if phase == "images" else 0.5 * self.cfg.lr
-        if phase in ("frame-local", "decoder"):
-            zero_temporal_taps(self.vae)
-        if phase == "decoder":
-            return self.decoder_step()
-        window = {"images": 1, "causal": self.causal_window, "frame-local": self.window}[phase]
-        video = self.sample(self.cfg.image_batch if phase == "images" else self.cfg.batch, window)
+            group["lr"] = self.cfg.lr if images else 0.5 * self.cfg.lr
+        if images:
+            video = self.sample(self.cfg.image_batch, 1)
+        else:
+            video = self.sample(self.cfg.batch, self.window if local else self.causal_window)
+        if local:
+            zero_temporal_taps(self.vae)  # entering phase 3, or resuming in it
         posterior = self.vae.posterior(video)
         recon = self.vae.model.decode(posterior.sample()).sample
         l1 = (recon - video).abs().mean()
         l2 = (recon - video).pow(2).mean()
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        self.update(l1 + l2 + self.cfg.kl_weight * kl)
-        if phase == "frame-local":
-            zero_temporal_taps(self.vae)
-        return {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
-
-    def decoder_step(self) -> dict[str, float]:
-        """Experiment: decoder alone (encoder frozen), posterior means, + L1 on frame-to-frame differences."""
-        video = self.sample(self.cfg.batch, self.decoder_window)
-        with torch.no_grad():
-            z = self.vae.posterior(video).mean
-        recon = self.vae.model.decode(z).sample
-        l1 = (recon - video).abs().mean()
-        l2 = (recon - video).pow(2).mean()
-        temporal = (recon.diff(dim=2) - video.diff(dim=2)).abs().mean()
-        self.update(l1 + l2 + self.cfg.temporal_weight * temporal)
-        zero_temporal_taps(self.vae)
-        return {"l1": l1.item(), "l2": l2.item(), "temporal": temporal.item()}
-
-    def update(self, loss: torch.Tensor) -> None:
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+        loss = l1 + l2 + self.cfg.kl_weight * kl
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
         self.opt.step()
+        if local:
+            zero_temporal_taps(self.vae)  # projected: Adam's momentum must not revive them
+        return {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
 
 
 def residual_temporal_convs(vae: WanVAE) -> list[torch.nn.Conv3d]:
