@@ -62,6 +62,7 @@ eval-tiny: install
 ablation-mci-off: install
 	$(PY) -m model.train.recipe --out $(RUN)-mci-off --reuse $(RUN) --mci-off --threads 2 --ship-to ''
 	$(HELDOUT) --checkpoint $(RUN)-mci-off/final_model --out $(RUN)/eval/mci-off-training.json
+	$(PY) -m model.train.heldout --checkpoint $(RUN)-mci-off/final_model --clips 1 --seconds 600 --no-references --out $(RUN)/eval/mci-off-training-10min.json
 
 bench-long: install
 	$(PY) benchmarks/long_render.py
