@@ -199,18 +199,20 @@ def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(
 
 def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():
     from model.eval.metrics import block_boundaries, boundary_jitter, frame_changes
-    from model.train.heldout import latent_seam_jitter
+    from model.train.heldout import block_layout, latent_seam_jitter
 
     n = 9 + 12 * 4
     index = np.arange(n)
     # A jump of 10 at every block start, on top of a flicker of 1 between all frames.
     level = 10 * np.searchsorted(block_boundaries(n), index, side="right") + index % 2
     frames = (level[:, None, None, None] * np.ones((1, 4, 4, 3))).astype(np.uint8)
+    layout = block_layout(4, 3)
+    assert layout == {"first_block_frames": 9, "block_frames": 12}  # model.eval.metrics' defaults for this layout
     assert boundary_jitter(frame_changes(frames), block_boundaries(n)) > 5
-    assert latent_seam_jitter(frames, 4) == pytest.approx(1.0)  # the block seams do not leak into it
+    assert latent_seam_jitter(frames, 4, **layout) == pytest.approx(1.0)  # the block seams do not leak into it
     level += 3 * np.searchsorted(1 + 4 * np.arange(n // 4), index, side="right")  # a jump at every latent frame too
     frames = (level[:, None, None, None] * np.ones((1, 4, 4, 3))).astype(np.uint8)
-    assert latent_seam_jitter(frames, 4) > 2
+    assert latent_seam_jitter(frames, 4, **layout) > 2
 
 
 def test_drift_check_compares_every_window_with_the_first():

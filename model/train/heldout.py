@@ -39,19 +39,26 @@ ROW_KEYS = KEYS + ("latent_seam_jitter",)
 DRIFT_TOLERANCE = 0.10  # a window may be at most 10% worse than the first (issue 5)
 
 
-def latent_seam_jitter(frames: np.ndarray, temporal_stride: int) -> float | None:
+def block_layout(temporal_stride: int, frames_per_block: int) -> dict:
+    """Video frames of the first block and of every later one (the first latent frame decodes to one video frame)."""
+    return {"first_block_frames": 1 + temporal_stride * (frames_per_block - 1),
+            "block_frames": temporal_stride * frames_per_block}
+
+
+def latent_seam_jitter(frames: np.ndarray, temporal_stride: int, first_block_frames: int,
+                       block_frames: int) -> float | None:
     """`boundary_jitter` measured at the latent-frame boundaries *inside* the generator's blocks.
 
     Every block boundary is also a boundary between two latent frames' video frames, so the block seams include the
     VAE's own seams. These boundaries have only the VAE's: next to `boundary_jitter` they tell the two apart.
     """
     latent_starts = np.arange(1 + temporal_stride, len(frames), temporal_stride)  # frame 1 + s*k starts latent k+1
-    inside = np.setdiff1d(latent_starts, metrics.block_boundaries(len(frames)))
+    inside = np.setdiff1d(latent_starts, metrics.block_boundaries(len(frames), block_frames, first_block_frames))
     return metrics.boundary_jitter(metrics.frame_changes(frames), inside)
 
 
-def _metrics(result: dict, frames: np.ndarray, temporal_stride: int) -> dict:
-    return {**{k: result[k] for k in KEYS}, "latent_seam_jitter": latent_seam_jitter(frames, temporal_stride)}
+def _metrics(result: dict, frames: np.ndarray, temporal_stride: int, layout: dict) -> dict:
+    return {**{k: result[k] for k in KEYS}, "latent_seam_jitter": latent_seam_jitter(frames, temporal_stride, **layout)}
 
 
 def mean_rows(rows: list[dict]) -> dict:
@@ -122,6 +129,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
     model = AvatarModel.load(checkpoint)
     size = model.preset.video.height
     stride = model.preset.vae.temporal_stride
+    layout = block_layout(stride, model.preset.generator.frames_per_block)
     rendered, vae_rows, still_rows, windows, checks, seconds_taken = [], [], [], [], [], 0.0
     for i in range(clips):
         clip = eval_clip(data, i, seconds, size, speech)
@@ -135,15 +143,18 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
             session.feed_audio(clip.audio, final=True)
             frames = np.concatenate([b.frames for b in session])
         seconds_taken += time.monotonic() - started
-        result = score(frames, clip.fps, clip.portrait, clip.audio, phones=phones, window_seconds=window_seconds)
-        rendered.append(_metrics(result, frames, stride))
+        result = score(frames, clip.fps, clip.portrait, clip.audio, phones=phones, window_seconds=window_seconds,
+                       **layout)
+        rendered.append(_metrics(result, frames, stride, layout))
         windows.append(result["windows"])
         checks.append(drift_check(result["windows"]))
         if references:
             recon = reconstruct_clip(model.vae, clip, stride)
-            vae_rows.append(_metrics(score(recon, clip.fps, clip.portrait, clip.audio, phones=phones), recon, stride))
+            vae_rows.append(_metrics(score(recon, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), recon,
+                                     stride, layout))
             still = np.repeat(clip.portrait[None], len(frames), axis=0)
-            still_rows.append(_metrics(score(still, clip.fps, clip.portrait, clip.audio, phones=phones), still, stride))
+            still_rows.append(_metrics(score(still, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), still,
+                                       stride, layout))
         progress(f"clip {i}: {rendered[-1]}")
     return {"checkpoint": checkpoint or "bundled", "model": model.description, "clips": clips, "seconds": seconds,
             "speech": speech, "sampler": f"teacher, {teacher_steps} Euler steps" if teacher_steps else "generator",
