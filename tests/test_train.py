@@ -198,8 +198,8 @@ def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(
 
 
 def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():
-    from model.eval.metrics import block_boundaries, boundary_jitter, frame_changes
-    from model.train.heldout import block_layout, latent_seam_jitter
+    from model.eval.metrics import block_boundaries, block_layout, boundary_jitter, frame_changes
+    from model.train.heldout import latent_seam_jitter
 
     n = 9 + 12 * 4
     index = np.arange(n)

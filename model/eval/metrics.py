@@ -15,9 +15,19 @@ import numpy as np
 from scipy import signal
 
 MAX_LAG_FRAMES = 10
-FIRST_BLOCK_FRAMES = 9
-BLOCK_FRAMES = 12
 _ENVELOPE_BAND_HZ = (300.0, 4000.0)  # where speech energy follows the mouth (voice, not breath or hum)
+
+
+def block_layout(temporal_stride: int, frames_per_block: int) -> dict:
+    """Video frames of the first block and of every later one (the first latent frame decodes to one video frame)."""
+    return {"first_block_frames": 1 + temporal_stride * (frames_per_block - 1),
+            "block_frames": temporal_stride * frames_per_block}
+
+
+# The default layout: Wan2.1's VAE (temporal stride 4) and 3 latent frames a block.
+_DEFAULT_LAYOUT = block_layout(4, 3)
+FIRST_BLOCK_FRAMES = _DEFAULT_LAYOUT["first_block_frames"]
+BLOCK_FRAMES = _DEFAULT_LAYOUT["block_frames"]
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -39,12 +39,6 @@ ROW_KEYS = KEYS + ("latent_seam_jitter",)
 DRIFT_TOLERANCE = 0.10  # a window may be at most 10% worse than the first (issue 5)
 
 
-def block_layout(temporal_stride: int, frames_per_block: int) -> dict:
-    """Video frames of the first block and of every later one (the first latent frame decodes to one video frame)."""
-    return {"first_block_frames": 1 + temporal_stride * (frames_per_block - 1),
-            "block_frames": temporal_stride * frames_per_block}
-
-
 def latent_seam_jitter(frames: np.ndarray, temporal_stride: int, first_block_frames: int,
                        block_frames: int) -> float | None:
     """`boundary_jitter` measured at the latent-frame boundaries *inside* the generator's blocks.
@@ -129,7 +123,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
     model = AvatarModel.load(checkpoint)
     size = model.preset.video.height
     stride = model.preset.vae.temporal_stride
-    layout = block_layout(stride, model.preset.generator.frames_per_block)
+    layout = metrics.block_layout(stride, model.preset.generator.frames_per_block)
     rendered, vae_rows, still_rows, windows, checks, seconds_taken = [], [], [], [], [], 0.0
     for i in range(clips):
         clip = eval_clip(data, i, seconds, size, speech)

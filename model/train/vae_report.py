@@ -39,13 +39,13 @@ def vae_report(vae: WanVAE, clips: int, seconds: float, data: DataConfig | None 
     for i in range(clips):
         clip = eval_clip(data, i, seconds, size)
         recon = reconstruct_clip(vae, clip, stride)
-        truth_frames = clip.frames[: len(recon)].astype(np.float32)
-        error = np.abs(recon.astype(np.float32) - truth_frames).mean(axis=(1, 2, 3))
+        truth_frames = clip.frames[: len(recon)]
+        error = np.abs(recon.astype(np.float32) - truth_frames.astype(np.float32)).mean(axis=(1, 2, 3))
         per_latent = [float(error[0])] + [float(error[1 + stride * k: 1 + stride * (k + 1)].mean())
                                           for k in range((len(error) - 1) // stride)]
-        result = score(recon, clip.fps, clip.portrait, clip.audio, phones=load_truth_phones(clip.truth))
-        truth = score(clip.frames[: len(recon)], clip.fps, clip.portrait, clip.audio,
-                      phones=load_truth_phones(clip.truth))
+        phones = load_truth_phones(clip.truth)
+        result = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)
+        truth = score(truth_frames, clip.fps, clip.portrait, clip.audio, phones=phones)
         # Pair i joins frames i and i + 1; frame 1 + stride * k starts latent frame k + 1, so i % stride == 0 crosses.
         changes = {name: np.abs(np.diff(v.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
                    for name, v in (("recon", recon), ("truth", truth_frames))}
