@@ -137,24 +137,37 @@ def test_recipe_ships_a_loadable_model(tmp_path):
     assert result["stages"]["teacher"]["steps"] == 2
 
 
-@pytest.mark.parametrize("stage", ["teacher", "vae"])
+@pytest.mark.parametrize("stage", ["teacher", "vae", "distill"])
 def test_stage_steps_under_ray_train_with_two_workers(ray_cluster, tmp_path, stage):
     from model.train.ray_train import train_with_ray
     from model.train.vae import VAETrainConfig
 
     data = DataConfig(num_clips=1, seconds=1.2, num_identities=1, num_speakers=1)
-    cfg = VAETrainConfig(batch=1, image_batch=1, image_steps=1, causal_steps=0, latent_frames=2) if stage == "vae" \
-        else DiTTrainConfig(batch=2)
-    train_with_ray(stage, small_preset(), data, cfg, steps=2, num_workers=2, out=tmp_path)
+    states = {}
+    if stage == "distill":
+        torch.manual_seed(0)
+        teacher = CausalWanDiT(small_preset().dit)
+        states = {"teacher_state": str(tmp_path / "teacher.pt"), "dit_state": str(tmp_path / "student.pt")}
+        torch.save(teacher.state_dict(), states["teacher_state"])
+        torch.save(student_from_teacher(teacher).state_dict(), states["dit_state"])
+    cfg = {"vae": VAETrainConfig(batch=1, image_batch=1, image_steps=1, causal_steps=0, latent_frames=2),
+           "teacher": DiTTrainConfig(batch=2),
+           "distill": DistillConfig(rollout_blocks=2, lr=1e-3)}[stage]
+    # Distillation: the critic starts as the teacher (zero DMD gradient), so the student first moves at step 2.
+    train_with_ray(stage, small_preset(), data, cfg, steps=3 if stage == "distill" else 2, num_workers=2,
+                   out=tmp_path, **states)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
-    # Different batches on each worker, yet the averaged gradients keep the weights identical.
+    # Different batches (rollouts) on each worker, yet the averaged gradients keep the weights identical.
     assert ranks[0]["param_checksum"] == pytest.approx(ranks[1]["param_checksum"], rel=1e-6)
-    loss = "flow" if stage == "teacher" else "l1"
+    loss = {"teacher": "flow", "vae": "l1", "distill": "critic"}[stage]
     assert ranks[0][loss] != ranks[1][loss]
-    module = CausalWanDiT(small_preset().dit) if stage == "teacher" else WanVAE(small_preset().vae)
-    state = torch.load(tmp_path / f"{stage}_{'dit' if stage == 'teacher' else 'vae'}.pt", weights_only=True)
+    module = WanVAE(small_preset().vae) if stage == "vae" else CausalWanDiT(small_preset().dit)
+    state = torch.load(tmp_path / f"{stage}_{'vae' if stage == 'vae' else 'dit'}.pt", weights_only=True)
     assert set(state) == set(module.state_dict())
+    if stage == "distill":
+        start = torch.load(states["dit_state"], weights_only=True)
+        assert any(not torch.equal(state[k], start[k]) for k in start)  # the student was trained
 
 
 def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(setup, tmp_path):
