@@ -47,7 +47,9 @@ RUN ?= runs/tiny
 MODEL ?= model/weights/tiny
 HELDOUT := $(PY) -m model.train.heldout --clips 4 --seconds 8
 eval-tiny: install
+	$(PY) -m model.train.calibrate_deflicker --checkpoint $(MODEL) --clips 8 --seconds 8 --thresholds 16,24,32,40,48,64
 	$(HELDOUT) --checkpoint $(MODEL) --out $(RUN)/eval/default.json
+	$(HELDOUT) --checkpoint $(MODEL) --no-deflicker --out $(RUN)/eval/deflicker-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(RUN)/eval/espeak.json
 	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(RUN)/eval/psb-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --t-mci 0 --out $(RUN)/eval/mci-off-inference.json
@@ -56,6 +58,7 @@ eval-tiny: install
 	$(PY) -m model.train.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --out $(RUN)/eval/urcr-10min.json
 	$(PY) -m model.train.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --no-urcr --out $(RUN)/eval/no-urcr-10min.json
 	$(PY) -m model.train.drift_plot $(RUN)/eval/urcr-10min.json $(RUN)/eval/no-urcr-10min.json --label "URCR on" --label "URCR off" --out docs/img/drift_urcr.png
+	$(PY) -m model.train.seam_plot --checkpoint $(MODEL) --clip 0 --seconds 2 --out docs/img/seams_deflicker.png
 	$(PY) -m model.train.results_table $(RUN)/eval/*.json
 
 # The MCI-off training ablation: the same VAE and teacher, student and DMD trained with clean context (t_mci = 0).

@@ -107,6 +107,15 @@ class VideoConfig(_Frozen):
     fps: int = 25
 
 
+class DeflickerConfig(_Frozen):
+    """Motion-gated deflicker of the VAE's seams at latent-frame crossings (model/deflicker.py); frames = 0: off."""
+
+    frames: int = Field(0, ge=0)  # video frames after each crossing that share its jump (< the VAE's temporal stride)
+    # grey levels (0-255): a pixel changing this much is motion, left untouched. 32: `python -m
+    # model.train.calibrate_deflicker` on the tiny model (docs/results.md); recalibrate for another VAE.
+    threshold: float = Field(32.0, gt=0)
+
+
 class GeneratorConfig(_Frozen):
     """Block-wise autoregressive sampling (DESIGN 3.3)."""
 
@@ -122,6 +131,8 @@ class GeneratorConfig(_Frozen):
     # "euler": integrate the flow ODE (teachers, many steps); "renoise": predict x0 and re-noise with fresh noise at
     # the next level (the few-step distilled student, as in Self-Forcing).
     sampler: Literal["euler", "renoise"] = "euler"
+    # Off by default: Wan2.1's decode stays exact. The tiny preset turns it on (its VAE's seams are visible).
+    deflicker: DeflickerConfig = Field(default_factory=DeflickerConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "GeneratorConfig":
@@ -145,6 +156,13 @@ class Preset(_Frozen):
     text: TextConfig
     video: VideoConfig
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Preset":
+        if self.generator.deflicker.frames >= self.vae.temporal_stride:
+            raise ValueError(f"generator.deflicker.frames ({self.generator.deflicker.frames}) must be below the VAE's "
+                             f"temporal stride ({self.vae.temporal_stride})")
+        return self
 
     @property
     def latent_height(self) -> int:
@@ -188,7 +206,8 @@ def _tiny() -> Preset:
         audio=audio,
         text=TextConfig(encoder="none", max_length=1),
         video=VideoConfig(height=64, width=64, fps=25),
-        generator=GeneratorConfig(step_plan=(8, 6, 4), window_frames=6, horizon_frames=13),
+        generator=GeneratorConfig(step_plan=(8, 6, 4), window_frames=6, horizon_frames=13,
+                                  deflicker=DeflickerConfig(frames=vae.temporal_stride - 1)),
     )
 
 

@@ -65,6 +65,8 @@ class RenderSettings(BaseModel):
     # Ablation only: False lets temporal positions grow past the trained horizon, up to the end of the RoPE table
     # (`rope_max_positions`), where a reset is still forced because no later position exists.
     urcr: bool = True
+    # Measurement only: False gives the decoder's frames without the preset's deflicker (generator.deflicker).
+    deflicker: bool = True
 
 
 @dataclass
@@ -286,7 +288,7 @@ class RenderSession:
         self.cache: KVCache = dit.new_cache(batch=1, tokens_per_frame=preset.tokens_per_frame,
                                             sink_frames=gen.sink_frames, window_frames=gen.window_frames,
                                             horizon_frames=gen.horizon_frames)
-        self.decoder = StreamingDecoder(model.vae)
+        self.decoder = StreamingDecoder(model.vae, gen.deflicker if settings.deflicker else None)
         with torch.no_grad():
             self._write_sink()
             if restore_from is not None:

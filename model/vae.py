@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.config import VAEConfig
+from model.config import DeflickerConfig, VAEConfig
+from model.deflicker import blend_crossing
 
 WEIGHTS_NAME = "vae.safetensors"
 CONFIG_NAME = "vae_config.json"
@@ -178,19 +179,22 @@ class WanVAE(nn.Module):
 class StreamingDecoder:
     """Decode latents block by block with the decoder's causal-conv cache carried between blocks.
 
-    Equivalent to one full `vae.decode` of all blocks concatenated: the first latent frame of the stream
-    yields 1 video frame, every later one `temporal_stride` frames. The cache (the last 2 time steps of
-    every causal conv's input) is held here, not in the VAE, so one VAE can serve several streams.
+    Equivalent to one full `vae.decode` of all blocks concatenated (then `deflicker_video` when `deflicker` is
+    given): the first latent frame of the stream yields 1 video frame, every later one `temporal_stride` frames.
+    The cache (the last 2 time steps of every causal conv's input, and the last decoded frame for the deflicker)
+    is held here, not in the VAE, so one VAE can serve several streams.
     """
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, deflicker: DeflickerConfig | None = None):
         self.vae = vae
+        self.deflicker = deflicker or DeflickerConfig()
         self._num_convs = vae.model._cached_conv_counts["decoder"]
         self.reset()
 
     def reset(self) -> None:
         """Start a new stream: the next latent frame is frame 0 again."""
         self._feat_cache: list = [None] * self._num_convs
+        self._last_frame: torch.Tensor | None = None  # as decoded, before the deflicker
         self.latent_frames_decoded = 0
 
     @torch.no_grad()
@@ -208,8 +212,9 @@ class StreamingDecoder:
         for i in range(x.shape[2]):
             conv_idx = [0]
             first = self.latent_frames_decoded == 0
-            frames.append(
-                model.decoder(x[:, :, i : i + 1], feat_cache=self._feat_cache, feat_idx=conv_idx, first_chunk=first)
-            )
+            chunk = model.decoder(x[:, :, i : i + 1], feat_cache=self._feat_cache, feat_idx=conv_idx,
+                                  first_chunk=first).clamp(-1.0, 1.0)
+            frames.append(chunk if first else blend_crossing(self._last_frame, chunk, self.deflicker))
+            self._last_frame = chunk[:, :, -1:]
             self.latent_frames_decoded += 1
-        return torch.cat(frames, dim=2).clamp(-1.0, 1.0)
+        return torch.cat(frames, dim=2)

@@ -308,3 +308,17 @@ def test_vae_report_locates_seams_at_latent_frame_boundaries(setup):
     assert len(changes["recon"]) == len(changes["truth"]) == stride
     assert max(changes["truth"]) < 3 * min(changes["truth"]) + 1e-6  # motion spreads evenly over the pairs
     assert set(report) == {"clips", "mae", "recon_lipsync_r", "recon_boundary_jitter"}
+
+
+def test_deflicker_calibration_renders_training_clips_and_picks_the_threshold_nearest_seamless():
+    from model.train.calibrate_deflicker import calibrate
+
+    preset = small_preset()
+    model = AvatarModel.random(preset, seed=0)
+    result = calibrate(model, [1.0, 1000.0], clips=1, seconds=1.2, progress=lambda *_: None)
+    table = result["by_threshold"]
+    assert result["frames"] == preset.vae.temporal_stride - 1  # the preset's deflicker is off: calibrate the full fade
+    assert result["chosen_threshold"] == min(table, key=lambda t: abs(table[t]["latent_seam_jitter"] - 1.0))
+    # A threshold nothing reaches blends every crossing: the seams shrink against one that blends nothing.
+    assert table[1000.0]["latent_seam_jitter"] < table[1.0]["latent_seam_jitter"]
+    assert model.preset == preset  # the model is handed back as it was

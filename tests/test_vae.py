@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import VAEConfig
+from model.config import DeflickerConfig, VAEConfig, get_preset
+from model.deflicker import deflicker_video
 from model.vae import StreamingDecoder, WanVAE, frames_to_tensor, tensor_to_frames
 
 Z_DIM = 16
@@ -42,6 +43,54 @@ def test_streaming_decode_equals_full_decode(vae):
     again = stream.decode_block(latents[:, :, :3])
     assert again.shape[2] == 9
     torch.testing.assert_close(again, full[:, :, :9], rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_deflicker_equals_the_whole_video_deflicker(vae):
+    latents = torch.randn(1, Z_DIM, 7, 4, 4, generator=torch.Generator().manual_seed(1))
+    # A threshold no change reaches: every crossing is blended, so the stream's carried frame matters everywhere.
+    cfg = DeflickerConfig(frames=3, threshold=1000.0)
+    with torch.no_grad():
+        raw = vae.decode(latents).clamp(-1, 1)
+    whole = deflicker_video(raw, vae.temporal_stride, cfg)
+    stream = StreamingDecoder(vae, cfg)
+    streamed = torch.cat([stream.decode_block(latents[:, :, a:b]) for a, b in [(0, 3), (3, 4), (4, 6), (6, 7)]], dim=2)
+    torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(whole, raw, atol=1e-3)  # it did blend
+    # Untouched: frame 0 and the last frame of every latent frame's 4 (where the fade has ended).
+    torch.testing.assert_close(whole[:, :, ::4], raw[:, :, ::4])
+
+
+def test_deflicker_spreads_small_seams_and_leaves_motion_alone():
+    """A still face whose VAE error shifts by 2 grey levels at every latent-frame crossing, and a mouth that opens
+    (100 grey levels) at one crossing."""
+    stride, frames = 4, 1 + 4 * 4
+    video = torch.zeros(1, 3, frames, 8, 8)
+    for k, start in enumerate(range(1, frames, stride)):
+        video[:, :, start:start + stride] += (2.0 if k % 2 == 0 else 0.0) / 127.5  # the seam alternates
+    video[:, :, 5:, :2, :2] += 100 / 127.5  # the mouth opens at the crossing into frame 5
+    out = deflicker_video(video, stride, DeflickerConfig(frames=stride - 1, threshold=24.0))
+    change = (out.diff(dim=2) * 127.5).abs()  # (1, 3, frames - 1, 8, 8) grey levels
+    face, mouth = change[..., 4:, 4:], change[..., :2, :2]
+    crossings = [s - 1 for s in range(1, frames, stride)]  # pair i joins frames i and i + 1
+    # The 2-level jump, gated by g = 1 - 2/24, is added back with weights 3/4, 1/2, 1/4: 4 steps, not one jump.
+    g = 1 - 2.0 / 24.0
+    expected_crossing, expected_inside = 2.0 * (1 - 0.75 * g), 2.0 * 0.25 * g
+    inside = [i for i in range(frames - 1) if i not in crossings]
+    torch.testing.assert_close(face[:, :, crossings], torch.full_like(face[:, :, crossings], expected_crossing))
+    torch.testing.assert_close(face[:, :, inside], torch.full_like(face[:, :, inside], expected_inside))
+    torch.testing.assert_close(out[:, :, ::stride], video[:, :, ::stride])  # the frame before a crossing: as decoded
+    # The mouth's change stays whole, at its frame (100 less the seam's 2): motion is not smeared over time.
+    assert mouth[:, :, 4].amin() > 97.0 and mouth[:, :, 5:].amax() <= expected_crossing + 1e-3
+    # Off: the decoder's frames as they are.
+    assert torch.equal(deflicker_video(video, stride, DeflickerConfig()), video)
+
+
+def test_preset_rejects_a_deflicker_fade_longer_than_a_latent_frame():
+    tiny = get_preset("tiny")
+    assert tiny.generator.deflicker.frames == tiny.vae.temporal_stride - 1  # the bundled model's setting
+    gen = tiny.generator.model_copy(update={"deflicker": DeflickerConfig(frames=tiny.vae.temporal_stride)})
+    with pytest.raises(ValueError, match="below the VAE's temporal stride"):
+        type(tiny).model_validate({**tiny.model_dump(), "generator": gen.model_dump()})
 
 
 def test_encode_normalises_the_posterior_mean_and_decode_inverts_it(vae):

@@ -4,9 +4,10 @@
     python -m model.train.heldout --seconds 600 --clips 1 --no-urcr --out runs/tiny/eval/no-urcr-10min.json
     python -m model.train.heldout --checkpoint runs/tiny/teacher_model --teacher-steps 32 --clips 2 --seconds 4
 
-Per clip it renders with the real generator (any step plan / t_mci override, URCR on or off), scores the video with
-`model.eval.score` against the truth phones, and scores two references on the same clip: the VAE's own reconstruction
-of the ground-truth frames (the floor for identity_error) and the still portrait repeated (what "no model" would give).
+Per clip it renders with the real generator (any step plan / t_mci override, URCR and the deflicker on or off),
+scores the video with `model.eval.score` against the truth phones, and scores two references on the same clip: the
+VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait repeated
+(what "no model" would give).
 The per-30-second windows of every clip are compared with its first window (`drift_check`, issue 5's 10-minute test).
 `--teacher-steps` samples a bidirectional teacher instead: independent windows of the length it was trained on, each
 integrated with that many Euler steps (a teacher cannot stream, so there is no cache and no context between windows).
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.deflicker import deflicker_video
 from model.eval import metrics, score
 from model.generator import AvatarModel, RenderSettings
 from model.scheduler import FlowMatchSchedule
@@ -91,9 +93,11 @@ def drift_check(windows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def sample_teacher(model: AvatarModel, clip: Clip, steps: int, window_frames: int, seed: int) -> np.ndarray:
+def sample_teacher(model: AvatarModel, clip: Clip, steps: int, window_frames: int, seed: int,
+                   deflicker: bool = True) -> np.ndarray:
     """A bidirectional teacher's video: independent windows of `window_frames` latent frames after the sink, each at
-    the positions the teacher was trained on, integrated with `steps` Euler steps; decoded as one clip."""
+    the positions the teacher was trained on, integrated with `steps` Euler steps; decoded as one clip (then the
+    preset's deflicker, as the generator would apply it)."""
     preset, dit = model.preset, model.dit
     stride = preset.vae.temporal_stride
     total = 1 + (len(clip.frames) - 1) // stride  # latent frames of the clip
@@ -112,13 +116,16 @@ def sample_teacher(model: AvatarModel, clip: Clip, steps: int, window_frames: in
             t = schedule.timestep(torch.full((1, n), sigma))
             x = x + (sigma_next - sigma) * denoiser(x, t, reference, audio[:, start:start + n], preset.generator.sink_frames)
         latents.append(x)
-    return tensor_to_frames(model.vae.decode(torch.cat(latents, dim=2)))
+    video = model.vae.decode(torch.cat(latents, dim=2)).clamp(-1.0, 1.0)
+    if deflicker:
+        video = deflicker_video(video, stride, preset.generator.deflicker)
+    return tensor_to_frames(video)
 
 
 def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, speech: str = "formant",
                         step_plan: tuple[int, ...] | None = None, t_mci: float | None = None, urcr: bool = True,
                         teacher_steps: int | None = None, window_seconds: float = 30.0, references: bool = True,
-                        data: DataConfig | None = None, progress=print) -> dict:
+                        data: DataConfig | None = None, deflicker: bool = True, progress=print) -> dict:
     data = data or DataConfig()
     model = AvatarModel.load(checkpoint)
     size = model.preset.video.height
@@ -131,9 +138,10 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
         started = time.monotonic()
         if teacher_steps:
             window = DiTTrainConfig().window_blocks * model.preset.generator.frames_per_block  # its training window
-            frames = sample_teacher(model, clip, teacher_steps, window, seed=i)
+            frames = sample_teacher(model, clip, teacher_steps, window, seed=i, deflicker=deflicker)
         else:
-            session = model.open(clip.portrait, None, RenderSettings(seed=i, step_plan=step_plan, t_mci=t_mci, urcr=urcr))
+            settings = RenderSettings(seed=i, step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker)
+            session = model.open(clip.portrait, None, settings)
             session.feed_audio(clip.audio, final=True)
             frames = np.concatenate([b.frames for b in session])
         seconds_taken += time.monotonic() - started
@@ -154,6 +162,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
             "speech": speech, "sampler": f"teacher, {teacher_steps} Euler steps" if teacher_steps else "generator",
             "step_plan": list(step_plan or model.preset.generator.step_plan),
             "t_mci": model.preset.generator.t_mci if t_mci is None else t_mci, "urcr": urcr,
+            "deflicker": model.preset.generator.deflicker.model_dump() if deflicker else None,
             "render_seconds": round(seconds_taken, 1), "model_metrics": mean_rows(rendered),
             "vae_reconstruction": mean_rows(vae_rows) if references else None,
             "still_portrait": mean_rows(still_rows) if references else None, "per_clip": rendered,
@@ -170,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-plan", default=None, help="e.g. 4 (PSB off) or 8,6,4")
     parser.add_argument("--t-mci", type=float, default=None)
     parser.add_argument("--no-urcr", action="store_true", help="ablation: positions grow past the trained horizon")
+    parser.add_argument("--no-deflicker", action="store_true",
+                        help="the decoder's frames without the preset's deflicker (generator.deflicker)")
     parser.add_argument("--teacher-steps", type=int, default=None,
                         help="the checkpoint is a bidirectional teacher: sample it with this many Euler steps")
     parser.add_argument("--window-seconds", type=float, default=30.0, help="drift windows")
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = tuple(int(s) for s in args.step_plan.split(",")) if args.step_plan else None
     result = evaluate_checkpoint(args.checkpoint, args.clips, args.seconds, args.speech, plan, args.t_mci,
                                  not args.no_urcr, args.teacher_steps, args.window_seconds, not args.no_references,
-                                 progress=lambda line: print(line, file=sys.stderr))
+                                 deflicker=not args.no_deflicker, progress=lambda line: print(line, file=sys.stderr))
     result["command"] = "python -m model.train.heldout " + " ".join(sys.argv[1:] if argv is None else argv)
     text = json.dumps(result, indent=2)
     if args.out:
