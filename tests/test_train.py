@@ -228,6 +228,19 @@ def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():
     assert latent_seam_jitter(frames, 4, **layout) > 2
 
 
+def test_startup_excess_error_splits_the_start_of_a_render_by_latent_frame_and_block():
+    from model.train.heldout import startup_excess_error
+
+    truth = np.full((40, 4, 4, 3), 100, np.uint8)
+    recon = truth + 2  # the VAE's own error: 2 everywhere
+    frames = truth + 3  # the render: 1 worse than the VAE...
+    frames[0] += 8  # ...and 9 worse on frame 0, 5 worse on latent frame 1's four frames
+    frames[1:5] += 4
+    excess = startup_excess_error(frames, recon, truth, temporal_stride=4, first_block_frames=9, block_frames=12)
+    assert excess == pytest.approx({"frame 0": 9.0, "latent frame 1": 5.0, "rest of block 0": 1.0, "block 1": 1.0,
+                                    "later": 1.0})
+
+
 def test_drift_check_compares_every_window_with_the_first():
     base = {"lipsync_r": 0.8, "av_offset_frames": 0, "identity_error": 0.02, "boundary_jitter": 1.0, "start_s": 0.0}
     ok = dict(base, lipsync_r=0.75, identity_error=0.0215, start_s=30.0)
@@ -278,6 +291,7 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
     assert isinstance(result["drift_passed"], bool)
     assert set(result["model_metrics"]) == {"lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter",
                                             "latent_seam_jitter"}
+    assert list(result["startup_excess_error"]) == ["frame 0", "latent frame 1", "rest of block 0", "block 1", "later"]
     teacher = evaluate_checkpoint(str(tmp_path / "m"), clips=1, seconds=2.4, teacher_steps=2, references=False,
                                   data=DATA, progress=lambda *_: None)
     assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None

@@ -57,6 +57,22 @@ def _metrics(result: dict, frames: np.ndarray, temporal_stride: int, layout: dic
     return {**{k: result[k] for k in KEYS}, "latent_seam_jitter": latent_seam_jitter(frames, temporal_stride, **layout)}
 
 
+def startup_excess_error(frames: np.ndarray, recon: np.ndarray, truth: np.ndarray, temporal_stride: int,
+                         first_block_frames: int, block_frames: int) -> dict[str, float]:
+    """How much worse than the VAE's own reconstruction the render is at its start: the mean absolute error against
+    the truth (0-255) of the render minus that of the reconstruction, over frame 0 (the first latent frame, decoded
+    alone), the next latent frame's frames, the rest of the first block, the second block, and everything after."""
+    n = min(len(frames), len(recon), len(truth))
+    truth = truth[:n].astype(np.float32)
+    excess = (np.abs(frames[:n].astype(np.float32) - truth).mean(axis=(1, 2, 3))
+              - np.abs(recon[:n].astype(np.float32) - truth).mean(axis=(1, 2, 3)))
+    second_block = first_block_frames + block_frames
+    spans = {"frame 0": (0, 1), "latent frame 1": (1, 1 + temporal_stride),
+             "rest of block 0": (1 + temporal_stride, first_block_frames), "block 1": (first_block_frames, second_block),
+             "later": (second_block, n)}
+    return {name: float(excess[a:b].mean()) for name, (a, b) in spans.items() if b > a and a < n}
+
+
 def mean_rows(rows: list[dict]) -> dict:
     out = {}
     for k in ROW_KEYS:
@@ -131,7 +147,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
     size = model.preset.video.height
     stride = model.preset.vae.temporal_stride
     layout = metrics.block_layout(stride, model.preset.generator.frames_per_block)
-    rendered, vae_rows, still_rows, windows, checks, seconds_taken = [], [], [], [], [], 0.0
+    rendered, vae_rows, still_rows, windows, checks, startup, seconds_taken = [], [], [], [], [], [], 0.0
     for i in range(clips):
         clip = eval_clip(data, i, seconds, size, speech)
         phones = load_truth_phones(clip.truth)
@@ -154,6 +170,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
             recon = reconstruct_clip(model.vae, clip, stride)
             vae_rows.append(_metrics(score(recon, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), recon,
                                      stride, layout))
+            startup.append(startup_excess_error(frames, recon, clip.frames, stride, **layout))
             still = np.repeat(clip.portrait[None], len(frames), axis=0)
             still_rows.append(_metrics(score(still, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), still,
                                        stride, layout))
@@ -166,6 +183,8 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
             "render_seconds": round(seconds_taken, 1), "model_metrics": mean_rows(rendered),
             "vae_reconstruction": mean_rows(vae_rows) if references else None,
             "still_portrait": mean_rows(still_rows) if references else None, "per_clip": rendered,
+            "startup_excess_error": {k: float(np.mean([row[k] for row in startup])) for k in startup[0]} if startup
+            else None,
             "window_seconds": window_seconds, "windows": windows, "drift_check": checks,
             "drift_passed": None if any(c["passed"] is None for c in checks) else all(c["passed"] for c in checks)}
 
