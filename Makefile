@@ -38,7 +38,8 @@ examples: install
 
 # The whole recipe from scratch (VAE, teacher, causal student, DMD), then the model goes to model/weights/tiny.
 # The shipped run's stages took 56 + 21 + 7 + 10 minutes on this 2-core machine (model/weights/tiny/MODEL_CARD.md),
-# plus data generation and latent encoding between them; it resumes where it stopped if interrupted.
+# plus data generation and latent encoding between them and ~5 minutes choosing the deflicker threshold at the end;
+# it resumes where it stopped if interrupted.
 train-tiny: install
 	$(PY) -m model.train.recipe --out runs/tiny --threads 2
 

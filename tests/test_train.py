@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.checkpoint import read_checkpoint
-from model.config import DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
+from model.config import DeflickerConfig, DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
 from model.dit import CausalWanDiT
 from model.generator import AvatarModel, RenderSettings
 from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
@@ -121,20 +121,31 @@ def test_distillation_rolls_out_through_the_generator_with_resets(setup, tmp_pat
 
 def test_recipe_ships_a_loadable_model(tmp_path):
     cfg = RecipeConfig(data=DATA, vae=dict(batch=1), dit=dict(batch=2), distill=dict(rollout_blocks=4),
-                       max_steps={"vae": 2, "teacher": 2, "student": 2, "distill": 1}, vae_gate_lipsync_r=None)
+                       max_steps={"vae": 2, "teacher": 2, "student": 2, "distill": 1}, vae_gate_lipsync_r=None,
+                       deflicker_calibration_clips=1, deflicker_calibration_seconds=1.2,
+                       deflicker_thresholds=(1.0, 1000.0))
+    base = small_preset()
+    with_deflicker = base.model_copy(update={"generator": base.generator.model_copy(
+        update={"deflicker": DeflickerConfig(frames=3)})})
     ship = tmp_path / "ship"
-    run_recipe(tmp_path / "run", small_preset(), cfg, ship_to=ship, command="test", log=lambda *_: None)
+    run_recipe(tmp_path / "run", with_deflicker, cfg, ship_to=ship, command="test", log=lambda *_: None)
     preset, modules, extra = read_checkpoint(ship)
     assert preset.generator.sampler == "renoise" and set(modules) == {"dit", "vae"}
-    assert "| distill | 1 |" in (ship / "MODEL_CARD.md").read_text()
+    card = (ship / "MODEL_CARD.md").read_text()
+    assert "| distill | 1 |" in card
+    # The shipped deflicker threshold is the one the calibration chose on training clips.
+    chosen = extra["training"]["deflicker_calibration"]["chosen_threshold"]
+    assert chosen in (1.0, 1000.0) and preset.generator.deflicker.threshold == chosen
+    assert f"threshold {chosen:g} (chosen on training clips by the recipe)" in card
     model = AvatarModel.load(ship)
     session = model.open(np.zeros((SIZE, SIZE, 3), np.uint8))
     session.feed_audio(np.zeros(16000, np.float32), final=True)
     assert sum(len(b.frames) for b in session) == 25
-    # Re-running resumes: every stage is already done and nothing is retrained.
-    result = run_recipe(tmp_path / "run", small_preset(), cfg, ship_to=None, log=lambda *_: None)
+    # Re-running resumes: every stage is already done and nothing is retrained (nor recalibrated).
+    result = run_recipe(tmp_path / "run", with_deflicker, cfg, ship_to=None, log=lambda *_: None)
     assert json.loads((tmp_path / "run" / "vae" / "done.json").read_text())["steps"] == 2
     assert result["stages"]["teacher"]["steps"] == 2
+    assert result["deflicker_calibration"]["chosen_threshold"] == chosen
 
 
 @pytest.mark.parametrize("stage", ["teacher", "vae", "distill"])

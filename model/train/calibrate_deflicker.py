@@ -26,14 +26,17 @@ from model.train.data import DataConfig, training_clips
 from model.train.heldout import latent_seam_jitter
 
 
-def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: float, progress=print) -> dict:
+def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: float,
+              data: DataConfig | None = None, progress=print) -> dict:
+    """Render `clips` training clips of `seconds` at every threshold; returns the means per threshold and the choice."""
+    data = (data or DataConfig()).model_copy(update={"num_clips": clips, "seconds": seconds})
     preset = model.preset
     stride = preset.vae.temporal_stride
     layout = metrics.block_layout(stride, preset.generator.frames_per_block)
     frames = preset.generator.deflicker.frames or stride - 1
     rows: dict[float, list[dict]] = {t: [] for t in thresholds}
     try:
-        for i, clip in enumerate(training_clips(DataConfig(num_clips=clips, seconds=seconds), preset.video.height)):
+        for i, clip in enumerate(training_clips(data, preset.video.height)):
             phones = load_truth_phones(clip.truth)
             for threshold in thresholds:
                 deflicker = DeflickerConfig(frames=frames, threshold=threshold)

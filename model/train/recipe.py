@@ -1,5 +1,8 @@
 """The whole training recipe (DESIGN 3.4): data -> VAE -> teacher -> causal student -> DMD distillation -> ship.
 
+After distillation, when the preset has the deflicker on, its threshold is chosen on training clips
+(`model.train.calibrate_deflicker`, about 4.5 minutes on 2 cores for the tiny model) and shipped in the preset.
+
     python -m model.train.recipe --out runs/tiny [--budget-minutes 60]
 
 Every stage checkpoints into `<out>/<stage>/` and a re-run resumes where it stopped (finished stages are loaded, not
@@ -22,9 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.audio_features import build_featurizer
 from model.checkpoint import save_checkpoint
-from model.config import Preset, get_preset
+from model.config import DeflickerConfig, Preset, get_preset
 from model.dit import CausalWanDiT
-from model.generator import BUNDLED_MODEL
+from model.generator import BUNDLED_MODEL, AvatarModel
+from model.train.calibrate_deflicker import calibrate
 from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
 from model.train.distill import DistillConfig, DistillStage, distilled_preset
 from model.train.loop import run_stage
@@ -57,6 +61,12 @@ class RecipeConfig(BaseModel):
     # The VAE must draw the mouth before anything downstream can move it in sync: below this lip-sync of its own
     # reconstruction (held-out clips), the recipe stops after the VAE instead of spending hours on the DiT stages.
     vae_gate_lipsync_r: float | None = 0.8
+    # The deflicker threshold of the shipped model (when its preset has the deflicker on) is chosen on this many
+    # training clips of this length among these thresholds (`model.train.calibrate_deflicker`); 0 clips: keep the
+    # preset's.
+    deflicker_calibration_clips: int = 8
+    deflicker_calibration_seconds: float = 8.0
+    deflicker_thresholds: tuple[float, ...] = (16.0, 24.0, 32.0, 40.0, 48.0, 64.0)
 
 
 def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minutes: float | None = None,
@@ -117,6 +127,11 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
                                      cfg.max_steps["distill"], budget["distill"], cfg.checkpoint_every, log)
     shipped = distilled_preset(preset)
     result = {"stages": summaries, "seconds": round(time.monotonic() - started, 1)}
+    if cfg.deflicker_calibration_clips and shipped.generator.deflicker.frames:
+        calibration = calibrated_deflicker(out, shipped, student, vae, cfg, log)
+        deflicker = shipped.generator.deflicker.model_copy(update={"threshold": calibration["chosen_threshold"]})
+        shipped = shipped.model_copy(update={"generator": shipped.generator.model_copy(update={"deflicker": deflicker})})
+        result["deflicker_calibration"] = calibration
     save_checkpoint(out / "final_model", shipped, {"dit": student, "vae": vae}, {"training": result})
     if ship_to is not None:
         save_checkpoint(ship_to, shipped, {"dit": student, "vae": vae}, {"training": result})
@@ -124,6 +139,22 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
         log(f"shipped to {ship_to}")
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def calibrated_deflicker(out: Path, preset: Preset, student: CausalWanDiT, vae: WanVAE, cfg: RecipeConfig,
+                         log=print) -> dict:
+    """The deflicker threshold for the trained model, chosen on training clips; kept in `out/deflicker.json`."""
+    path = out / "deflicker.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model = AvatarModel(preset, student, vae, description="deflicker calibration")
+    calibration = calibrate(model, list(cfg.deflicker_thresholds), cfg.deflicker_calibration_clips,
+                            cfg.deflicker_calibration_seconds, data=cfg.data, progress=log)
+    log(f"deflicker: threshold {calibration['chosen_threshold']:g} (latent_seam_jitter on training clips by "
+        "threshold: " + ", ".join(f"{float(t):g}: {v['latent_seam_jitter']:.3f}"
+                                  for t, v in calibration["by_threshold"].items()) + ")")
+    path.write_text(json.dumps(calibration, indent=2))
+    return calibration
 
 
 def reuse_stages(source: Path, out: Path, stages: tuple[str, ...]) -> None:
@@ -135,6 +166,13 @@ def reuse_stages(source: Path, out: Path, stages: tuple[str, ...]) -> None:
             raise SystemExit(f"--reuse: {source / stage} is not a finished stage")
         if not (out / stage).exists():
             shutil.copytree(source / stage, out / stage)
+
+
+def _deflicker_line(deflicker: DeflickerConfig, result: dict) -> str:
+    if not deflicker.frames:
+        return "no deflicker"
+    chosen = " (chosen on training clips by the recipe)" if "deflicker_calibration" in result else ""
+    return f"deflicker at latent-frame crossings over {deflicker.frames} frames, threshold {deflicker.threshold:g}{chosen}"
 
 
 def write_model_card(directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str,
@@ -154,7 +192,8 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
   from {cfg.data.eval_identity_base} and speaker seeds from {cfg.data.eval_speaker_base} (never seen in training).
 - DiT: {sum(p.numel() for p in dit.parameters()):,} parameters; VAE: tiny Wan2.1-style causal 3D VAE trained here.
 - Generator: step plan {list(preset.generator.step_plan)} (PSB), sampler `{preset.generator.sampler}`,
-  t_mci {preset.generator.t_mci} (MCI), horizon {preset.generator.horizon_frames} latent frames with URCR resets.
+  t_mci {preset.generator.t_mci} (MCI), horizon {preset.generator.horizon_frames} latent frames with URCR resets;
+  {_deflicker_line(preset.generator.deflicker, result)}.
 - Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; budget {budget_minutes} minutes;
   total {result['seconds'] / 60:.1f} minutes.
 
