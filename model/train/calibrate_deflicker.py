@@ -5,8 +5,9 @@
 The deflicker (model/deflicker.py) spreads a latent-frame crossing's jump wherever a pixel changes by less than the
 threshold. Too low a threshold leaves the VAE's seams; too high a one smears real motion (the mouth) over time. The
 measure is `latent_seam_jitter`, the seam ratio at the latent-frame crossings *inside* the generator's blocks: only the
-VAE makes seams there, so the right threshold brings it to 1.0 (seamless) and no lower. Clips come from the training
-faces and voices: the held-out set, which judges the result, is not used to choose it.
+VAE makes seams there, so the right threshold brings it to 1.0 (seamless; below 1.0 the crossings change less than
+their neighbours, i.e. real change is being smeared). The threshold nearest 1.0 is chosen. Clips come from the
+training faces and voices: the held-out set, which judges the result, is not used to choose it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from model.generator import AvatarModel, RenderSettings
 from model.synth import load_truth_phones
 from model.train.data import DataConfig, training_clips
 from model.train.heldout import latent_seam_jitter
+
+THRESHOLDS = (16.0, 24.0, 32.0, 40.0, 48.0, 64.0)  # grey levels: from below the tiny VAE's seams to well into motion
 
 
 def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: float,
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="our checkpoint directory (default: the bundled model)")
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--thresholds", default="16,24,32,40,48", help="grey levels (0-255), comma-separated")
+    parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS),
+                        help="grey levels (0-255), comma-separated")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     result = calibrate(AvatarModel.load(args.checkpoint), [float(t) for t in args.thresholds.split(",")], args.clips,

@@ -68,8 +68,8 @@ def startup_excess_error(frames: np.ndarray, recon: np.ndarray, truth: np.ndarra
               - np.abs(recon[:n].astype(np.float32) - truth).mean(axis=(1, 2, 3)))
     second_block = first_block_frames + block_frames
     spans = {"frame 0": (0, 1), "latent frame 1": (1, 1 + temporal_stride),
-             "rest of block 0": (1 + temporal_stride, first_block_frames), "block 1": (first_block_frames, second_block),
-             "later": (second_block, n)}
+             "rest of block 0": (1 + temporal_stride, first_block_frames),
+             "block 1": (first_block_frames, second_block), "later": (second_block, n)}
     return {name: float(excess[a:b].mean()) for name, (a, b) in spans.items() if b > a and a < n}
 
 

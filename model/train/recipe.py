@@ -1,9 +1,9 @@
 """The whole training recipe (DESIGN 3.4): data -> VAE -> teacher -> causal student -> DMD distillation -> ship.
 
+    python -m model.train.recipe --out runs/tiny [--budget-minutes 60]
+
 After distillation, when the preset has the deflicker on, its threshold is chosen on training clips
 (`model.train.calibrate_deflicker`, about 4.5 minutes on 2 cores for the tiny model) and shipped in the preset.
-
-    python -m model.train.recipe --out runs/tiny [--budget-minutes 60]
 
 Every stage checkpoints into `<out>/<stage>/` and a re-run resumes where it stopped (finished stages are loaded, not
 re-trained). The time budget is split between the stages by `STAGE_SHARE`; each stage stops at its step cap or its
@@ -28,7 +28,7 @@ from model.checkpoint import save_checkpoint
 from model.config import DeflickerConfig, Preset, get_preset
 from model.dit import CausalWanDiT
 from model.generator import BUNDLED_MODEL, AvatarModel
-from model.train.calibrate_deflicker import calibrate
+from model.train.calibrate_deflicker import THRESHOLDS, calibrate
 from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
 from model.train.distill import DistillConfig, DistillStage, distilled_preset
 from model.train.loop import run_stage
@@ -66,7 +66,7 @@ class RecipeConfig(BaseModel):
     # preset's.
     deflicker_calibration_clips: int = 8
     deflicker_calibration_seconds: float = 8.0
-    deflicker_thresholds: tuple[float, ...] = (16.0, 24.0, 32.0, 40.0, 48.0, 64.0)
+    deflicker_thresholds: tuple[float, ...] = THRESHOLDS
 
 
 def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minutes: float | None = None,
@@ -130,7 +130,8 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     if cfg.deflicker_calibration_clips and shipped.generator.deflicker.frames:
         calibration = calibrated_deflicker(out, shipped, student, vae, cfg, log)
         deflicker = shipped.generator.deflicker.model_copy(update={"threshold": calibration["chosen_threshold"]})
-        shipped = shipped.model_copy(update={"generator": shipped.generator.model_copy(update={"deflicker": deflicker})})
+        generator = shipped.generator.model_copy(update={"deflicker": deflicker})
+        shipped = shipped.model_copy(update={"generator": generator})
         result["deflicker_calibration"] = calibration
     save_checkpoint(out / "final_model", shipped, {"dit": student, "vae": vae}, {"training": result})
     if ship_to is not None:
@@ -172,7 +173,8 @@ def _deflicker_line(deflicker: DeflickerConfig, result: dict) -> str:
     if not deflicker.frames:
         return "no deflicker"
     chosen = " (chosen on training clips by the recipe)" if "deflicker_calibration" in result else ""
-    return f"deflicker at latent-frame crossings over {deflicker.frames} frames, threshold {deflicker.threshold:g}{chosen}"
+    return (f"deflicker at latent-frame crossings over {deflicker.frames} frames, threshold {deflicker.threshold:g}"
+            + chosen)
 
 
 def write_model_card(directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str,
