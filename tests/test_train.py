@@ -89,6 +89,12 @@ def test_teacher_and_student_learn_and_resume(setup, tmp_path):
     history = torch.load(tmp_path / "student" / "checkpoint.pt", weights_only=True)["history"]
     assert summary["steps"] == 6 and [h["step"] for h in history] == list(range(1, 7))
     assert not all(torch.equal(a, b) for a, b in zip(fresh.parameters(), teacher.parameters()))
+    # Finished at its cap: the same cap skips it, a higher one continues it.
+    again = StudentStage(student_from_teacher(teacher), dataset, preset, cfg)
+    assert run_stage(again, tmp_path, max_steps=6, log=lambda *_: None)["steps"] == 6
+    summary = run_stage(again, tmp_path, max_steps=8, log=lambda *_: None)
+    history = torch.load(tmp_path / "student" / "checkpoint.pt", weights_only=True)["history"]
+    assert summary["steps"] == 8 and [h["step"] for h in history] == list(range(1, 9))
 
 
 def test_distillation_rolls_out_through_the_generator_with_resets(setup, tmp_path):

@@ -2,7 +2,8 @@
 
 A stage is any object with `name`, `state_modules()` ({name: nn.Module} to checkpoint), `optimizers()`
 ({name: Optimizer}) and `step(index) -> {loss name: float}`. Its directory holds `checkpoint.pt` (rewritten every
-`checkpoint_every` steps and at the end), `losses.png`, and `done.json` once finished; a finished stage is skipped.
+`checkpoint_every` steps and at the end), `losses.png`, and `done.json` once finished; a finished stage is skipped,
+unless it stopped at its step cap and is now given a higher one: then it continues.
 """
 
 from __future__ import annotations
@@ -72,10 +73,15 @@ def run_stage(stage: Stage, out_dir: str | Path, max_steps: int, budget_s: float
     done = directory / "done.json"
     ckpt = directory / "checkpoint.pt"
     if done.exists():
-        load_stage(ckpt, stage)
         summary = json.loads(done.read_text())
-        log(f"[{stage.name}] already done ({summary['steps']} steps): skipped")
-        return summary
+        if not (summary["stopped_by"] == "steps" and summary["steps"] < max_steps):
+            load_stage(ckpt, stage)
+            log(f"[{stage.name}] already done ({summary['steps']} steps): skipped")
+            return summary
+        # A raised step cap continues the stage. Later stages were trained on the earlier result and are not redone.
+        log(f"[{stage.name}] continuing from {summary['steps']} to {max_steps} steps (later stages already done are "
+            "kept: remove their directories to retrain them)")
+        done.unlink()
     step, history = (load_stage(ckpt, stage) if ckpt.exists() else (0, []))
     if step:
         log(f"[{stage.name}] resumed at step {step}")

@@ -128,7 +128,7 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     shipped = distilled_preset(preset)
     result = {"stages": summaries, "seconds": round(time.monotonic() - started, 1)}
     if cfg.deflicker_calibration_clips and shipped.generator.deflicker.frames:
-        calibration = calibrated_deflicker(out, shipped, student, vae, cfg, log)
+        calibration = calibrated_deflicker(out, shipped, student, vae, cfg, summaries["distill"]["steps"], log)
         deflicker = shipped.generator.deflicker.model_copy(update={"threshold": calibration["chosen_threshold"]})
         generator = shipped.generator.model_copy(update={"deflicker": deflicker})
         shipped = shipped.model_copy(update={"generator": generator})
@@ -143,14 +143,16 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
 
 
 def calibrated_deflicker(out: Path, preset: Preset, student: CausalWanDiT, vae: WanVAE, cfg: RecipeConfig,
-                         log=print) -> dict:
-    """The deflicker threshold for the trained model, chosen on training clips; kept in `out/deflicker.json`."""
+                         distill_steps: int, log=print) -> dict:
+    """The deflicker threshold for the trained model, chosen on training clips; kept in `out/deflicker.json` for as
+    long as the student it was chosen for (the same number of distillation steps)."""
     path = out / "deflicker.json"
-    if path.exists():
+    if path.exists() and json.loads(path.read_text()).get("distill_steps") == distill_steps:
         return json.loads(path.read_text())
     model = AvatarModel(preset, student, vae, description="deflicker calibration")
     calibration = calibrate(model, list(cfg.deflicker_thresholds), cfg.deflicker_calibration_clips,
                             cfg.deflicker_calibration_seconds, data=cfg.data, progress=log)
+    calibration["distill_steps"] = distill_steps
     log(f"deflicker: threshold {calibration['chosen_threshold']:g} (latent_seam_jitter on training clips by "
         "threshold: " + ", ".join(f"{float(t):g}: {v['latent_seam_jitter']:.3f}"
                                   for t, v in calibration["by_threshold"].items()) + ")")
