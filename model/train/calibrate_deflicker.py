@@ -24,7 +24,7 @@ from model.eval import metrics, score
 from model.generator import AvatarModel, RenderSettings
 from model.synth import load_truth_phones
 from model.train.data import DataConfig, training_clips
-from model.train.heldout import latent_seam_jitter
+from model.train.heldout import latent_seam_jitter, render_clip
 
 THRESHOLDS = (16.0, 24.0, 32.0, 40.0, 48.0, 64.0)  # grey levels: from below the tiny VAE's seams to well into motion
 
@@ -45,9 +45,7 @@ def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: 
                 deflicker = DeflickerConfig(frames=frames, threshold=threshold)
                 model.preset = preset.model_copy(update={"generator": preset.generator.model_copy(
                     update={"deflicker": deflicker})})
-                session = model.open(clip.portrait, None, RenderSettings(seed=i))
-                session.feed_audio(clip.audio, final=True)
-                video = np.concatenate([b.frames for b in session])
+                video = render_clip(model, clip, RenderSettings(seed=i))
                 result = score(video, clip.fps, clip.portrait, clip.audio, phones=phones, **layout)
                 rows[threshold].append({"lipsync_r": result["lipsync_r"], "boundary_jitter": result["boundary_jitter"],
                                         "latent_seam_jitter": latent_seam_jitter(video, stride, **layout)})

@@ -41,6 +41,13 @@ ROW_KEYS = KEYS + ("latent_seam_jitter",)
 DRIFT_TOLERANCE = 0.10  # a window may be at most 10% worse than the first (issue 5)
 
 
+def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.ndarray:
+    """A clip's whole video, uint8 (N, H, W, 3), rendered by the real generator from its portrait and audio."""
+    session = model.open(clip.portrait, None, settings)
+    session.feed_audio(clip.audio, final=True)
+    return np.concatenate([b.frames for b in session])
+
+
 def latent_seam_jitter(frames: np.ndarray, temporal_stride: int, first_block_frames: int,
                        block_frames: int) -> float | None:
     """`boundary_jitter` measured at the latent-frame boundaries *inside* the generator's blocks.
@@ -157,9 +164,7 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
             frames = sample_teacher(model, clip, teacher_steps, window, seed=i, deflicker=deflicker)
         else:
             settings = RenderSettings(seed=i, step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker)
-            session = model.open(clip.portrait, None, settings)
-            session.feed_audio(clip.audio, final=True)
-            frames = np.concatenate([b.frames for b in session])
+            frames = render_clip(model, clip, settings)
         seconds_taken += time.monotonic() - started
         result = score(frames, clip.fps, clip.portrait, clip.audio, phones=phones, window_seconds=window_seconds,
                        **layout)

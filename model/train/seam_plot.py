@@ -18,12 +18,7 @@ import torch
 from model.eval import metrics
 from model.generator import AvatarModel, RenderSettings
 from model.train.data import DataConfig, eval_clip
-
-
-def render(model: AvatarModel, clip, seed: int, deflicker: bool) -> np.ndarray:
-    session = model.open(clip.portrait, None, RenderSettings(seed=seed, deflicker=deflicker))
-    session.feed_audio(clip.audio, final=True)
-    return np.concatenate([b.frames for b in session])
+from model.train.heldout import render_clip
 
 
 def plot_seams(model: AvatarModel, clip_index: int, seconds: float, out: str | Path) -> None:
@@ -34,8 +29,9 @@ def plot_seams(model: AvatarModel, clip_index: int, seconds: float, out: str | P
 
     preset = model.preset
     clip = eval_clip(DataConfig(), clip_index, seconds, preset.video.height)
-    videos = {"truth": clip.frames, "render, deflicker off": render(model, clip, clip_index, False),
-              "render (default: deflicker on)": render(model, clip, clip_index, True)}
+    videos = {"truth": clip.frames,  # seeds as in model.train.heldout: the same renders as its rows
+              "render, deflicker off": render_clip(model, clip, RenderSettings(seed=clip_index, deflicker=False)),
+              "render (default: deflicker on)": render_clip(model, clip, RenderSettings(seed=clip_index))}
     stride = preset.vae.temporal_stride
     layout = metrics.block_layout(stride, preset.generator.frames_per_block)
     n = min(len(v) for v in videos.values())
