@@ -51,6 +51,7 @@ eval-tiny: install
 	$(PY) -m model.train.calibrate_deflicker --checkpoint $(MODEL) --clips 8 --seconds 8 --thresholds 16,24,32,40,48,64
 	$(HELDOUT) --checkpoint $(MODEL) --out $(RUN)/eval/default.json
 	$(HELDOUT) --checkpoint $(MODEL) --no-deflicker --out $(RUN)/eval/deflicker-off.json
+	$(PY) -m model.train.heldout --clips 8 --seconds 8 --checkpoint $(MODEL) --out $(RUN)/eval/default-8clips.json
 	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(RUN)/eval/espeak.json
 	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(RUN)/eval/psb-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --t-mci 0 --out $(RUN)/eval/mci-off-inference.json
