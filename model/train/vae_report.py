@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model.config import get_preset
-from model.eval import score
+from model.eval import metrics, score
 from model.synth import load_truth_phones
 from model.train.data import DataConfig, eval_clip
 from model.train.vae import reconstruct_clip
@@ -47,8 +47,7 @@ def vae_report(vae: WanVAE, clips: int, seconds: float, data: DataConfig | None 
         result = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)
         truth = score(truth_frames, clip.fps, clip.portrait, clip.audio, phones=phones)
         # Pair i joins frames i and i + 1; frame 1 + stride * k starts latent frame k + 1, so i % stride == 0 crosses.
-        changes = {name: np.abs(np.diff(v.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
-                   for name, v in (("recon", recon), ("truth", truth_frames))}
+        changes = {name: metrics.frame_changes(v) * 255.0 for name, v in (("recon", recon), ("truth", truth_frames))}
         rows.append({"mae_by_latent_frame": [round(v, 1) for v in per_latent], "mae": round(float(error.mean()), 2),
                      "change_by_pair_position": {name: [round(float(c[k::stride].mean()), 3) for k in range(stride)]
                                                  for name, c in changes.items()},
