@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps test demo examples train-tiny eval-tiny ablation-mci-off bench-long bench-pipeline bench-service bench-gpu clean
+.PHONY: install system-deps lint test demo examples train-tiny eval-tiny ablation-mci-off bench-long bench-pipeline bench-service bench-gpu clean
 
 # torch is installed first and pinned: a looser resolution pulls several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -26,7 +26,11 @@ $(SYSTAMP):
 
 system-deps: $(SYSTAMP)
 
-test: install system-deps
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

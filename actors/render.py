@@ -107,8 +107,15 @@ class RenderActor:
                     writer = VideoWriter(os.path.join(tmp, f"{segment}{MP4}"), session.fps, width, height)
                 writer.write(block.frames)
                 blocks_in_segment += 1
-                event = BlockRendered(self.job_id, task.id, self.actor_id, block.index, len(block.frames),
-                                      len(block.frames) / session.fps, seconds)
+                event = BlockRendered(
+                    self.job_id,
+                    task.id,
+                    self.actor_id,
+                    block.index,
+                    len(block.frames),
+                    len(block.frames) / session.fps,
+                    seconds,
+                )
                 if blocks_in_segment == blocks_per_segment:
                     self._store_segment(task, segment, writer, session)
                     writer, blocks_in_segment, segment = None, 0, segment + 1

@@ -51,8 +51,10 @@ TARGETS = {"e2e_fps_batch1": 25.0, "e2e_fps_per_gpu_batched": 40.0, "first_frame
 
 # -- analytic FLOPs ------------------------------------------------------------------------------------------------
 
-def dit_forward_flops(cfg: DiTConfig, *, batch: int, frames: int, tokens_per_frame: int, cache_tokens: int,
-                      text_tokens: int) -> int:
+
+def dit_forward_flops(
+    cfg: DiTConfig, *, batch: int, frames: int, tokens_per_frame: int, cache_tokens: int, text_tokens: int
+) -> int:
     """Matmul FLOPs (2 per multiply-add) of one streaming forward of `frames` latent frames over `cache_tokens`.
 
     Counts every linear, conv and attention product of CausalWanDiT.forward; elementwise work (norms, RoPE,
@@ -90,12 +92,19 @@ def block_flops(preset: Preset, *, batch: int, steps: int, cache_frames: int, wi
     """FLOPs of one block: `steps` denoise passes + the MCI cache write, at a fixed cache fill."""
     s = preset.tokens_per_frame
     cache_tokens = (cache_frames + (preset.generator.sink_frames if with_sink else 0)) * s
-    one = dit_forward_flops(preset.dit, batch=batch, frames=preset.generator.frames_per_block, tokens_per_frame=s,
-                            cache_tokens=cache_tokens, text_tokens=text_tokens)
+    one = dit_forward_flops(
+        preset.dit,
+        batch=batch,
+        frames=preset.generator.frames_per_block,
+        tokens_per_frame=s,
+        cache_tokens=cache_tokens,
+        text_tokens=text_tokens,
+    )
     return (steps + 1) * one
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
+
 
 class Clock:
     """Marks on the device timeline: CUDA events on a GPU, the wall clock elsewhere (where work is synchronous)."""
@@ -139,6 +148,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 # -- the model ------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Bench:
@@ -191,8 +201,9 @@ def build_featurizer_on(preset: Preset, device: torch.device, dtype: torch.dtype
         return Wav2Vec2Featurizer(folder, preset.audio, preset.video.fps, device=device, dtype=dtype)
 
 
-def build_bench(preset: Preset, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
-                seed: int = 0) -> Bench:
+def build_bench(
+    preset: Preset, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype, seed: int = 0
+) -> Bench:
     dit = build_dit(preset, device, dtype, seed)
     with torch.device(device):
         vae = WanVAE(preset.vae)
@@ -202,6 +213,7 @@ def build_bench(preset: Preset, device: torch.device, dtype: torch.dtype, vae_dt
 
 
 # -- B rows in lockstep ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class BlockTiming:
@@ -241,8 +253,13 @@ class LockstepStream:
         self.rng = torch.Generator().manual_seed(seed)
         self.clock = Clock(dev)
         cfg = preset.dit
-        self.latent_shape = (batch, cfg.latent_channels, self.gen.frames_per_block, preset.latent_height,
-                             preset.latent_width)
+        self.latent_shape = (
+            batch,
+            cfg.latent_channels,
+            self.gen.frames_per_block,
+            preset.latent_height,
+            preset.latent_width,
+        )
         # Per-row speech (random samples: speed does not depend on them) long enough for every block.
         video_frames = 1 + self.stride * (num_blocks * self.gen.frames_per_block - 1)
         num_samples = math.ceil(video_frames * preset.audio.sample_rate / preset.video.fps)
@@ -251,9 +268,13 @@ class LockstepStream:
         text = torch.randn(batch, bench.text_tokens, cfg.text_dim, generator=self.rng).to(dev, dt)
         with torch.no_grad():
             self.text = bench.dit.embed_text(text)  # once per row, as RenderSession does
-        self.cache = bench.dit.new_cache(batch=batch, tokens_per_frame=preset.tokens_per_frame,
-                                         sink_frames=self.gen.sink_frames, window_frames=self.gen.window_frames,
-                                         horizon_frames=self.gen.horizon_frames)
+        self.cache = bench.dit.new_cache(
+            batch=batch,
+            tokens_per_frame=preset.tokens_per_frame,
+            sink_frames=self.gen.sink_frames,
+            window_frames=self.gen.window_frames,
+            horizon_frames=self.gen.horizon_frames,
+        )
         self.decoder = StreamingDecoder(bench.vae)
         self.latents_done = 0
         self.blocks_done = 0
@@ -276,20 +297,42 @@ class LockstepStream:
         rows = [self.bench.featurizer.block_features(s[:end], first_latent, n, self.stride) for s in self.samples]
         return torch.stack(rows).to(self.bench.device, self.bench.dtype)
 
-    def _forward(self, x: torch.Tensor, timestep: float, positions: torch.Tensor, audio: torch.Tensor,
-                 write: bool, is_reference: bool = False) -> torch.Tensor:
+    def _forward(
+        self,
+        x: torch.Tensor,
+        timestep: float,
+        positions: torch.Tensor,
+        audio: torch.Tensor,
+        write: bool,
+        is_reference: bool = False,
+    ) -> torch.Tensor:
         n = x.shape[2]
-        self.flops += dit_forward_flops(self.bench.dit.cfg, batch=self.batch, frames=n,
-                                        tokens_per_frame=self.cache.tokens_per_frame,
-                                        cache_tokens=self.cache.valid_tokens(), text_tokens=self.bench.text_tokens)
+        self.flops += dit_forward_flops(
+            self.bench.dit.cfg,
+            batch=self.batch,
+            frames=n,
+            tokens_per_frame=self.cache.tokens_per_frame,
+            cache_tokens=self.cache.valid_tokens(),
+            text_tokens=self.bench.text_tokens,
+        )
         t = torch.full((self.batch, n), float(timestep), device=x.device)
-        return self.bench.dit(x, t, self.text, positions, self._cond(n, is_reference), audio, attention="streaming",
-                              cache=self.cache, write_cache=write)
+        return self.bench.dit(
+            x,
+            t,
+            self.text,
+            positions,
+            self._cond(n, is_reference),
+            audio,
+            attention="streaming",
+            cache=self.cache,
+            write_cache=write,
+        )
 
     def _write_sink(self) -> None:
         cfg = self.bench.dit.cfg
-        audio = torch.zeros(self.batch, 1, cfg.audio_window, cfg.audio_feature_dim, device=self.bench.device,
-                            dtype=self.bench.dtype)
+        audio = torch.zeros(
+            self.batch, 1, cfg.audio_window, cfg.audio_feature_dim, device=self.bench.device, dtype=self.bench.dtype
+        )
         self._forward(self.reference, 0.0, torch.zeros(1, dtype=torch.long), audio, write=True, is_reference=True)
         self.cache.commit(1)
 
@@ -329,14 +372,20 @@ class LockstepStream:
         t_decode = clock.mark()
         self._write_context(x, positions, audio)
         t_write = clock.mark()
-        self.recent = torch.cat([self.recent, x], dim=2)[:, :, -self.gen.reset_context_frames:]
+        self.recent = torch.cat([self.recent, x], dim=2)[:, :, -self.gen.reset_context_frames :]
         self.latents_done += n
         self.blocks_done += 1
         timing = BlockTiming(
-            index=self.blocks_done - 1, steps=steps, video_frames=frames[0].shape[0],
-            reset_ms=clock.ms(t_start, t_reset), audio_ms=clock.ms(t_reset, t_audio),
-            denoise_ms=clock.ms(t_audio, t_denoise), decode_ms=clock.ms(t_denoise, t_decode),
-            write_ms=clock.ms(t_decode, t_write), dit_flops=self.flops)
+            index=self.blocks_done - 1,
+            steps=steps,
+            video_frames=frames[0].shape[0],
+            reset_ms=clock.ms(t_start, t_reset),
+            audio_ms=clock.ms(t_reset, t_audio),
+            denoise_ms=clock.ms(t_audio, t_denoise),
+            decode_ms=clock.ms(t_denoise, t_decode),
+            write_ms=clock.ms(t_decode, t_write),
+            dit_flops=self.flops,
+        )
         return timing, x
 
 
@@ -387,6 +436,7 @@ def run_batch(bench: Bench, batch: int, num_blocks: int, peak_tflops: float, war
 
 # -- accuracy ---------------------------------------------------------------------------------------------------------
 
+
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x.double() - reference.double()).norm() / reference.double().norm())
 
@@ -400,20 +450,29 @@ def run_accuracy(bench: Bench, dtype: torch.dtype, num_blocks: int) -> dict:
     low = dataclasses.replace(bench, dit=cast_dit(copy.deepcopy(reference.dit), dtype), dtype=dtype)
     ours, ref = LockstepStream(low, 1, num_blocks, seed=3), LockstepStream(reference, 1, num_blocks, seed=3)
     errors = [relative_error(ours.step()[1], ref.step()[1]) for _ in range(num_blocks)]
-    return {"dtype": str(dtype).removeprefix("torch."), "reference_dtype": "float32", "blocks": num_blocks,
-            "steps_per_block": [StepPlan(bench.preset.generator.step_plan).steps(i) for i in range(num_blocks)],
-            "latent_relative_error_per_block": errors}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "reference_dtype": "float32",
+        "blocks": num_blocks,
+        "steps_per_block": [StepPlan(bench.preset.generator.step_plan).steps(i) for i in range(num_blocks)],
+        "latent_relative_error_per_block": errors,
+    }
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
+
 
 def sdpa_context(backend: str):
     if backend == "auto":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     return sdpa_kernel(names[backend])
 
 
@@ -432,10 +491,12 @@ def run(args: argparse.Namespace) -> dict:
     text_tokens = bench.text_tokens
     # Steady state of the cache: sink + full window. Video frames per steady block: stride * frames_per_block.
     frames_per_block = preset.vae.temporal_stride * gen.frames_per_block
-    steady_block = block_flops(preset, batch=1, steps=steady_steps, cache_frames=gen.window_frames, with_sink=True,
-                               text_tokens=text_tokens)
-    issue_block = block_flops(preset, batch=1, steps=steady_steps, cache_frames=ISSUE_CACHE_FRAMES, with_sink=False,
-                              text_tokens=text_tokens)
+    steady_block = block_flops(
+        preset, batch=1, steps=steady_steps, cache_frames=gen.window_frames, with_sink=True, text_tokens=text_tokens
+    )
+    issue_block = block_flops(
+        preset, batch=1, steps=steady_steps, cache_frames=ISSUE_CACHE_FRAMES, with_sink=False, text_tokens=text_tokens
+    )
     with sdpa_context(args.sdpa):
         peak = measure_matmul_peak(device, dtype)
         batches = [run_batch(bench, b, num_blocks, peak, args.warmup_blocks) for b in args.batch]
@@ -446,10 +507,15 @@ def run(args: argparse.Namespace) -> dict:
 
     is_result = device.type == "cuda" and args.scale == "full"
     result = {
-        "label": ("GPU measurement" if is_result else
-                  "CPU VERIFICATION of the benchmark's code path with a scaled-down config: NOT a performance result"),
+        "label": (
+            "GPU measurement"
+            if is_result
+            else "CPU VERIFICATION of the benchmark's code path with a scaled-down config: NOT a performance result"
+        ),
         "command": "python benchmarks/gpu_throughput.py " + " ".join(args.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "preset": preset.name,
         "scale": args.scale,
@@ -458,11 +524,18 @@ def run(args: argparse.Namespace) -> dict:
         "vae_dtype": args.vae_dtype,
         "options": {"compile": args.compile, "sdpa": args.sdpa},
         "config": {
-            "step_plan": list(gen.step_plan), "frames_per_block": gen.frames_per_block,
-            "video_frames_per_steady_block": frames_per_block, "tokens_per_frame": preset.tokens_per_frame,
-            "text_tokens": text_tokens, "sink_frames": gen.sink_frames, "window_frames": gen.window_frames,
-            "horizon_frames": gen.horizon_frames, "t_mci": gen.t_mci, "layers": preset.dit.num_layers,
-            "dim": preset.dit.dim, "dit_parameters": sum(p.numel() for p in bench.dit.parameters()),
+            "step_plan": list(gen.step_plan),
+            "frames_per_block": gen.frames_per_block,
+            "video_frames_per_steady_block": frames_per_block,
+            "tokens_per_frame": preset.tokens_per_frame,
+            "text_tokens": text_tokens,
+            "sink_frames": gen.sink_frames,
+            "window_frames": gen.window_frames,
+            "horizon_frames": gen.horizon_frames,
+            "t_mci": gen.t_mci,
+            "layers": preset.dit.num_layers,
+            "dim": preset.dit.dim,
+            "dit_parameters": sum(p.numel() for p in bench.dit.parameters()),
         },
         "matmul_peak_tflops": peak,
         "analytic_flops": {
@@ -470,8 +543,8 @@ def run(args: argparse.Namespace) -> dict:
             "steady_per_video_frame": steady_block / frames_per_block,
             "issue_example_per_video_frame": issue_block / frames_per_block,
             "note": f"{steady_steps} denoise passes + 1 cache write over a {gen.frames_per_block}-latent-frame block; "
-                    f"steady: sink + {gen.window_frames}-frame window; issue example: {ISSUE_CACHE_FRAMES}-frame "
-                    "cache, no sink",
+            f"steady: sink + {gen.window_frames}-frame window; issue example: {ISSUE_CACHE_FRAMES}-frame "
+            "cache, no sink",
         },
         "batches": batches,
         "accuracy": accuracy,
@@ -481,8 +554,11 @@ def run(args: argparse.Namespace) -> dict:
         best = max(batches, key=lambda b: b["e2e_fps"])
         result["targets"] = {
             "e2e_fps_batch1": {"target": TARGETS["e2e_fps_batch1"], "measured": b1 and b1["e2e_fps"]},
-            "e2e_fps_per_gpu_batched": {"target": TARGETS["e2e_fps_per_gpu_batched"], "measured": best["e2e_fps"],
-                                        "batch": best["batch"]},
+            "e2e_fps_per_gpu_batched": {
+                "target": TARGETS["e2e_fps_per_gpu_batched"],
+                "measured": best["e2e_fps"],
+                "batch": best["batch"],
+            },
             "first_frame_ms": {"target": TARGETS["first_frame_ms"], "measured": b1 and b1["first_frame_ms"]},
         }
     return result
@@ -490,21 +566,44 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     print(result["label"])
-    print(f"{result['preset']} {result['resolution'][0]}x{result['resolution'][1]} {result['dtype']} on "
-          f"{result['device']}; step plan {result['config']['step_plan']}; matmul peak "
-          f"{result['matmul_peak_tflops']:.2f} TFLOP/s")
+    print(
+        f"{result['preset']} {result['resolution'][0]}x{result['resolution'][1]} {result['dtype']} on "
+        f"{result['device']}; step plan {result['config']['step_plan']}; matmul peak "
+        f"{result['matmul_peak_tflops']:.2f} TFLOP/s"
+    )
     flops = result["analytic_flops"]
-    print(f"analytic: {flops['steady_block'] / 1e12:.3f} TFLOP per steady block, "
-          f"{flops['steady_per_video_frame'] / 1e12:.3f} TFLOP per video frame "
-          f"(issue's example cache: {flops['issue_example_per_video_frame'] / 1e12:.3f})")
-    header = ["batch", "block ms", "e2e block ms", "DiT fps", "e2e fps", "fps/row", "first frame ms", "peak GiB",
-              "TFLOP/s", "MFU"]
+    print(
+        f"analytic: {flops['steady_block'] / 1e12:.3f} TFLOP per steady block, "
+        f"{flops['steady_per_video_frame'] / 1e12:.3f} TFLOP per video frame "
+        f"(issue's example cache: {flops['issue_example_per_video_frame'] / 1e12:.3f})"
+    )
+    header = [
+        "batch",
+        "block ms",
+        "e2e block ms",
+        "DiT fps",
+        "e2e fps",
+        "fps/row",
+        "first frame ms",
+        "peak GiB",
+        "TFLOP/s",
+        "MFU",
+    ]
     print(" | ".join(f"{h:>14}" for h in header))
     for b in result["batches"]:
         mem = "-" if b["peak_memory_gib"] is None else f"{b['peak_memory_gib']:.2f}"
-        row = [b["batch"], f"{b['block_latency_ms']:.1f}", f"{b['block_e2e_ms']:.1f}", f"{b['dit_fps']:.2f}",
-               f"{b['e2e_fps']:.2f}", f"{b['e2e_fps_per_row']:.2f}", f"{b['first_frame_ms']:.1f}", mem,
-               f"{b['achieved_tflops']:.3f}", f"{b['mfu']:.1%}"]
+        row = [
+            b["batch"],
+            f"{b['block_latency_ms']:.1f}",
+            f"{b['block_e2e_ms']:.1f}",
+            f"{b['dit_fps']:.2f}",
+            f"{b['e2e_fps']:.2f}",
+            f"{b['e2e_fps_per_row']:.2f}",
+            f"{b['first_frame_ms']:.1f}",
+            mem,
+            f"{b['achieved_tflops']:.3f}",
+            f"{b['mfu']:.1%}",
+        ]
         print(" | ".join(f"{v:>14}" for v in row))
     if result["accuracy"]:
         acc = result["accuracy"]
@@ -518,16 +617,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="default: the preset's (480 for wan2.1-1.3b)")
     p.add_argument("--width", type=int, default=None, help="default: the preset's (832 for wan2.1-1.3b)")
     p.add_argument("--steps", type=int, default=None, help="steady-state steps (the step plan's last entry)")
-    p.add_argument("--batch", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4],
-                   help="comma-separated batch sizes (rows in lockstep)")
+    p.add_argument(
+        "--batch",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[1, 4],
+        help="comma-separated batch sizes (rows in lockstep)",
+    )
     p.add_argument("--blocks", type=int, default=None, help="measured blocks (default: through one URCR reset)")
     p.add_argument("--warmup-blocks", type=int, default=None, help="default: as many as measured")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--vae-dtype", choices=sorted(DTYPES), default="float32",
-                   help="the renderer keeps the VAE in float32")
+    p.add_argument(
+        "--vae-dtype", choices=sorted(DTYPES), default="float32", help="the renderer keeps the VAE in float32"
+    )
     p.add_argument("--device", default="cuda")
-    p.add_argument("--scale", choices=SCALES, default="full",
-                   help="tiny-cpu: the tiny preset, to verify the code path on a CPU (not a result)")
+    p.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="full",
+        help="tiny-cpu: the tiny preset, to verify the code path on a CPU (not a result)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto", help="force one SDPA backend")
     p.add_argument("--accuracy", action="store_true", help="also compare --dtype with a float32 reference")

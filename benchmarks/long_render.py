@@ -79,6 +79,7 @@ class Probe:
             finally:
                 self.seconds[part] += time.perf_counter() - start
                 self.calls[part] += 1
+
         return wrapper
 
     def block_done(self, block) -> None:
@@ -87,8 +88,15 @@ class Probe:
         if self.encoder_pid is not None:
             with contextlib.suppress(OSError):
                 encoder_rss = rss_bytes(self.encoder_pid)
-        self.blocks.append({"first_frame": block.first_frame, "frames": len(block.frames),
-                            "seconds": now - self._last_block_end, "rss": rss_bytes(), "encoder_rss": encoder_rss})
+        self.blocks.append(
+            {
+                "first_frame": block.first_frame,
+                "frames": len(block.frames),
+                "seconds": now - self._last_block_end,
+                "rss": rss_bytes(),
+                "encoder_rss": encoder_rss,
+            }
+        )
         self._last_block_end = now
 
     def start(self) -> None:
@@ -192,12 +200,18 @@ def main() -> None:
 
     frames = result["frames"]
     minute = 60 * fps
-    print(f"# long_render: tiny preset ({model.description}), {args.minutes:g} min of formant speech, "
-          f"seed {args.seed}, torch threads {args.threads}, load average {os.getloadavg()[0]:.2f}")
-    print(f"# plan {gen.step_plan}, {gen.frames_per_block} latent frames/block, t_mci {gen.t_mci}, "
-          f"window {gen.window_frames}, horizon {gen.horizon_frames}, cache resets {probe_.session.cache.resets}")
-    print(f"# output: {frames} frames, {result['blocks']} blocks, mp4 {info['frames']} frames, "
-          f"duration {info['duration']:.3f} s vs audio {info['audio_duration']:.3f} s")
+    print(
+        f"# long_render: tiny preset ({model.description}), {args.minutes:g} min of formant speech, "
+        f"seed {args.seed}, torch threads {args.threads}, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"# plan {gen.step_plan}, {gen.frames_per_block} latent frames/block, t_mci {gen.t_mci}, "
+        f"window {gen.window_frames}, horizon {gen.horizon_frames}, cache resets {probe_.session.cache.resets}"
+    )
+    print(
+        f"# output: {frames} frames, {result['blocks']} blocks, mp4 {info['frames']} frames, "
+        f"duration {info['duration']:.3f} s vs audio {info['audio_duration']:.3f} s"
+    )
     print()
     print("| span | blocks | frames | ms/block mean | median | max | video fps | RSS MiB (min-max) | ffmpeg RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -206,27 +220,41 @@ def main() -> None:
         spans.append(("last minute", max(frames - minute, minute), frames))
     for name, lo, hi in spans:
         s = minute_summary(probe_.blocks, fps, lo, hi)
-        print(f"| {name} | {s['blocks']} | {s['frames']} | {s['ms_mean']:.0f} | {s['ms_median']:.0f} | "
-              f"{s['ms_max']:.0f} | {s['fps']:.1f} | {s['rss_min']:.0f}-{s['rss_max']:.0f} | "
-              f"{s['encoder_rss_max']:.0f} |")
+        print(
+            f"| {name} | {s['blocks']} | {s['frames']} | {s['ms_mean']:.0f} | {s['ms_median']:.0f} | "
+            f"{s['ms_max']:.0f} | {s['fps']:.1f} | {s['rss_min']:.0f}-{s['rss_max']:.0f} | "
+            f"{s['encoder_rss_max']:.0f} |"
+        )
     since = "during the render" if peak_reset else "of the whole process, speech synthesis included"
     print(f"\npeak RSS {since} (VmHWM): {peak_rss / MIB:.0f} MiB")
-    print(f"\nreal-time factor: {frames / wall:.1f} video frames per wall second (target {fps}), "
-          f"{frames / fps / wall:.2f}x real time, wall {wall:.1f} s\n")
+    print(
+        f"\nreal-time factor: {frames / wall:.1f} video frames per wall second (target {fps}), "
+        f"{frames / fps / wall:.2f}x real time, wall {wall:.1f} s\n"
+    )
     print("| part | wall s | % of wall | ms/block | calls |")
     print("|---|---|---|---|---|")
     blocks = max(1, result["blocks"])
     accounted = 0.0
-    for part in ("DiT denoise passes", "DiT cache writes", "VAE decode", "audio features", "audio feeding",
-                 "encoding (pipe + mux)"):
+    for part in (
+        "DiT denoise passes",
+        "DiT cache writes",
+        "VAE decode",
+        "audio features",
+        "audio feeding",
+        "encoding (pipe + mux)",
+    ):
         sec = probe_.seconds[part]
         accounted += sec
         print(f"| {part} | {sec:.1f} | {100 * sec / wall:.1f} | {1000 * sec / blocks:.1f} | {probe_.calls[part]} |")
     other = wall - accounted
-    print(f"| other (inputs, sampler arithmetic, RNG, bookkeeping) | {other:.1f} | {100 * other / wall:.1f} | "
-          f"{1000 * other / blocks:.1f} | |")
-    print(f"| (ffmpeg encoder CPU, child process, overlaps the above) | {encoder_cpu:.1f} | "
-          f"{100 * encoder_cpu / wall:.1f} | {1000 * encoder_cpu / blocks:.1f} | |")
+    print(
+        f"| other (inputs, sampler arithmetic, RNG, bookkeeping) | {other:.1f} | {100 * other / wall:.1f} | "
+        f"{1000 * other / blocks:.1f} | |"
+    )
+    print(
+        f"| (ffmpeg encoder CPU, child process, overlaps the above) | {encoder_cpu:.1f} | "
+        f"{100 * encoder_cpu / wall:.1f} | {1000 * encoder_cpu / blocks:.1f} | |"
+    )
 
 
 if __name__ == "__main__":

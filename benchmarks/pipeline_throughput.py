@@ -43,8 +43,11 @@ def measure(rows: list[dict], actors: int, out: str, segment_blocks: int) -> dic
     events: list[tuple[float, object]] = []
     settings = PipelineSettings(num_actors=actors, segment_blocks=segment_blocks)
     start = time.perf_counter()
-    report = run_job(JobSpec(job_id=f"bench-{actors}", rows=rows, output=out, force=True), settings,
-                     on_event=lambda e: events.append((time.perf_counter(), e)))
+    report = run_job(
+        JobSpec(job_id=f"bench-{actors}", rows=rows, output=out, force=True),
+        settings,
+        on_event=lambda e: events.append((time.perf_counter(), e)),
+    )
     wall = time.perf_counter() - start
     if report.counts.get("succeeded", 0) != len(rows):
         raise RuntimeError(f"benchmark rows failed: {[r.error for r in report.rows if r.error]}")
@@ -84,17 +87,27 @@ def main() -> None:
             results.append(measure(rows, actors, os.path.join(folder, f"out{actors}"), args.segment_blocks))
     ray.shutdown()
 
-    print(f"\npipeline throughput: {args.rows} rows x {args.seconds:g} s audio, tiny model 64x64 @ 25 fps, "
-          f"K={args.segment_blocks}, {os.cpu_count()} CPUs")
+    print(
+        f"\npipeline throughput: {args.rows} rows x {args.seconds:g} s audio, tiny model 64x64 @ 25 fps, "
+        f"K={args.segment_blocks}, {os.cpu_count()} CPUs"
+    )
     header = ("actors", "wall s", "rows/h", "rows/h steady", "video-s/actor-s", "efficiency", "eff. incl startup")
     print(" | ".join(header))
     print(" | ".join("-" * len(h) for h in header))
     for r in results:
-        print(" | ".join([
-            f"{r['actors']:>6}", f"{r['wall_s']:>6.1f}", f"{r['rows_per_hour']:>6.0f}",
-            f"{r['steady_rows_per_hour']:>13.0f}", f"{r['video_s_per_actor_s']:>15.3f}",
-            f"{r['efficiency']:>10.1%}", f"{r['efficiency_incl_startup']:>17.1%}",
-        ]))
+        print(
+            " | ".join(
+                [
+                    f"{r['actors']:>6}",
+                    f"{r['wall_s']:>6.1f}",
+                    f"{r['rows_per_hour']:>6.0f}",
+                    f"{r['steady_rows_per_hour']:>13.0f}",
+                    f"{r['video_s_per_actor_s']:>15.3f}",
+                    f"{r['efficiency']:>10.1%}",
+                    f"{r['efficiency_incl_startup']:>17.1%}",
+                ]
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ async def submitter(client, url: str, media: dict, tally: Tally, stop_at: float,
         else:
             body = {"rows": [row]}
         try:
-            async with client.post(f"{url}/v1/jobs", data=json.dumps(body),
-                                   headers={"content-type": "application/json"}) as response:
+            async with client.post(
+                f"{url}/v1/jobs", data=json.dumps(body), headers={"content-type": "application/json"}
+            ) as response:
                 tally.submits[classify(response.status)] += 1
                 if response.status == 202:
                     tally.job_ids.append((await response.json())["job_id"])
@@ -188,8 +189,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the load (default 60)")
     parser.add_argument("--url", help="an already running service on loopback (default: start one)")
     parser.add_argument("--token", default=os.environ.get("AVATAR_RENDER_AUTH_TOKEN"))
-    parser.add_argument("--no-render", dest="render", action="store_false",
-                        help="the started service accepts jobs but renders none (the HTTP layer alone)")
+    parser.add_argument(
+        "--no-render",
+        dest="render",
+        action="store_false",
+        help="the started service accepts jobs but renders none (the HTTP layer alone)",
+    )
     parser.add_argument("--serve-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,8 +222,10 @@ def main() -> int:
     polls = sum(n for k, n in tally.polls.items() if not k.startswith("skipped"))
     fivexx = tally.submits["5xx"] + tally.polls["5xx"]
     rendering = "rendering" if (args.url or args.render) else "not rendering"
-    print(f"\nservice load: {elapsed:.1f} s, {SUBMITTERS} submitters, {POLLS_PER_SECOND} polls/s target, "
-          f"service {rendering}")
+    print(
+        f"\nservice load: {elapsed:.1f} s, {SUBMITTERS} submitters, {POLLS_PER_SECOND} polls/s target, "
+        f"service {rendering}"
+    )
     print(f"| {'metric':<34} | {'value':>10} |")
     print(f"|{'-' * 36}|{'-' * 12}|")
     rows = [

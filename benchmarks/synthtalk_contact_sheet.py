@@ -1,6 +1,6 @@
 """Contact sheet of SynthTalk: identities (top rows) and the mouth shapes of phones (bottom rows).
 
-    python benchmarks/synthtalk_contact_sheet.py --out docs/img/synthtalk_contact_sheet.png
+python benchmarks/synthtalk_contact_sheet.py --out docs/img/synthtalk_contact_sheet.png
 """
 
 from __future__ import annotations

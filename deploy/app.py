@@ -113,7 +113,8 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     )
     app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
     app.add_middleware(
-        BodyLimit, max_bytes=settings.max_request_bytes,
+        BodyLimit,
+        max_bytes=settings.max_request_bytes,
         on_reject=lambda: metrics.requests_rejected.labels("413").inc(),
     )
 
@@ -129,14 +130,20 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         problems = [
-            FieldProblem(field="body" if e.get("type") == "json_invalid" else _field_name(tuple(e.get("loc", ()))),
-                         message=e.get("msg", "invalid"))
+            FieldProblem(
+                field="body" if e.get("type") == "json_invalid" else _field_name(tuple(e.get("loc", ()))),
+                message=e.get("msg", "invalid"),
+            )
             for e in exc.errors()
         ]
         first = problems[0].field if problems else None
         metrics.requests_rejected.labels("422").inc()
-        return _error(422, f"invalid request: {first}: {problems[0].message}" if problems else "invalid request",
-                      field=first, problems=problems)
+        return _error(
+            422,
+            f"invalid request: {first}: {problems[0].message}" if problems else "invalid request",
+            field=first,
+            problems=problems,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -157,8 +164,7 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     # Reads answer from sqlite in well under a millisecond, so they run on the event loop (`async def`):
     # a thread-pool hop would cost more than the query. Submission may read a manifest, so it stays sync.
 
-    @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, dependencies=guarded,
-              responses=ERROR_RESPONSES)
+    @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, dependencies=guarded, responses=ERROR_RESPONSES)
     def submit_job(request: JobRequest) -> JobAccepted:
         job = manager.submit(request)
         return JobAccepted(job_id=job.job_id, state=job.state)
@@ -181,8 +187,9 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
         job_or_404(job_id)
         return RowList(job_id=job_id, rows=manager.rows(job_id))
 
-    @app.delete("/v1/jobs/{job_id}", status_code=202, response_model=JobStatus, dependencies=guarded,
-                responses=ERROR_RESPONSES)
+    @app.delete(
+        "/v1/jobs/{job_id}", status_code=202, response_model=JobStatus, dependencies=guarded, responses=ERROR_RESPONSES
+    )
     async def cancel_job(job_id: str) -> JobStatus:
         job_or_404(job_id)
         job = manager.cancel(job_id)

@@ -27,7 +27,7 @@ def normalize_uri(uri: str) -> str:
         scheme = ""
     if scheme in LOCAL_SCHEMES:
         # Same text convention as pipeline.storage: `file://` + the path as is (no percent-encoding).
-        path = uri[len("file://"):] if scheme == "file" else uri
+        path = uri[len("file://") :] if scheme == "file" else uri
         if scheme == "file" and not path.startswith("/"):
             raise ValueError(f"file URI with a host or a relative path: {uri!r}")
         return "file://" + str(Path(path).resolve())

@@ -122,8 +122,11 @@ class JobManager:
             rows = self._read_manifest(manifest)
             if len(rows) > limits.max_rows_per_job:
                 raise SubmitError(429, "manifest", f"{len(rows)} rows; at most {limits.max_rows_per_job} per job")
-            self._check_row_inputs([row for row in rows if isinstance(row, dict)], base=manifest_dir(manifest),
-                                   field_prefix="manifest.rows")
+            self._check_row_inputs(
+                [row for row in rows if isinstance(row, dict)],
+                base=manifest_dir(manifest),
+                field_prefix="manifest.rows",
+            )
             rows_total = len(rows)
 
         job_id = f"job-{secrets.token_hex(6)}"
@@ -207,11 +210,20 @@ class JobManager:
                     so_far[0] += event.frames
                     so_far[1] += event.video_seconds
         elif isinstance(event, RowFinished):
-            self.store.put_row(job_id, RowStatus(
-                id=event.row_id, status=event.status, output=event.output, error=event.error,
-                error_kind=event.error_kind, frames=event.frames, video_seconds=event.video_seconds,
-                timings=dict(event.timings), metrics=dict(event.metrics),
-            ))
+            self.store.put_row(
+                job_id,
+                RowStatus(
+                    id=event.row_id,
+                    status=event.status,
+                    output=event.output,
+                    error=event.error,
+                    error_kind=event.error_kind,
+                    frames=event.frames,
+                    video_seconds=event.video_seconds,
+                    timings=dict(event.timings),
+                    metrics=dict(event.metrics),
+                ),
+            )
             with self._lock:
                 flight = self._running.get(job_id)
                 if flight is not None:
@@ -254,8 +266,9 @@ class JobManager:
             from pipeline.job import JobSpec, run_job  # heavy (Ray): imported when a job first runs
 
             spec = JobSpec(job_id=job_id, **job.request)
-            report = run_job(spec, self.settings.pipeline, on_event=lambda e: self.handle_event(job_id, e),
-                             cancel=flight.cancel)
+            report = run_job(
+                spec, self.settings.pipeline, on_event=lambda e: self.handle_event(job_id, e), cancel=flight.cancel
+            )
             for row in report.rows:
                 self.store.put_row(job_id, RowStatus(**row.model_dump()))
             self.store.update(job_id, rows_total=max(len(report.rows), job.rows_total or 0))
@@ -296,10 +309,22 @@ class JobManager:
         if job.state == "succeeded":
             progress, eta = 1.0, 0.0
         return JobStatus(
-            job_id=job.job_id, state=job.state, created=job.created, started=job.started, finished=job.finished,
-            manifest=job.request.get("manifest"), output=job.request["output"], rows_total=job.rows_total,
-            counts=counts, progress=progress, frames=frames, video_seconds=seconds, eta_seconds=eta,
-            cancel_requested=job.cancel_requested, attempts=job.attempts, error=job.error,
+            job_id=job.job_id,
+            state=job.state,
+            created=job.created,
+            started=job.started,
+            finished=job.finished,
+            manifest=job.request.get("manifest"),
+            output=job.request["output"],
+            rows_total=job.rows_total,
+            counts=counts,
+            progress=progress,
+            frames=frames,
+            video_seconds=seconds,
+            eta_seconds=eta,
+            cancel_requested=job.cancel_requested,
+            attempts=job.attempts,
+            error=job.error,
         )
 
     def _confine_input(self, field_name: str, uri: str) -> str:

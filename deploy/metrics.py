@@ -7,7 +7,7 @@ the job store at scrape time, so they are right after a restart too. Totals over
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -44,8 +44,10 @@ class ServiceMetrics:
         r = self.registry
         self.jobs_submitted = Counter(f"{PREFIX}_jobs_submitted_total", "Jobs accepted", registry=r)
         self.requests_rejected = Counter(
-            f"{PREFIX}_requests_rejected_total", "Requests refused by a limit or as invalid, by HTTP status",
-            ["code"], registry=r,
+            f"{PREFIX}_requests_rejected_total",
+            "Requests refused by a limit or as invalid, by HTTP status",
+            ["code"],
+            registry=r,
         )
         self.rows = Counter(f"{PREFIX}_rows_total", "Rows finished, by status", ["status"], registry=r)
         self.rows_started = Counter(
@@ -60,11 +62,15 @@ class ServiceMetrics:
             f"{PREFIX}_generate_seconds_total", "Wall seconds actors spent generating", ["actor"], registry=r
         )
         self.actor_fps = Gauge(
-            f"{PREFIX}_actor_fps", "Generation speed of an actor's latest block, frames per second", ["actor"],
+            f"{PREFIX}_actor_fps",
+            "Generation speed of an actor's latest block, frames per second",
+            ["actor"],
             registry=r,
         )
         self.block_seconds = Histogram(
-            f"{PREFIX}_block_generate_seconds", "Wall seconds to generate one block", buckets=BLOCK_BUCKETS_S,
+            f"{PREFIX}_block_generate_seconds",
+            "Wall seconds to generate one block",
+            buckets=BLOCK_BUCKETS_S,
             registry=r,
         )
         self.stage_seconds = Histogram(

@@ -55,7 +55,7 @@ class ServiceSettings(BaseSettings):
             return False
 
     @model_validator(mode="after")
-    def _token_unless_loopback(self) -> "ServiceSettings":
+    def _token_unless_loopback(self) -> ServiceSettings:
         if not self.is_loopback and not (self.auth_token and self.auth_token.get_secret_value()):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address, so the service requires a bearer token: "

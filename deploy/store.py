@@ -84,8 +84,15 @@ _JOB_COLUMNS = "job_id, request, state, created, started, finished, rows_total, 
 def _job_from_row(row: tuple) -> JobRecord:
     job_id, request, state, created, started, finished, rows_total, cancel_requested, attempts, error = row
     return JobRecord(
-        job_id=job_id, request=json.loads(request), state=state, created=created, started=started,
-        finished=finished, rows_total=rows_total, cancel_requested=bool(cancel_requested), attempts=attempts,
+        job_id=job_id,
+        request=json.loads(request),
+        state=state,
+        created=created,
+        started=started,
+        finished=finished,
+        rows_total=rows_total,
+        cancel_requested=bool(cancel_requested),
+        attempts=attempts,
         error=error,
     )
 
@@ -110,8 +117,18 @@ class JobStore:
         with self._lock:
             self._db.execute(
                 f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.job_id, json.dumps(job.request), job.state, job.created, job.started, job.finished,
-                 job.rows_total, int(job.cancel_requested), job.attempts, job.error),
+                (
+                    job.job_id,
+                    json.dumps(job.request),
+                    job.state,
+                    job.created,
+                    job.started,
+                    job.finished,
+                    job.rows_total,
+                    int(job.cancel_requested),
+                    job.attempts,
+                    job.error,
+                ),
             )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -163,20 +180,41 @@ class JobStore:
             self._db.execute(
                 "INSERT OR REPLACE INTO rows (job_id, row_id, status, output, error, error_kind, frames, "
                 "video_seconds, duration_s, timings, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, row.id, row.status, row.output, row.error, row.error_kind, row.frames,
-                 row.video_seconds, row.duration_s, json.dumps(row.timings, default=str),
-                 json.dumps(row.metrics, default=str)),
+                (
+                    job_id,
+                    row.id,
+                    row.status,
+                    row.output,
+                    row.error,
+                    row.error_kind,
+                    row.frames,
+                    row.video_seconds,
+                    row.duration_s,
+                    json.dumps(row.timings, default=str),
+                    json.dumps(row.metrics, default=str),
+                ),
             )
 
     def rows(self, job_id: str) -> list[RowStatus]:
         with self._lock:
             found = self._db.execute(
                 "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
-                "metrics FROM rows WHERE job_id = ? ORDER BY rowid", (job_id,)
+                "metrics FROM rows WHERE job_id = ? ORDER BY rowid",
+                (job_id,),
             ).fetchall()
         return [
-            RowStatus(id=r[0], status=r[1], output=r[2], error=r[3], error_kind=r[4], frames=r[5],
-                      video_seconds=r[6], duration_s=r[7], timings=json.loads(r[8]), metrics=json.loads(r[9]))
+            RowStatus(
+                id=r[0],
+                status=r[1],
+                output=r[2],
+                error=r[3],
+                error_kind=r[4],
+                frames=r[5],
+                video_seconds=r[6],
+                duration_s=r[7],
+                timings=json.loads(r[8]),
+                metrics=json.loads(r[9]),
+            )
             for r in found
         ]
 
@@ -202,8 +240,7 @@ class JobStore:
             ).fetchone()
             (finished,) = self._db.execute(
                 f"SELECT COUNT(*) FROM rows JOIN jobs USING (job_id) WHERE jobs.state IN ({marks}) "
-                "AND jobs.rows_total IS NOT NULL", UNFINISHED_STATES,
+                "AND jobs.rows_total IS NOT NULL",
+                UNFINISHED_STATES,
             ).fetchone()
         return max(0, int(total) - int(finished))
-
-

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from model.media.audio import save_wav
@@ -35,8 +34,14 @@ def main() -> None:
     Image.fromarray(astronaut()).save(HERE / "astronaut.jpg", quality=90)
     speech = make_speech("espeak", SEED, SECONDS, speaker_seed=SEED)
     save_wav(HERE / "astronaut.wav", speech.samples, speech.sample_rate)
-    rows.append({"id": "astronaut", "portrait": "astronaut.jpg", "audio": "astronaut.wav",
-                 "prompt": "an astronaut talking to the camera"})
+    rows.append(
+        {
+            "id": "astronaut",
+            "portrait": "astronaut.jpg",
+            "audio": "astronaut.wav",
+            "prompt": "an astronaut talking to the camera",
+        }
+    )
     with open(HERE / "manifest.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -146,7 +146,7 @@ class LogMelFeaturizer(AudioFeaturizer):
 
     def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int, offset: int) -> torch.Tensor:
         start = (first_frame + 1) * self.hop - self.win_length  # the first frame's window start
-        x = torch.from_numpy(samples[max(start, 0) - offset:])
+        x = torch.from_numpy(samples[max(start, 0) - offset :])
         x = torch.nn.functional.pad(x, (max(-start, 0), 0))  # zeros before time 0
         spec = torch.stft(
             x, n_fft=self.win_length, hop_length=self.hop, window=self.window, center=False, return_complex=True
@@ -188,7 +188,7 @@ class Wav2Vec2Featurizer(AudioFeaturizer):
     @torch.no_grad()
     def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int, offset: int) -> torch.Tensor:
         window_first = max(0, first_frame - self.history_frames)
-        x = torch.from_numpy(samples[window_first * self.hop - offset:]).to(self.device)
+        x = torch.from_numpy(samples[window_first * self.hop - offset :]).to(self.device)
         if self.normalize:  # per-window zero mean / unit variance, as Wav2Vec2FeatureExtractor does per input
             x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
         hidden = self.model(x[None].to(self.dtype)).last_hidden_state  # (1, T, D) at ~50 Hz
@@ -196,7 +196,7 @@ class Wav2Vec2Featurizer(AudioFeaturizer):
         per_frame = torch.nn.functional.interpolate(
             hidden.float().transpose(1, 2), size=frames_in_window, mode="linear", align_corners=True
         )[0].T
-        return per_frame[first_frame - window_first:].cpu()
+        return per_frame[first_frame - window_first :].cpu()
 
 
 def _reads_do_normalize(model_dir: str | os.PathLike) -> bool:

@@ -24,12 +24,21 @@ from model.config import Preset
 
 # (diffusers pattern, Wan2.1 original replacement); applied to the part of the key after "blocks.N." or at the top.
 _BLOCK_MAP = [
-    ("attn1.to_q.", "self_attn.q."), ("attn1.to_k.", "self_attn.k."), ("attn1.to_v.", "self_attn.v."),
-    ("attn1.to_out.0.", "self_attn.o."), ("attn1.norm_q.", "self_attn.norm_q."), ("attn1.norm_k.", "self_attn.norm_k."),
-    ("attn2.to_q.", "cross_attn.q."), ("attn2.to_k.", "cross_attn.k."), ("attn2.to_v.", "cross_attn.v."),
-    ("attn2.to_out.0.", "cross_attn.o."), ("attn2.norm_q.", "cross_attn.norm_q."), ("attn2.norm_k.", "cross_attn.norm_k."),
+    ("attn1.to_q.", "self_attn.q."),
+    ("attn1.to_k.", "self_attn.k."),
+    ("attn1.to_v.", "self_attn.v."),
+    ("attn1.to_out.0.", "self_attn.o."),
+    ("attn1.norm_q.", "self_attn.norm_q."),
+    ("attn1.norm_k.", "self_attn.norm_k."),
+    ("attn2.to_q.", "cross_attn.q."),
+    ("attn2.to_k.", "cross_attn.k."),
+    ("attn2.to_v.", "cross_attn.v."),
+    ("attn2.to_out.0.", "cross_attn.o."),
+    ("attn2.norm_q.", "cross_attn.norm_q."),
+    ("attn2.norm_k.", "cross_attn.norm_k."),
     ("norm2.", "norm3."),  # diffusers' norm2 is the cross-attention norm, Wan's norm3
-    ("ffn.net.0.proj.", "ffn.0."), ("ffn.net.2.", "ffn.2."),
+    ("ffn.net.0.proj.", "ffn.0."),
+    ("ffn.net.2.", "ffn.2."),
     ("scale_shift_table", "modulation"),
 ]
 _TOP_MAP = [
@@ -58,8 +67,10 @@ class LoadReport:
     def __str__(self) -> str:
         text = f"loaded {self.layout} checkpoint {self.source}"
         if self.absent_conditioning:
-            text += (f"; {len(self.absent_conditioning)} conditioning tensors absent, left at zero init "
-                     f"(the model behaves as plain Wan2.1 until trained)")
+            text += (
+                f"; {len(self.absent_conditioning)} conditioning tensors absent, left at zero init "
+                f"(the model behaves as plain Wan2.1 until trained)"
+            )
         return text
 
 
@@ -69,11 +80,11 @@ def _convert_key(key: str, table_block: list[tuple[str, str]], table_top: list[t
         index, rest = m.groups()
         for src, dst in table_block:
             if rest.startswith(src):
-                return f"blocks.{index}.{dst}{rest[len(src):]}"
+                return f"blocks.{index}.{dst}{rest[len(src) :]}"
         return key
     for src, dst in table_top:
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return key
 
 
@@ -105,7 +116,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         elif len(files) == 1:
             path = files[0]
         else:
-            raise CheckpointError(f"{path}: expected one .safetensors file or an *.index.json, found {[f.name for f in files]}")
+            raise CheckpointError(
+                f"{path}: expected one .safetensors file or an *.index.json, found {[f.name for f in files]}"
+            )
     if path.name.endswith(".index.json"):
         weight_map = json.loads(path.read_text())["weight_map"]
         state: dict[str, torch.Tensor] = {}
@@ -123,8 +136,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: unknown checkpoint format (want .safetensors, *.index.json, .pth or a directory)")
 
 
-def load_dit_weights(dit: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "<state dict>",
-                     strict: bool = True) -> LoadReport:
+def load_dit_weights(
+    dit: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "<state dict>", strict: bool = True
+) -> LoadReport:
     """Load Wan2.1-original or diffusers-layout tensors into a CausalWanDiT, strictly."""
     layout = detect_layout(state)
     if layout == "diffusers":
@@ -134,8 +148,11 @@ def load_dit_weights(dit: torch.nn.Module, state: dict[str, torch.Tensor], *, so
     absent_conditioning = [k for k in missing if dit.is_conditioning_param(k)]
     missing = [k for k in missing if not dit.is_conditioning_param(k)]
     unexpected = [k for k in state if k not in own]
-    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in state if k in own and state[k].shape != own[k].shape]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing}")
@@ -160,14 +177,19 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_checkpoint(directory: str | Path, preset: Preset, modules: dict[str, torch.nn.Module],
-                    extra: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path, preset: Preset, modules: dict[str, torch.nn.Module], extra: dict | None = None
+) -> Path:
     """Write `config.json` + `model.safetensors` with keys `<module name>.<param>` (e.g. `dit.`, `vae.`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
+    tensors = {
+        f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()
+    }
     save_file(tensors, directory / WEIGHTS_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps({"preset": preset.model_dump(mode="json"), **(extra or {})}, indent=2))
+    (directory / CONFIG_FILE).write_text(
+        json.dumps({"preset": preset.model_dump(mode="json"), **(extra or {})}, indent=2)
+    )
     return directory
 
 
@@ -190,10 +212,16 @@ def load_module_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in state if k in own and state[k].shape != own[k].shape]
-    problems = [f"{label} ({len(keys)}): {keys}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if keys]
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {keys}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped))
+        if keys
+    ]
     if problems:
         raise CheckpointError(f"{source}: cannot load into {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state)

@@ -58,7 +58,7 @@ class DiTConfig(_Frozen):
         return self.reference_channels + self.mask_channels
 
     @model_validator(mode="after")
-    def _check(self) -> "DiTConfig":
+    def _check(self) -> DiTConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if any(d % 2 for d in self.rope_dims):
@@ -135,7 +135,7 @@ class GeneratorConfig(_Frozen):
     deflicker: DeflickerConfig = Field(default_factory=DeflickerConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "GeneratorConfig":
+    def _check(self) -> GeneratorConfig:
         if not self.step_plan or min(self.step_plan) < 1:
             raise ValueError(f"step_plan must be non-empty positive integers, got {self.step_plan}")
         if self.reset_context_frames > self.window_frames:
@@ -158,10 +158,12 @@ class Preset(_Frozen):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "Preset":
+    def _check(self) -> Preset:
         if self.generator.deflicker.frames >= self.vae.temporal_stride:
-            raise ValueError(f"generator.deflicker.frames ({self.generator.deflicker.frames}) must be below the VAE's "
-                             f"temporal stride ({self.vae.temporal_stride})")
+            raise ValueError(
+                f"generator.deflicker.frames ({self.generator.deflicker.frames}) must be below the VAE's "
+                f"temporal stride ({self.vae.temporal_stride})"
+            )
         return self
 
     @property
@@ -177,7 +179,7 @@ class Preset(_Frozen):
         _, ph, pw = self.dit.patch_size
         return (self.latent_height // ph) * (self.latent_width // pw)
 
-    def with_resolution(self, height: int, width: int) -> "Preset":
+    def with_resolution(self, height: int, width: int) -> Preset:
         stride = self.vae.spatial_stride * max(self.dit.patch_size[1:])
         if height % stride or width % stride:
             raise ValueError(f"resolution {height}x{width} must be a multiple of {stride}")
@@ -186,7 +188,9 @@ class Preset(_Frozen):
 
 def _tiny() -> Preset:
     audio = AudioConfig(encoder="logmel", n_mels=40, context_frames=4)
-    vae = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)  # decode of 12 frames ~0.15 s on 2 cores
+    vae = VAEConfig(
+        base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1
+    )  # decode of 12 frames ~0.15 s on 2 cores
     dit = DiTConfig(
         dim=192,
         ffn_dim=768,
@@ -206,8 +210,12 @@ def _tiny() -> Preset:
         audio=audio,
         text=TextConfig(encoder="none", max_length=1),
         video=VideoConfig(height=64, width=64, fps=25),
-        generator=GeneratorConfig(step_plan=(8, 6, 4), window_frames=6, horizon_frames=13,
-                                  deflicker=DeflickerConfig(frames=vae.temporal_stride - 1)),
+        generator=GeneratorConfig(
+            step_plan=(8, 6, 4),
+            window_frames=6,
+            horizon_frames=13,
+            deflicker=DeflickerConfig(frames=vae.temporal_stride - 1),
+        ),
     )
 
 
@@ -218,10 +226,42 @@ _WAV2VEC2_DIM = 768
 def _wan21_1_3b() -> Preset:
     audio = AudioConfig(encoder="wav2vec2", context_frames=4)
     vae = VAEConfig(
-        latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
-        latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
+        latents_mean=(
+            -0.7571,
+            -0.7089,
+            -0.9113,
+            0.1075,
+            -0.1745,
+            0.9653,
+            -0.1517,
+            1.5508,
+            0.4134,
+            -0.0715,
+            0.5517,
+            -0.3632,
+            -0.1922,
+            -0.9497,
+            0.2503,
+            -0.2921,
+        ),
+        latents_std=(
+            2.8184,
+            1.4541,
+            2.3275,
+            2.6558,
+            1.2196,
+            1.7708,
+            2.6052,
+            2.0743,
+            3.2687,
+            2.1526,
+            2.8652,
+            1.5579,
+            1.6382,
+            1.1253,
+            2.8251,
+            1.9160,
+        ),
     )
     dit = DiTConfig(
         dim=1536,

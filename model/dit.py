@@ -77,8 +77,9 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos: Positions, mask: torch.Tensor | None,
-                cache: KVCache | None, write_cache: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: Positions, mask: torch.Tensor | None, cache: KVCache | None, write_cache: bool
+    ) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), pos.cos, pos.sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), pos.cos, pos.sin)
@@ -151,7 +152,9 @@ class Block(nn.Module):
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps, cfg.qk_norm)
         self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
         # Audio enters every layer; zero-initialised so a Wan2.1 checkpoint is unchanged.
         if cfg.audio_injection == "add":
@@ -161,9 +164,18 @@ class Block(nn.Module):
         else:
             self.audio_attn = AudioCrossAttention(cfg)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, audio: torch.Tensor | None,
-                frames: int, pos: Positions, mask: torch.Tensor | None, cache: KVCache | None,
-                write_cache: bool) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        context: torch.Tensor,
+        audio: torch.Tensor | None,
+        frames: int,
+        pos: Positions,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        write_cache: bool,
+    ) -> torch.Tensor:
         # e: (B, F, 6, dim) per-frame modulation from per-frame timesteps, broadcast over each frame's tokens.
         mod = (self.modulation.unsqueeze(0) + e.float()).unsqueeze(3)  # (B, F, 6, 1, dim)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)
@@ -207,11 +219,17 @@ class AudioEncoder(nn.Module):
         super().__init__()
         self.injection = cfg.audio_injection
         if self.injection == "add":
-            self.proj = nn.Sequential(nn.Linear(cfg.audio_window * cfg.audio_feature_dim, cfg.audio_hidden), nn.SiLU(),
-                                      nn.Linear(cfg.audio_hidden, cfg.audio_hidden))
+            self.proj = nn.Sequential(
+                nn.Linear(cfg.audio_window * cfg.audio_feature_dim, cfg.audio_hidden),
+                nn.SiLU(),
+                nn.Linear(cfg.audio_hidden, cfg.audio_hidden),
+            )
         else:
-            self.proj = nn.Sequential(nn.Linear(cfg.audio_feature_dim, cfg.audio_hidden), nn.SiLU(),
-                                      nn.Linear(cfg.audio_hidden, cfg.audio_hidden))
+            self.proj = nn.Sequential(
+                nn.Linear(cfg.audio_feature_dim, cfg.audio_hidden),
+                nn.SiLU(),
+                nn.Linear(cfg.audio_hidden, cfg.audio_hidden),
+            )
             self.slot = nn.Parameter(torch.zeros(cfg.audio_window, cfg.audio_hidden))
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
@@ -224,14 +242,20 @@ class CausalWanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv3d(cfg.latent_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
+        self.patch_embedding = nn.Conv3d(
+            cfg.latent_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, cfg.dim * 6))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.head = Head(cfg)
         # Conditioning (new, zero-initialised): reference latent | mask, and the audio encoder.
-        self.cond_embedding = nn.Conv3d(cfg.cond_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.cond_embedding = nn.Conv3d(
+            cfg.cond_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
         nn.init.zeros_(self.cond_embedding.weight)
         self.audio_encoder = AudioEncoder(cfg)
 
@@ -275,8 +299,12 @@ class CausalWanDiT(nn.Module):
         t_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(x.dtype))  # (B, F, dim)
         e = self.time_projection(t_emb).unflatten(-1, (6, cfg.dim))  # (B, F, 6, dim)
 
-        cos, sin = rope_cos_sin(grid_positions(frame_positions.to(x.device), grid[1], grid[2]),
-                                cfg.rope_dims, cfg.rope_theta, cfg.rope_max_positions)
+        cos, sin = rope_cos_sin(
+            grid_positions(frame_positions.to(x.device), grid[1], grid[2]),
+            cfg.rope_dims,
+            cfg.rope_theta,
+            cfg.rope_max_positions,
+        )
         pos = Positions(cos.to(x.device), sin.to(x.device))
         mask = self._attention_mask(attention, frame_groups, grid[0], tokens_per_frame, cache, x.device)
         audio_h = self.audio_encoder(audio.to(x.dtype)) if audio is not None else None
@@ -286,8 +314,15 @@ class CausalWanDiT(nn.Module):
         x = self.head(x, t_emb, grid[0])
         return self._unpatchify(x, grid)
 
-    def _attention_mask(self, attention: AttentionMode, frame_groups: list[int] | None, frames: int,
-                        tokens_per_frame: int, cache: KVCache | None, device: torch.device) -> torch.Tensor | None:
+    def _attention_mask(
+        self,
+        attention: AttentionMode,
+        frame_groups: list[int] | None,
+        frames: int,
+        tokens_per_frame: int,
+        cache: KVCache | None,
+        device: torch.device,
+    ) -> torch.Tensor | None:
         if attention == "streaming":
             if cache is None:
                 raise ValueError("streaming attention needs a KV cache")
@@ -298,8 +333,9 @@ class CausalWanDiT(nn.Module):
             return None
         if not frame_groups or sum(frame_groups) != frames:
             raise ValueError(f"block_causal needs frame_groups summing to {frames} frames, got {frame_groups}")
-        group = torch.repeat_interleave(torch.arange(len(frame_groups), device=device),
-                                        torch.tensor(frame_groups, device=device) * tokens_per_frame)
+        group = torch.repeat_interleave(
+            torch.arange(len(frame_groups), device=device), torch.tensor(frame_groups, device=device) * tokens_per_frame
+        )
         return group[None, :] <= group[:, None]  # query i sees key j iff j's group is not later
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -312,10 +348,27 @@ class CausalWanDiT(nn.Module):
     def backbone_parameters(self) -> int:
         return sum(p.numel() for n, p in self.named_parameters() if not self.is_conditioning_param(n))
 
-    def new_cache(self, *, batch: int, tokens_per_frame: int, sink_frames: int, window_frames: int,
-                  horizon_frames: int, device=None, dtype=None) -> KVCache:
+    def new_cache(
+        self,
+        *,
+        batch: int,
+        tokens_per_frame: int,
+        sink_frames: int,
+        window_frames: int,
+        horizon_frames: int,
+        device=None,
+        dtype=None,
+    ) -> KVCache:
         p = next(self.parameters())
-        return KVCache(num_layers=self.cfg.num_layers, batch=batch, num_heads=self.cfg.num_heads,
-                       head_dim=self.cfg.head_dim, tokens_per_frame=tokens_per_frame, sink_frames=sink_frames,
-                       window_frames=window_frames, horizon_frames=horizon_frames,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        return KVCache(
+            num_layers=self.cfg.num_layers,
+            batch=batch,
+            num_heads=self.cfg.num_heads,
+            head_dim=self.cfg.head_dim,
+            tokens_per_frame=tokens_per_frame,
+            sink_frames=sink_frames,
+            window_frames=window_frames,
+            horizon_frames=horizon_frames,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
+        )

@@ -49,6 +49,8 @@ def decoder_context_frames(vae: WanVAE) -> int:
             if ".upsamplers." in name:  # the upsampler's time conv runs before its frame doubling
                 rate *= 2
     return math.ceil(frames)
+
+
 RANDOM_MODEL_SEED = 0
 
 
@@ -115,21 +117,26 @@ class RenderState:
         return blob
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "RenderState":
+    def from_bytes(cls, data: bytes) -> RenderState:
         tensors = load_tensors(data)
         header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, JSON header
         meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["meta"])
         timesteps = meta.pop("journal_timesteps")
-        journal = [CacheWrite(tensors[f"journal.{i}.latents"], t, tensors[f"journal.{i}.positions"],
-                              tensors[f"journal.{i}.audio"]) for i, t in enumerate(timesteps)]
-        return cls(meta=meta, reference=tensors["reference"], rng=tensors["rng"], recent=tensors["recent"],
-                   journal=journal)
+        journal = [
+            CacheWrite(
+                tensors[f"journal.{i}.latents"], t, tensors[f"journal.{i}.positions"], tensors[f"journal.{i}.audio"]
+            )
+            for i, t in enumerate(timesteps)
+        ]
+        return cls(
+            meta=meta, reference=tensors["reference"], rng=tensors["rng"], recent=tensors["recent"], journal=journal
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | Path) -> "RenderState":
+    def load(cls, path: str | Path) -> RenderState:
         return cls.from_bytes(Path(path).read_bytes())
 
 
@@ -172,9 +179,18 @@ class AudioBuffer:
 class AvatarModel:
     """One resident model: DiT, VAE, audio featurizer and text encoder, loaded once and shared by renders."""
 
-    def __init__(self, preset: Preset, dit: CausalWanDiT, vae: WanVAE, *, description: str,
-                 audio_model_dir: str | None = None, text_model_dir: str | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        preset: Preset,
+        dit: CausalWanDiT,
+        vae: WanVAE,
+        *,
+        description: str,
+        audio_model_dir: str | None = None,
+        text_model_dir: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.preset = preset
         self.device = torch.device(device)
         self.dtype = dtype
@@ -191,9 +207,16 @@ class AvatarModel:
         self.schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
 
     @classmethod
-    def load(cls, checkpoint: str | Path | None = None, *, preset: str = "tiny", device: str = "cpu",
-             dtype: torch.dtype = torch.float32, audio_model_dir: str | None = None,
-             text_model_dir: str | None = None) -> "AvatarModel":
+    def load(
+        cls,
+        checkpoint: str | Path | None = None,
+        *,
+        preset: str = "tiny",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        audio_model_dir: str | None = None,
+        text_model_dir: str | None = None,
+    ) -> AvatarModel:
         """Our checkpoint directory; None -> the bundled trained model, or a seeded random one if none ships."""
         path = Path(checkpoint) if checkpoint else BUNDLED_MODEL if preset == "tiny" else None
         if path is not None and (path / "config.json").exists():
@@ -202,15 +225,29 @@ class AvatarModel:
             load_module_strict(dit, modules["dit"], f"{path} (dit)")
             load_module_strict(vae, modules["vae"], f"{path} (vae)")
             description = "bundled tiny model" if path == BUNDLED_MODEL else f"checkpoint {path}"
-            return cls(loaded_preset, dit, vae, description=description, audio_model_dir=audio_model_dir,
-                       text_model_dir=text_model_dir, device=device, dtype=dtype)
+            return cls(
+                loaded_preset,
+                dit,
+                vae,
+                description=description,
+                audio_model_dir=audio_model_dir,
+                text_model_dir=text_model_dir,
+                device=device,
+                dtype=dtype,
+            )
         if checkpoint:
             raise FileNotFoundError(f"{checkpoint}: no avatar-render checkpoint there (config.json missing)")
-        return cls.random(preset, seed=RANDOM_MODEL_SEED, device=device, dtype=dtype,
-                          audio_model_dir=audio_model_dir, text_model_dir=text_model_dir)
+        return cls.random(
+            preset,
+            seed=RANDOM_MODEL_SEED,
+            device=device,
+            dtype=dtype,
+            audio_model_dir=audio_model_dir,
+            text_model_dir=text_model_dir,
+        )
 
     @classmethod
-    def random(cls, preset: str | Preset = "tiny", *, seed: int = 0, **kwargs) -> "AvatarModel":
+    def random(cls, preset: str | Preset = "tiny", *, seed: int = 0, **kwargs) -> AvatarModel:
         """A seeded random model of the real classes: conditioning randomised too, so it reacts to its inputs."""
         preset = get_preset(preset) if isinstance(preset, str) else preset
         torch.manual_seed(seed)
@@ -219,37 +256,53 @@ class AvatarModel:
             for name, p in dit.named_parameters():
                 if dit.is_conditioning_param(name):
                     p.normal_(0.0, 0.02)
-        return cls(preset, dit, vae, description=f"random {preset.name} model (seed {seed}): no trained weights",
-                   **kwargs)
+        return cls(
+            preset, dit, vae, description=f"random {preset.name} model (seed {seed}): no trained weights", **kwargs
+        )
 
-    def open(self, portrait: np.ndarray, prompt: str | None = None,
-             settings: RenderSettings | None = None) -> "RenderSession":
+    def open(
+        self, portrait: np.ndarray, prompt: str | None = None, settings: RenderSettings | None = None
+    ) -> RenderSession:
         settings = settings or RenderSettings()
         preset = self._preset_for(settings)
         if portrait.shape != (preset.video.height, preset.video.width, 3) or portrait.dtype != np.uint8:
-            raise ValueError(f"portrait must be uint8 {(preset.video.height, preset.video.width, 3)}, "
-                             f"got {portrait.dtype} {portrait.shape}")
+            raise ValueError(
+                f"portrait must be uint8 {(preset.video.height, preset.video.width, 3)}, "
+                f"got {portrait.dtype} {portrait.shape}"
+            )
         with torch.no_grad():
             video = frames_to_tensor(portrait[None]).to(self.device)  # (1, 3, 1, H, W)
             reference = self.vae.encode(video).to(self.dtype)
         rng = torch.Generator().manual_seed(settings.seed)
         return RenderSession(self, preset, settings, prompt, reference, rng)
 
-    def restore(self, state: RenderState, prompt: str | None = None) -> "RenderSession":
+    def restore(self, state: RenderState, prompt: str | None = None) -> RenderSession:
         settings = RenderSettings.model_validate(state.meta["settings"])
         prompt = state.meta.get("prompt") if prompt is None else prompt
         rng = torch.Generator()
         rng.set_state(state.rng)
-        session = RenderSession(self, self._preset_for(settings), settings, prompt,
-                                state.reference.to(self.device, self.dtype), rng, restore_from=state)
+        session = RenderSession(
+            self,
+            self._preset_for(settings),
+            settings,
+            prompt,
+            state.reference.to(self.device, self.dtype),
+            rng,
+            restore_from=state,
+        )
         return session
 
     def _preset_for(self, settings: RenderSettings) -> Preset:
         preset = self.preset
         if settings.height or settings.width:
-            preset = preset.with_resolution(settings.height or preset.video.height, settings.width or preset.video.width)
-        gen = preset.generator.model_copy(update={
-            k: v for k, v in {"step_plan": settings.step_plan, "t_mci": settings.t_mci}.items() if v is not None})
+            preset = preset.with_resolution(
+                settings.height or preset.video.height, settings.width or preset.video.width
+            )
+        gen = preset.generator.model_copy(
+            update={
+                k: v for k, v in {"step_plan": settings.step_plan, "t_mci": settings.t_mci}.items() if v is not None
+            }
+        )
         if not settings.urcr:
             gen = gen.model_copy(update={"horizon_frames": preset.dit.rope_max_positions})
         return preset.model_copy(update={"generator": type(preset.generator).model_validate(gen.model_dump())})
@@ -258,8 +311,16 @@ class AvatarModel:
 class RenderSession:
     """One render: audio in, video blocks out. Not thread-safe; one session per row."""
 
-    def __init__(self, model: AvatarModel, preset: Preset, settings: RenderSettings, prompt: str | None,
-                 reference: torch.Tensor, rng: torch.Generator, restore_from: RenderState | None = None):
+    def __init__(
+        self,
+        model: AvatarModel,
+        preset: Preset,
+        settings: RenderSettings,
+        prompt: str | None,
+        reference: torch.Tensor,
+        rng: torch.Generator,
+        restore_from: RenderState | None = None,
+    ):
         gen = preset.generator
         if gen.sink_frames != 1:
             raise ValueError("the reference sink is one latent frame (one portrait)")
@@ -285,9 +346,13 @@ class RenderSession:
 
         dit = model.dit
         self.text = dit.embed_text(model.text_encoder.encode(prompt or "").to(model.device, model.dtype))
-        self.cache: KVCache = dit.new_cache(batch=1, tokens_per_frame=preset.tokens_per_frame,
-                                            sink_frames=gen.sink_frames, window_frames=gen.window_frames,
-                                            horizon_frames=gen.horizon_frames)
+        self.cache: KVCache = dit.new_cache(
+            batch=1,
+            tokens_per_frame=preset.tokens_per_frame,
+            sink_frames=gen.sink_frames,
+            window_frames=gen.window_frames,
+            horizon_frames=gen.horizon_frames,
+        )
         self.decoder = StreamingDecoder(model.vae, gen.deflicker if settings.deflicker else None)
         with torch.no_grad():
             self._write_sink()
@@ -350,8 +415,9 @@ class RenderSession:
     # -- the block step --------------------------------------------------------------------------------------
 
     def _audio_features(self, first_latent: int, n: int) -> torch.Tensor:
-        feats = self.model.featurizer.block_features(self.audio.samples, first_latent, n, self.stride,
-                                                     offset=self.audio.start)
+        feats = self.model.featurizer.block_features(
+            self.audio.samples, first_latent, n, self.stride, offset=self.audio.start
+        )
         return feats.unsqueeze(0).to(self.model.device, self.model.dtype)
 
     def _cond(self, n: int, is_reference: bool) -> torch.Tensor:
@@ -363,17 +429,36 @@ class RenderSession:
         # Drawn on the CPU generator so a render is reproducible on any device.
         return torch.randn(like.shape, generator=self.rng, dtype=torch.float32).to(like.device, like.dtype)
 
-    def _forward(self, x: torch.Tensor, timestep: float, positions: torch.Tensor, audio: torch.Tensor,
-                 write: bool) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, timestep: float, positions: torch.Tensor, audio: torch.Tensor, write: bool
+    ) -> torch.Tensor:
         t = torch.full((1, x.shape[2]), float(timestep), device=x.device)
-        return self.model.dit(x, t, self.text, positions, self._cond(x.shape[2], False), audio,
-                              attention="streaming", cache=self.cache, write_cache=write)
+        return self.model.dit(
+            x,
+            t,
+            self.text,
+            positions,
+            self._cond(x.shape[2], False),
+            audio,
+            attention="streaming",
+            cache=self.cache,
+            write_cache=write,
+        )
 
     def _write_sink(self) -> None:
         dit, ref = self.model.dit, self.reference
         audio = torch.zeros(1, 1, dit.cfg.audio_window, dit.cfg.audio_feature_dim, device=ref.device, dtype=ref.dtype)
-        dit(ref, torch.zeros(1, 1, device=ref.device), self.text, torch.zeros(1, dtype=torch.long),
-            self._cond(1, True), audio, attention="streaming", cache=self.cache, write_cache=True)
+        dit(
+            ref,
+            torch.zeros(1, 1, device=ref.device),
+            self.text,
+            torch.zeros(1, dtype=torch.long),
+            self._cond(1, True),
+            audio,
+            attention="streaming",
+            cache=self.cache,
+            write_cache=True,
+        )
         self.cache.commit(1)
 
     def _write_context(self, clean: torch.Tensor, positions: torch.Tensor, audio: torch.Tensor) -> None:
@@ -393,8 +478,9 @@ class RenderSession:
         self.journal.clear()
         context = self.recent[:, :, -m:]
         first = self.latents_done - context.shape[2]
-        self._write_context(context, self.cache.allocate(context.shape[2]),
-                            self._audio_features(first, context.shape[2]))
+        self._write_context(
+            context, self.cache.allocate(context.shape[2]), self._audio_features(first, context.shape[2])
+        )
 
     def next_latents(self, exit_step: int | None = None) -> torch.Tensor:
         """Training rollouts: the next block's latents without decoding (see `denoise_block`). Needs final audio."""
@@ -437,7 +523,7 @@ class RenderSession:
                 x = self.schedule.add_noise(x0, self._noise(x0), sigma_next) if sigma_next > 0 else x0
         clean = x
         self.latents_done = first_latent + n
-        self.recent = torch.cat([self.recent, clean.detach()], dim=2)[:, :, -self._recent_frames():]
+        self.recent = torch.cat([self.recent, clean.detach()], dim=2)[:, :, -self._recent_frames() :]
         last = self.total_frames is not None and self._video_frames_through(self.latents_done) >= self.total_frames
         if not last:
             with torch.no_grad():
@@ -452,13 +538,23 @@ class RenderSession:
     def state(self) -> RenderState:
         """The state at this block boundary."""
         meta = {
-            "version": 1, "preset": self.preset.name, "settings": self.settings.model_dump(mode="json"),
-            "prompt": self.prompt, "blocks_done": self.blocks_done, "frames_done": self.frames_done,
-            "latents_done": self.latents_done, "cache_next_position": self.cache.next_position,
+            "version": 1,
+            "preset": self.preset.name,
+            "settings": self.settings.model_dump(mode="json"),
+            "prompt": self.prompt,
+            "blocks_done": self.blocks_done,
+            "frames_done": self.frames_done,
+            "latents_done": self.latents_done,
+            "cache_next_position": self.cache.next_position,
             "cache_resets": self.cache.resets,
         }
-        return RenderState(meta=meta, reference=self.reference.detach().cpu().float(), rng=self.rng.get_state(),
-                           recent=self.recent.detach().cpu().float(), journal=list(self.journal))
+        return RenderState(
+            meta=meta,
+            reference=self.reference.detach().cpu().float(),
+            rng=self.rng.get_state(),
+            recent=self.recent.detach().cpu().float(),
+            journal=list(self.journal),
+        )
 
     def _replay(self, state: RenderState) -> None:
         """Rebuild the cache and the decoder exactly as they were when `state` was taken."""
@@ -473,11 +569,15 @@ class RenderSession:
             self.cache.commit(w.latents.shape[2])
         self.cache.next_position = meta["cache_next_position"]
         self.journal = list(state.journal)
-        self.blocks_done, self.frames_done, self.latents_done = meta["blocks_done"], meta["frames_done"], meta["latents_done"]
+        self.blocks_done, self.frames_done, self.latents_done = (
+            meta["blocks_done"],
+            meta["frames_done"],
+            meta["latents_done"],
+        )
         self.recent = state.recent.to(dev, dt)
         # The decoder's causal state depends only on the last `decoder_context` latent frames: re-decode them.
         # (If the render is shorter than that, `recent` is its whole history and the warm-up is exact anyway.)
-        warmup = self.recent[:, :, -self.decoder_context:]
+        warmup = self.recent[:, :, -self.decoder_context :]
         if warmup.shape[2]:
             self.decoder.decode_block(warmup.float())
         self.blocks_rendered_here = 0

@@ -19,9 +19,20 @@ class KVCache:
     the sink.
     """
 
-    def __init__(self, *, num_layers: int, batch: int, num_heads: int, head_dim: int, tokens_per_frame: int,
-                 sink_frames: int, window_frames: int, horizon_frames: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch: int,
+        num_heads: int,
+        head_dim: int,
+        tokens_per_frame: int,
+        sink_frames: int,
+        window_frames: int,
+        horizon_frames: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.tokens_per_frame = tokens_per_frame
         self.sink_frames = sink_frames
         self.window_frames = window_frames
@@ -69,14 +80,19 @@ class KVCache:
             if num_frames > self.window_frames:
                 raise ValueError(f"cannot write {num_frames} frames into a {self.window_frames}-frame window")
             frame_slots = (self.window_head + torch.arange(num_frames)) % self.window_frames
-            slots = (self.sink_tokens + frame_slots[:, None] * self.tokens_per_frame
-                     + torch.arange(self.tokens_per_frame)[None, :]).reshape(-1)
+            slots = (
+                self.sink_tokens
+                + frame_slots[:, None] * self.tokens_per_frame
+                + torch.arange(self.tokens_per_frame)[None, :]
+            ).reshape(-1)
             self.window_head = (self.window_head + num_frames) % self.window_frames
             self.window_filled = min(self.window_filled + num_frames, self.window_frames)
         slots = slots.to(self.keys.device)
         for layer, (k, v) in self._pending.items():
             if k.shape[1] != tokens:
-                raise ValueError(f"layer {layer}: wrote {k.shape[1]} tokens for {num_frames} frames ({tokens} expected)")
+                raise ValueError(
+                    f"layer {layer}: wrote {k.shape[1]} tokens for {num_frames} frames ({tokens} expected)"
+                )
             self.keys[layer].index_copy_(1, slots, k.to(self.keys.dtype))
             self.values[layer].index_copy_(1, slots, v.to(self.values.dtype))
         self._pending.clear()
@@ -92,7 +108,8 @@ class KVCache:
         if not self.fits(num_frames):
             raise RuntimeError(
                 f"positions {self.next_position}..{self.next_position + num_frames - 1} pass the horizon "
-                f"{self.horizon_frames}: reset the cache first")
+                f"{self.horizon_frames}: reset the cache first"
+            )
         positions = torch.arange(self.next_position, self.next_position + num_frames)
         self.next_position += num_frames
         return positions

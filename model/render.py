@@ -53,8 +53,9 @@ def render_to_mp4(
     chunk = int(FEED_CHUNK_SECONDS * sample_rate)
     blocks = 0
     # The writer measures nothing itself: the decoded length is the duration the generator renders to.
-    with VideoWriter(out_path, video.fps, width, height, audio_path=audio_path,
-                     audio_duration=samples.size / sample_rate) as writer:
+    with VideoWriter(
+        out_path, video.fps, width, height, audio_path=audio_path, audio_duration=samples.size / sample_rate
+    ) as writer:
         for start in range(0, samples.size, chunk):
             t = time.perf_counter()
             session.feed_audio(samples[start : start + chunk], final=start + chunk >= samples.size)
@@ -75,6 +76,11 @@ def render_to_mp4(
         writer.close()  # flush the encoder and mux the audio; the context manager's close is then a no-op
         timings["encode"] += time.perf_counter() - t
     frames = writer.frames_written
-    return {"frames": frames, "seconds": frames / video.fps, "blocks": blocks, "fps": video.fps,
-            "out_path": str(Path(out_path)), "timings": timings}
-
+    return {
+        "frames": frames,
+        "seconds": frames / video.fps,
+        "blocks": blocks,
+        "fps": video.fps,
+        "out_path": str(Path(out_path)),
+        "timings": timings,
+    }

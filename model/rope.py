@@ -22,13 +22,17 @@ def grid_positions(frame_positions: torch.Tensor, height: int, width: int) -> to
     return torch.stack([f, h, w], dim=-1).reshape(-1, 3)
 
 
-def rope_cos_sin(positions: torch.Tensor, rope_dims: tuple[int, int, int], theta: float, max_positions: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, rope_dims: tuple[int, int, int], theta: float, max_positions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (L, head_dim/2) for integer positions (L, 3)."""
     if positions.numel() and (positions.min() < 0 or positions.max() >= max_positions):
         raise ValueError(f"RoPE positions must lie in [0, {max_positions}), got {positions.min()}..{positions.max()}")
     angles = torch.cat(
-        [positions[:, i : i + 1].double() * axis_frequencies(d, theta).to(positions.device) for i, d in enumerate(rope_dims)],
+        [
+            positions[:, i : i + 1].double() * axis_frequencies(d, theta).to(positions.device)
+            for i, d in enumerate(rope_dims)
+        ],
         dim=-1,
     )
     return angles.cos().float(), angles.sin().float()

@@ -52,7 +52,7 @@ class StepPlan:
         return self.plan[min(block_index, len(self.plan) - 1)]
 
     @classmethod
-    def parse(cls, text: str) -> "StepPlan":
+    def parse(cls, text: str) -> StepPlan:
         try:
             return cls(tuple(int(s) for s in text.replace(" ", "").split(",") if s))
         except ValueError:

@@ -113,8 +113,9 @@ class TextEncoder:
 class NullTextEncoder:
     """For presets without a text encoder: every prompt embeds to zeros of the expected shape."""
 
-    def __init__(self, text_dim: int, max_length: int = 1, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, text_dim: int, max_length: int = 1, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ):
         self.text_dim, self.max_length = text_dim, max_length
         self.device, self.dtype = torch.device(device), dtype
         self._calls = 0

@@ -134,7 +134,7 @@ class WanVAE(nn.Module):
         return self.model.decode(self.denormalize(latents.to(self.dtype))).sample
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike) -> "WanVAE":
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> WanVAE:
         """Load a diffusers-format AutoencoderKLWan directory (config.json + weights), e.g. Wan2.1's `vae/`."""
         from diffusers import AutoencoderKLWan
 
@@ -166,7 +166,7 @@ class WanVAE(nn.Module):
             f.write(self.config.model_dump_json(indent=2))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "WanVAE":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> WanVAE:
         from safetensors.torch import load_file
 
         with open(os.path.join(directory, CONFIG_NAME)) as f:
@@ -212,8 +212,9 @@ class StreamingDecoder:
         for i in range(x.shape[2]):
             conv_idx = [0]
             first = self.latent_frames_decoded == 0
-            chunk = model.decoder(x[:, :, i : i + 1], feat_cache=self._feat_cache, feat_idx=conv_idx,
-                                  first_chunk=first).clamp(-1.0, 1.0)
+            chunk = model.decoder(
+                x[:, :, i : i + 1], feat_cache=self._feat_cache, feat_idx=conv_idx, first_chunk=first
+            ).clamp(-1.0, 1.0)
             frames.append(chunk if first else blend_crossing(self._last_frame, chunk, self.deflicker))
             self._last_frame = chunk[:, :, -1:]
             self.latent_frames_decoded += 1

@@ -7,7 +7,7 @@ status and Prometheus metrics. They cross process boundaries (Ray), so they hold
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 RowStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
 
@@ -52,4 +52,4 @@ class RowFinished:
     timings: dict = field(default_factory=dict)
 
 
-Event = Union[RowStarted, BlockRendered, StageTimed, RowFinished]
+Event = RowStarted | BlockRendered | StageTimed | RowFinished

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -73,7 +73,7 @@ def run_job(
 
     from actors.progress import ProgressActor, progress_actor_name
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     settings = _job_settings(spec, settings)
     store = ObjectStore(settings.storage)
     output_root = normalize_uri(spec.output).rstrip("/")
@@ -100,8 +100,7 @@ def run_job(
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
-    report = JobReport(job_id=spec.job_id, rows=rows, counts=counts, started=started,
-                       finished=datetime.now(timezone.utc))
+    report = JobReport(job_id=spec.job_id, rows=rows, counts=counts, started=started, finished=datetime.now(UTC))
     write_report(report, output_root, store)
     if on_event is not None:
         on_event(StageTimed(spec.job_id, "report", time.perf_counter() - tick))
@@ -126,8 +125,14 @@ def _validated_tasks(spec: JobSpec, settings: PipelineSettings, store: ObjectSto
         raw, base = read_manifest(spec.manifest, store), manifest_dir(spec.manifest)
     else:
         raw, base = list(spec.rows), normalize_uri(os.getcwd())
-    return validate_rows(raw, output_root=output_root, base_uri=base, limits=settings.limits,
-                         preset=settings.preset, model_key=f"{settings.preset}:{settings.checkpoint}")
+    return validate_rows(
+        raw,
+        output_root=output_root,
+        base_uri=base,
+        limits=settings.limits,
+        preset=settings.preset,
+        model_key=f"{settings.preset}:{settings.checkpoint}",
+    )
 
 
 def _connect_ray(settings: PipelineSettings) -> None:
@@ -164,7 +169,9 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
     if not use_gpu:
         # CPU actors hold their CPUs for the whole job: leave room for one fetch/write task, or they starve.
         cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
-        actor_cpus = min(actor_cpus, max(settings.io_num_cpus, (cluster_cpus - settings.io_num_cpus) / settings.num_actors))
+        actor_cpus = min(
+            actor_cpus, max(settings.io_num_cpus, (cluster_cpus - settings.io_num_cpus) / settings.num_actors)
+        )
     dataset = (
         ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per row: rows stream independently
         .map(fetch_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
@@ -265,11 +272,20 @@ def write_report(report: JobReport, output_root: str, store: ObjectStore) -> Non
     columns = {c: [getattr(row, c) for row in report.rows] for c in REPORT_COLUMNS}
     columns["timings"] = [json.dumps(row.timings) for row in report.rows]
     columns["metrics"] = [json.dumps(row.metrics) for row in report.rows]
-    schema = pa.schema([
-        ("id", pa.string()), ("status", pa.string()), ("output", pa.string()), ("error", pa.string()),
-        ("error_kind", pa.string()), ("frames", pa.int64()), ("video_seconds", pa.float64()),
-        ("duration_s", pa.float64()), ("timings", pa.string()), ("metrics", pa.string()),
-    ])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("status", pa.string()),
+            ("output", pa.string()),
+            ("error", pa.string()),
+            ("error_kind", pa.string()),
+            ("frames", pa.int64()),
+            ("video_seconds", pa.float64()),
+            ("duration_s", pa.float64()),
+            ("timings", pa.string()),
+            ("metrics", pa.string()),
+        ]
+    )
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pydict(columns, schema=schema), buffer)
     store.put_bytes(f"{output_root}/report.parquet", buffer.getvalue())

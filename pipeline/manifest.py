@@ -87,7 +87,9 @@ def _read_jsonl(data: bytes) -> list[dict[str, Any] | str]:
         except json.JSONDecodeError as err:
             rows.append(f"line {number}: not valid JSON ({err.msg})")
             continue
-        rows.append(row if isinstance(row, dict) else f"line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(
+            row if isinstance(row, dict) else f"line {number}: expected a JSON object, got {type(row).__name__}"
+        )
     return rows
 
 
@@ -143,7 +145,9 @@ def validate_rows(
 def _validate(index, row_id, row, output_root, base_uri, limits, preset_name, model_key) -> RowTask:
     unknown = sorted(k for k, v in row.items() if k not in KNOWN_COLUMNS and v is not None)
     if unknown:
-        raise ValueError(f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(KNOWN_COLUMNS))}")
+        raise ValueError(
+            f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(KNOWN_COLUMNS))}"
+        )
     inputs = {}
     for column in ("portrait", "audio"):
         value = row.get(column)
@@ -190,7 +194,7 @@ def _output_uri(value: Any, row_id: str, output_root: str) -> str:
             raise ValueError(f"output {value!r} is outside the output root {output_root}")
     else:
         uri = confined_uri(output_root, value)
-    if SEGMENTS_DIR in uri[len(output_root):].split("/"):
+    if SEGMENTS_DIR in uri[len(output_root) :].split("/"):
         raise ValueError(f"output {value!r} may not be inside {SEGMENTS_DIR}/")
     if not uri.endswith(".mp4"):
         raise ValueError(f"output {value!r} must end in .mp4")

@@ -31,7 +31,7 @@ class RowRecord:
     result: dict = field(default_factory=dict)  # frames, fps, video_seconds, segments, blocks, actor_id
     timings: dict = field(default_factory=dict)  # seconds per stage
 
-    def fail(self, kind: str, error: str) -> "RowRecord":
+    def fail(self, kind: str, error: str) -> RowRecord:
         self.status, self.error_kind, self.error = "failed", kind, error
         self.portrait = self.audio = b""
         return self
@@ -50,7 +50,7 @@ class RowRecord:
         }
 
     @classmethod
-    def from_row(cls, row: dict) -> "RowRecord":
+    def from_row(cls, row: dict) -> RowRecord:
         return cls(
             task=RowTask.model_validate_json(row["task"]),
             status=row["status"],

@@ -35,8 +35,9 @@ def fetch_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -
         audio = _decode(store, task.audio, "audio", preset.audio.sample_rate)
         seconds = len(audio) / preset.audio.sample_rate
         if seconds > settings.limits.max_audio_seconds:
-            raise InputError(task.audio, f"audio lasts {seconds:.0f} s, over the limit of "
-                                         f"{settings.limits.max_audio_seconds:.0f} s")
+            raise InputError(
+                task.audio, f"audio lasts {seconds:.0f} s, over the limit of {settings.limits.max_audio_seconds:.0f} s"
+            )
         record.audio = array_to_bytes(audio)
     except InputError as err:
         record.fail("input", str(err))

@@ -39,9 +39,9 @@ def normalize_uri(uri: str, base: str | None = None) -> str:
     """
     uri = os.fspath(uri)
     if uri.startswith("s3://"):
-        return "s3://" + posixpath.normpath(uri[len("s3://"):]).lstrip("/")
+        return "s3://" + posixpath.normpath(uri[len("s3://") :]).lstrip("/")
     if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+        uri = uri[len("file://") :]
     elif "://" in uri:
         raise ValueError(f"unsupported URI scheme in {uri!r}; use a local path, file:// or s3://")
     if not os.path.isabs(uri) and base is not None:
@@ -52,7 +52,11 @@ def normalize_uri(uri: str, base: str | None = None) -> str:
 def join_uri(base: str, relative: str) -> str:
     """Join a relative path onto a normalised directory URI (".." allowed: the caller chose the path)."""
     scheme, rest = base.split("://", 1)
-    return f"{scheme}://" + ("/" if scheme == "file" else "") + posixpath.normpath(posixpath.join(rest, relative)).lstrip("/")
+    return (
+        f"{scheme}://"
+        + ("/" if scheme == "file" else "")
+        + posixpath.normpath(posixpath.join(rest, relative)).lstrip("/")
+    )
 
 
 def parent_uri(uri: str) -> str:
@@ -85,7 +89,7 @@ def confined_uri(root: str, relative: str) -> str:
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     return bucket, key
 
 
@@ -239,7 +243,7 @@ class ObjectStore:
             bucket, _ = _split_s3(prefix)
             keys = [_split_s3(u)[1] for u in self.list(prefix)]
             for start in range(0, len(keys), S3_DELETE_BATCH):
-                batch = [{"Key": k} for k in keys[start:start + S3_DELETE_BATCH]]
+                batch = [{"Key": k} for k in keys[start : start + S3_DELETE_BATCH]]
                 self._s3().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
             return
         shutil.rmtree(_local(prefix), ignore_errors=True)
@@ -272,4 +276,4 @@ class ObjectStore:
 
 
 def _local(uri: str) -> str:
-    return uri[len("file://"):]
+    return uri[len("file://") :]

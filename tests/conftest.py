@@ -56,8 +56,13 @@ def s3_client(settings):
     """A plain boto3 client for the moto server, to look at S3 independently of ObjectStore."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
-                        aws_access_key_id=settings.access_key_id, aws_secret_access_key=settings.secret_access_key)
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+    )
 
 
 @pytest.fixture

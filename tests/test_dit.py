@@ -8,13 +8,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import (CheckpointError, diffusers_to_wan, load_wan_checkpoint, read_state_dict,
-                              wan_to_diffusers)
+from model.checkpoint import CheckpointError, diffusers_to_wan, load_wan_checkpoint, read_state_dict, wan_to_diffusers
 from model.config import DiTConfig, get_preset
 from model.dit import CausalWanDiT
 
-SMALL = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=24, patch_size=(1, 2, 2),
-                  audio_feature_dim=10, audio_window=8, audio_hidden=16)
+SMALL = DiTConfig(
+    dim=64,
+    ffn_dim=128,
+    num_heads=2,
+    num_layers=2,
+    freq_dim=32,
+    text_dim=24,
+    patch_size=(1, 2, 2),
+    audio_feature_dim=10,
+    audio_window=8,
+    audio_hidden=16,
+)
 
 
 def randomize_conditioning(dit: CausalWanDiT, seed: int = 0) -> None:
@@ -48,10 +57,18 @@ def test_bidirectional_matches_diffusers_wan_transformer():
     torch.manual_seed(0)
     ours = CausalWanDiT(SMALL).eval()
     theirs = WanTransformer3DModel(
-        patch_size=SMALL.patch_size, num_attention_heads=SMALL.num_heads, attention_head_dim=SMALL.head_dim,
-        in_channels=SMALL.latent_channels, out_channels=SMALL.latent_channels, text_dim=SMALL.text_dim,
-        freq_dim=SMALL.freq_dim, ffn_dim=SMALL.ffn_dim, num_layers=SMALL.num_layers,
-        cross_attn_norm=SMALL.cross_attn_norm, eps=SMALL.eps).eval()
+        patch_size=SMALL.patch_size,
+        num_attention_heads=SMALL.num_heads,
+        attention_head_dim=SMALL.head_dim,
+        in_channels=SMALL.latent_channels,
+        out_channels=SMALL.latent_channels,
+        text_dim=SMALL.text_dim,
+        freq_dim=SMALL.freq_dim,
+        ffn_dim=SMALL.ffn_dim,
+        num_layers=SMALL.num_layers,
+        cross_attn_norm=SMALL.cross_attn_norm,
+        eps=SMALL.eps,
+    ).eval()
     backbone = {k: v for k, v in ours.state_dict().items() if not ours.is_conditioning_param(k)}
     missing, unexpected = theirs.load_state_dict(wan_to_diffusers(backbone), strict=True)
     assert not missing and not unexpected
@@ -69,14 +86,26 @@ def test_bidirectional_matches_diffusers_wan_transformer():
 def _stream(dit, cfg, latents, cond, audio, text, timesteps, sink, block, window, horizon):
     """Sink then blocks, each written into the cache by the same pass that computes its output."""
     tokens_per_frame = latents.shape[-1] * latents.shape[-2] // 4
-    cache = dit.new_cache(batch=1, tokens_per_frame=tokens_per_frame, sink_frames=sink,
-                          window_frames=window, horizon_frames=horizon)
+    cache = dit.new_cache(
+        batch=1, tokens_per_frame=tokens_per_frame, sink_frames=sink, window_frames=window, horizon_frames=horizon
+    )
     outs = []
     starts = [0, sink] + list(range(sink + block, latents.shape[2], block))
     for a, b in zip(starts, starts[1:] + [latents.shape[2]]):
         positions = torch.arange(a, b) if a == 0 else cache.allocate(b - a)
-        outs.append(dit(latents[:, :, a:b], timesteps[:, a:b], text, positions, cond[:, :, a:b], audio[:, a:b],
-                        attention="streaming", cache=cache, write_cache=True))
+        outs.append(
+            dit(
+                latents[:, :, a:b],
+                timesteps[:, a:b],
+                text,
+                positions,
+                cond[:, :, a:b],
+                audio[:, a:b],
+                attention="streaming",
+                cache=cache,
+                write_cache=True,
+            )
+        )
         cache.commit(b - a)
     return torch.cat(outs, dim=2)
 
@@ -92,10 +121,19 @@ def test_streaming_equals_block_causal(injection):
     latents, cond, audio, text, timesteps = make_inputs(cfg, frames)
     text = dit.embed_text(text)
     with torch.no_grad():
-        full = dit(latents, timesteps, text, torch.arange(frames), cond, audio,
-                   attention="block_causal", frame_groups=[sink] + [block] * blocks)
-        streamed = _stream(dit, cfg, latents, cond, audio, text, timesteps, sink, block,
-                           window=block * blocks, horizon=frames)
+        full = dit(
+            latents,
+            timesteps,
+            text,
+            torch.arange(frames),
+            cond,
+            audio,
+            attention="block_causal",
+            frame_groups=[sink] + [block] * blocks,
+        )
+        streamed = _stream(
+            dit, cfg, latents, cond, audio, text, timesteps, sink, block, window=block * blocks, horizon=frames
+        )
     assert (full - streamed).abs().max() < 1e-5
 
 
@@ -112,7 +150,16 @@ def test_block_causal_is_causal():
     audio_changed[:, 7:] -= 1.0
     with torch.no_grad():
         a = dit(latents, timesteps, text, torch.arange(10), cond, audio, attention="block_causal", frame_groups=groups)
-        b = dit(changed, timesteps, text, torch.arange(10), cond, audio_changed, attention="block_causal", frame_groups=groups)
+        b = dit(
+            changed,
+            timesteps,
+            text,
+            torch.arange(10),
+            cond,
+            audio_changed,
+            attention="block_causal",
+            frame_groups=groups,
+        )
     assert torch.equal(a[:, :, :7], b[:, :, :7])
     assert not torch.allclose(a[:, :, 7:], b[:, :, 7:])
 
@@ -140,11 +187,12 @@ def test_wan_and_diffusers_layouts_round_trip(tmp_path):
 
     # diffusers layout, sharded with an index, loads into a fresh model; conditioning is reported absent.
     keys = sorted(diffusers)
-    shards = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2:]}
+    shards = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2 :]}
     for name, names in shards.items():
         save_file({k: diffusers[k].contiguous() for k in names}, tmp_path / name)
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {k: f for f, names in shards.items() for k in names}}))
+        json.dumps({"weight_map": {k: f for f, names in shards.items() for k in names}})
+    )
     fresh = CausalWanDiT(SMALL)
     report = load_wan_checkpoint(fresh, tmp_path)
     assert report.layout == "diffusers"
@@ -181,7 +229,13 @@ def test_bfloat16_forward_runs_and_stays_close_to_float32():
     with torch.no_grad():
         ref = dit(latents, timesteps, dit.embed_text(text), torch.arange(4), cond, audio)
         half = dit.to(torch.bfloat16)
-        out = half(latents.bfloat16(), timesteps, half.embed_text(text.bfloat16()), torch.arange(4),
-                   cond.bfloat16(), audio.bfloat16())
+        out = half(
+            latents.bfloat16(),
+            timesteps,
+            half.embed_text(text.bfloat16()),
+            torch.arange(4),
+            cond.bfloat16(),
+            audio.bfloat16(),
+        )
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).norm() / ref.norm() < 5e-2

@@ -40,7 +40,9 @@ def test_ground_truth_video_scores_as_perfect(long_clip):
     assert result["identity_error"] < 0.03
     assert result["frames"] == int(LONG_SECONDS * FPS)
     assert len(result["windows"]) == 2 and all(w["lipsync_r"] >= 0.95 for w in result["windows"])
-    assert set(result["drift"]) == {f"{m}_per_min" for m in ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")}
+    assert set(result["drift"]) == {
+        f"{m}_per_min" for m in ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")
+    }
     assert abs(result["drift"]["lipsync_r_per_min"]) < 0.05  # ground truth does not drift
 
 
@@ -59,7 +61,9 @@ def test_audio_delayed_by_5_frames_reads_offset_5(long_clip):
     result = score(c["frames"], c["fps"], c["clip"].portrait, c["audio"], phones=delayed)
     assert result["av_offset_frames"] == DELAY_FRAMES
     assert result["lipsync_r"] < 0.9  # misaligned: the zero-lag correlation drops
-    early = score(c["frames"], c["fps"], c["clip"].portrait, c["audio"], phones=shift_phones(phones, -DELAY_FRAMES / FPS))
+    early = score(
+        c["frames"], c["fps"], c["clip"].portrait, c["audio"], phones=shift_phones(phones, -DELAY_FRAMES / FPS)
+    )
     assert early["av_offset_frames"] == -DELAY_FRAMES
     # The same through the audio itself: delay the speech (silence in front), no truth file.
     pad = int(DELAY_FRAMES / FPS * 16000)
@@ -72,7 +76,10 @@ def test_frozen_mouth_has_no_lipsync():
     result = score(clip.frames, FPS, clip.portrait, clip.audio, phones=load_truth_phones(clip.truth))
     assert abs(result["lipsync_r"]) < 0.2
     moving = make_clip(3, 20.0)
-    assert score(moving.frames, FPS, moving.portrait, moving.audio, phones=load_truth_phones(moving.truth))["lipsync_r"] >= 0.95
+    assert (
+        score(moving.frames, FPS, moving.portrait, moving.audio, phones=load_truth_phones(moving.truth))["lipsync_r"]
+        >= 0.95
+    )
 
 
 def test_seams_at_block_boundaries_raise_jitter(long_clip):
@@ -102,13 +109,30 @@ def test_eval_command_json(tmp_path, capsys):
 
     write_dataset(tmp_path, 1, 10.0, seed=5, speech="espeak")
     clip = tmp_path / "clip_00000"
-    argv = ["eval", str(clip / "video.mp4"), "--portrait", str(clip / "portrait.png"), "--audio", str(clip / "audio.wav"),
-            "--truth", str(clip / "truth.json"), "--json"]
+    argv = [
+        "eval",
+        str(clip / "video.mp4"),
+        "--portrait",
+        str(clip / "portrait.png"),
+        "--audio",
+        str(clip / "audio.wav"),
+        "--truth",
+        str(clip / "truth.json"),
+        "--json",
+    ]
     assert main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
-    for key in ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter", "lipsync_reference", "frames",
-                "windows", "drift"):
+    for key in (
+        "lipsync_r",
+        "av_offset_frames",
+        "identity_error",
+        "boundary_jitter",
+        "lipsync_reference",
+        "frames",
+        "windows",
+        "drift",
+    ):
         assert key in result
     assert result["lipsync_r"] >= 0.95 and result["av_offset_frames"] == 0 and result["frames"] == 250
 

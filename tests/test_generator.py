@@ -17,12 +17,27 @@ from model.generator import AvatarModel, RenderSettings
 def small_preset(**generator) -> Preset:
     """The tiny preset shrunk further so hundreds of blocks run in seconds."""
     tiny = get_preset("tiny")
-    dit = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=8,
-                    audio_feature_dim=tiny.dit.audio_feature_dim, audio_window=tiny.dit.audio_window, audio_hidden=16)
+    dit = DiTConfig(
+        dim=32,
+        ffn_dim=64,
+        num_heads=2,
+        num_layers=2,
+        freq_dim=16,
+        text_dim=8,
+        audio_feature_dim=tiny.dit.audio_feature_dim,
+        audio_window=tiny.dit.audio_window,
+        audio_hidden=16,
+    )
     vae = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
     gen = GeneratorConfig(**{"step_plan": (3, 2, 1), "window_frames": 3, "horizon_frames": 10, **generator})
-    return tiny.model_copy(update={"dit": dit, "vae": vae, "generator": gen,
-                                   "video": tiny.video.model_copy(update={"height": 16, "width": 16})})
+    return tiny.model_copy(
+        update={
+            "dit": dit,
+            "vae": vae,
+            "generator": gen,
+            "video": tiny.video.model_copy(update={"height": 16, "width": 16}),
+        }
+    )
 
 
 def portrait(size: int = 16) -> np.ndarray:
@@ -32,7 +47,9 @@ def portrait(size: int = 16) -> np.ndarray:
 def speech(seconds: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * 16000)) / 16000
-    return (0.3 * np.sin(2 * np.pi * 180 * t) * (rng.random(t.size) > 0.3) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    return (0.3 * np.sin(2 * np.pi * 180 * t) * (rng.random(t.size) > 0.3) + 0.05 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +71,13 @@ def build() -> AvatarModel:
 def run_python(code: str) -> str:
     """Run code in a fresh interpreter that can import this test module's helpers."""
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
-    prelude = "import numpy as np\nfrom model.generator import RenderSettings, RenderState\nfrom test_generator import build, portrait, speech\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], check=True, capture_output=True, text=True,
-                          env=env).stdout
+    prelude = (
+        "import numpy as np\nfrom model.generator import RenderSettings, RenderState\n"
+        "from test_generator import build, portrait, speech\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], check=True, capture_output=True, text=True, env=env
+    ).stdout
 
 
 def test_restore_in_fresh_process_continues_bit_identically(tmp_path):
@@ -64,10 +85,16 @@ def test_restore_in_fresh_process_continues_bit_identically(tmp_path):
     full, state_file, tail = tmp_path / "full.npy", tmp_path / "state.bin", tmp_path / "tail.npy"
     start = "m = build(); s = m.open(portrait(), None, RenderSettings(seed=7)); s.feed_audio(speech(6.0), final=True)\n"
     run_python(start + f"np.save({str(full)!r}, np.concatenate([b.frames for b in s]))")
-    frames_before = int(run_python(start + "for _ in range(6): s.next_block()\n"
-                                   f"open({str(state_file)!r}, 'wb').write(s.state().to_bytes()); print(s.frames_done)"))
-    run_python(f"m = build(); s = m.restore(RenderState.from_bytes(open({str(state_file)!r}, 'rb').read()))\n"
-               f"s.feed_audio(speech(6.0), final=True); np.save({str(tail)!r}, np.concatenate([b.frames for b in s]))")
+    frames_before = int(
+        run_python(
+            start + "for _ in range(6): s.next_block()\n"
+            f"open({str(state_file)!r}, 'wb').write(s.state().to_bytes()); print(s.frames_done)"
+        )
+    )
+    run_python(
+        f"m = build(); s = m.restore(RenderState.from_bytes(open({str(state_file)!r}, 'rb').read()))\n"
+        f"s.feed_audio(speech(6.0), final=True); np.save({str(tail)!r}, np.concatenate([b.frames for b in s]))"
+    )
     full_frames, tail_frames = np.load(full), np.load(tail)
     assert state_file.stat().st_size < 1_000_000  # small: latents and counters, not caches
     assert 0 < frames_before < len(full_frames)
@@ -164,7 +191,7 @@ def test_mci_context_writes(model, t_mci):
     writes = capture_context_writes(session)
     try:
         session.next_block()
-        clean = session.recent[:, :, -session.gen.frames_per_block:]
+        clean = session.recent[:, :, -session.gen.frames_per_block :]
     finally:
         del session.model.dit.forward
     x, t = writes[-1]

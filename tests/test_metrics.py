@@ -21,8 +21,9 @@ def feed_job_events(manager, job_id: str) -> None:
         StageTimed(job_id, "fetch", 0.2),
         StageTimed(job_id, "render", 1.5),
         StageTimed(job_id, "write", 0.05),
-        RowFinished(job_id, "a", "succeeded", output="file:///out/a.mp4", frames=21, video_seconds=0.84,
-                    timings={"render": 1.5}),
+        RowFinished(
+            job_id, "a", "succeeded", output="file:///out/a.mp4", frames=21, video_seconds=0.84, timings={"render": 1.5}
+        ),
         RowFinished(job_id, "b", "failed", error="b.wav: cannot decode audio", error_kind="input"),
     ]
     for event in events:

@@ -11,14 +11,15 @@ import time
 import httpx
 import pytest
 import yaml
+from test_service_jobs import FPS, ServiceThread, free_port, make_inputs, service_settings, wait_for
 
 from deploy.app import create_app
 from pipeline.cli import main
-from test_service_jobs import FPS, ServiceThread, free_port, make_inputs, service_settings, wait_for
 
 
 def service_output_root(tmp_path) -> str:
     return f"file://{(tmp_path / 'state' / 'outputs').resolve()}/"
+
 
 SCRAPE_INTERVAL = "1s"  # fast, so several scrapes land while a few-second job runs
 PROMETHEUS = shutil.which("prometheus")
@@ -30,16 +31,21 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
-            "scrape_configs": [{"job_name": "avatar-render", "metrics_path": "/metrics",
-                                "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [
+                {"job_name": "avatar-render", "metrics_path": "/metrics", "static_configs": [{"targets": [target]}]}
+            ],
         }
         workdir.mkdir()
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.args = [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
-                     f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"]
+        self.args = [
+            PROMETHEUS,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
         self.log = open(workdir / "prometheus.log", "wb")
 
-    def __enter__(self) -> "Prometheus":
+    def __enter__(self) -> Prometheus:
         self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
@@ -69,8 +75,10 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
     seconds = 2.0
     media = make_inputs(tmp_path / "in", seconds)
     port = free_port()
-    with ServiceThread(create_app(service_settings(tmp_path)), port) as service, \
-            Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}") as prometheus:
+    with (
+        ServiceThread(create_app(service_settings(tmp_path)), port) as service,
+        Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}") as prometheus,
+    ):
         # The job goes in through the CLI client, which follows it to the end.
         manifest = tmp_path / "job.jsonl"
         manifest.write_text(json.dumps({"id": "a", **media}) + "\n")
@@ -82,9 +90,13 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         # Wait for a scrape after the job ended, then ask Prometheus.
         # (Frames and the finished row are separate events: one scrape can fall between them, so wait for both.)
         frames = wait_for(
-            lambda: {"state": "", "frames": prometheus.query("sum(avatar_render_frames_rendered_total)"),
-                     "rows": prometheus.query('avatar_render_rows_total{status="succeeded"}')},
-            lambda s: s["frames"] == seconds * FPS and s["rows"] == 1, "Prometheus to see every frame and the row",
+            lambda: {
+                "state": "",
+                "frames": prometheus.query("sum(avatar_render_frames_rendered_total)"),
+                "rows": prometheus.query('avatar_render_rows_total{status="succeeded"}'),
+            },
+            lambda s: s["frames"] == seconds * FPS and s["rows"] == 1,
+            "Prometheus to see every frame and the row",
         )["frames"]
         assert frames == int(seconds * FPS)
         assert prometheus.query('max_over_time(avatar_render_jobs{state="running"}[10m])') == 1  # seen mid-job

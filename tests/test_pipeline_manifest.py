@@ -12,7 +12,14 @@ from pipeline.storage import ObjectStore, normalize_uri
 
 ROWS = [
     {"id": "a", "portrait": "faces/a.png", "audio": "speech/a.wav", "prompt": "a person talking"},
-    {"id": "b", "portrait": "/abs/b.png", "audio": "s3://bucket/b.wav", "seed": 7, "steps": "4,2", "output": "sub/b.mp4"},
+    {
+        "id": "b",
+        "portrait": "/abs/b.png",
+        "audio": "s3://bucket/b.wav",
+        "seed": 7,
+        "steps": "4,2",
+        "output": "sub/b.mp4",
+    },
 ]
 
 
@@ -100,7 +107,7 @@ def test_bad_rows_fail_alone_with_a_clear_error():
 def test_row_ids_cannot_escape_the_output_root():
     (task,) = _validate([{"id": "../../etc/passwd", "portrait": "p.png", "audio": "a.wav"}])
     assert task.error is None
-    name = task.output[len("file:///out/"):]
+    name = task.output[len("file:///out/") :]
     assert task.output.startswith("file:///out/") and "/" not in name and not name.startswith(".")
 
 

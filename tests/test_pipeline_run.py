@@ -111,9 +111,12 @@ def test_s3_job_is_idempotent_and_force_rerenders(ray_cluster, s3_server, s3_buc
     store.get_file(row.output, video)
     assert len(read_video(video)[0]) == 25
     assert store.list(f"{s3_bucket}/out/.segments") == []
-    bucket = s3_bucket[len("s3://"):]
+    bucket = s3_bucket[len("s3://") :]
     assert {o["Key"] for o in s3_raw.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]} == {
-        "out/clip.mp4", "out/report.jsonl", "out/report.parquet"}
+        "out/clip.mp4",
+        "out/report.jsonl",
+        "out/report.parquet",
+    }
 
     second = run_job(spec, job_settings)
     assert second.counts == {"skipped": 1}
@@ -134,8 +137,11 @@ def test_s3_job_is_idempotent_and_force_rerenders(ray_cluster, s3_server, s3_buc
 def test_cancel_keeps_segments_and_the_next_run_resumes(ray_cluster, tmp_path):
     make_portrait(tmp_path / "face.png")
     make_audio(tmp_path / "speech.wav", 2.0)
-    spec = JobSpec(job_id="cancel-job", rows=[{"id": "long", "portrait": str(tmp_path / "face.png"),
-                                               "audio": str(tmp_path / "speech.wav")}], output=str(tmp_path / "out"))
+    spec = JobSpec(
+        job_id="cancel-job",
+        rows=[{"id": "long", "portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}],
+        output=str(tmp_path / "out"),
+    )
     cancel = threading.Event()
 
     def on_event(event) -> None:
@@ -164,14 +170,19 @@ def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path
     make_portrait(tmp_path / "face.png")
     make_audio(tmp_path / "speech.wav", 2.0)
     row = {"portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}
-    spec = JobSpec(job_id="kill-job", rows=[{"id": "killed", **row}, {"id": "reference", **row}],
-                   output=str(tmp_path / "out"))
+    spec = JobSpec(
+        job_id="kill-job", rows=[{"id": "killed", **row}, {"id": "reference", **row}], output=str(tmp_path / "out")
+    )
     events, killed = [], []
 
     def on_event(event) -> None:
         events.append(event)
-        if (not killed and isinstance(event, BlockRendered) and event.row_id == "killed"
-                and event.block_index == SEGMENT_BLOCKS - 1):  # pushed after segment 0 was stored
+        if (
+            not killed
+            and isinstance(event, BlockRendered)
+            and event.row_id == "killed"
+            and event.block_index == SEGMENT_BLOCKS - 1
+        ):  # pushed after segment 0 was stored
             progress = ray.get_actor(progress_actor_name(spec.job_id))
             (actor,) = ray.get(progress.get_render_actors.remote()).values()
             ray.kill(actor, no_restart=False)
@@ -183,8 +194,10 @@ def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path
     starts = [e for e in events if isinstance(e, RowStarted) and e.row_id == "killed"]
     assert [s.resumed_from_block > 0 for s in starts] == [False, True], starts
     assert starts[1].resumed_from_block % SEGMENT_BLOCKS == 0
-    blocks = {row_id: [e.block_index for e in events if isinstance(e, BlockRendered) and e.row_id == row_id]
-              for row_id in ("killed", "reference")}
+    blocks = {
+        row_id: [e.block_index for e in events if isinstance(e, BlockRendered) and e.row_id == row_id]
+        for row_id in ("killed", "reference")
+    }
     total = len(blocks["reference"])
     assert sorted(set(blocks["killed"])) == list(range(total))
     # Finished segments are never rendered again: only blocks of the one unfinished segment repeat.

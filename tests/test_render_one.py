@@ -45,8 +45,14 @@ def files(tmp_path_factory) -> dict:
     save_wav(d / "zero.wav", np.zeros(0), 16000)
     (d / "notes.png").write_text("not a picture\n" * 20)
     (d / "empty.jpg").write_bytes(b"")
-    out.update(empty_audio=str(d / "empty.wav"), text_wav=str(d / "notes.wav"), truncated=str(d / "truncated.m4a"),
-               zero=str(d / "zero.wav"), text_png=str(d / "notes.png"), empty_portrait=str(d / "empty.jpg"))
+    out.update(
+        empty_audio=str(d / "empty.wav"),
+        text_wav=str(d / "notes.wav"),
+        truncated=str(d / "truncated.m4a"),
+        zero=str(d / "zero.wav"),
+        text_png=str(d / "notes.png"),
+        empty_portrait=str(d / "empty.jpg"),
+    )
     return out
 
 
@@ -77,8 +83,14 @@ def tiny() -> AvatarModel:
 def test_render_to_mp4_streams_blocks_and_reports(tiny, files, tmp_path):
     calls = []
     out = tmp_path / "talk.mp4"
-    result = render_to_mp4(tiny, files["png"], files["wav"], out, RenderSettings(seed=1, step_plan=(2, 1)),
-                           progress=lambda done, total: calls.append((done, total)))
+    result = render_to_mp4(
+        tiny,
+        files["png"],
+        files["wav"],
+        out,
+        RenderSettings(seed=1, step_plan=(2, 1)),
+        progress=lambda done, total: calls.append((done, total)),
+    )
     info = assert_playable_and_in_sync(out, files["wav"])
     assert result["frames"] == info["frames"] and result["seconds"] == pytest.approx(info["frames"] / 25)
     assert result["blocks"] == len(calls) > 1
@@ -93,8 +105,21 @@ def test_render_to_mp4_streams_blocks_and_reports(tiny, files, tmp_path):
 @pytest.mark.parametrize("portrait,audio", [("jpg", "mp3"), ("png", "ogg")])
 def test_cli_renders_portrait_and_audio_to_mp4(tiny, files, tmp_path, capsys, portrait, audio):
     out = tmp_path / "out.mp4"
-    code = main(["render-one", "--portrait", files[portrait], "--audio", files[audio], "--out", str(out),
-                 "--seed", "3", "--no-progress", *FAST])
+    code = main(
+        [
+            "render-one",
+            "--portrait",
+            files[portrait],
+            "--audio",
+            files[audio],
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--no-progress",
+            *FAST,
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     assert f"model: {tiny.description}" in stdout
@@ -106,29 +131,50 @@ def test_cli_renders_portrait_and_audio_to_mp4(tiny, files, tmp_path, capsys, po
 def test_console_script_end_to_end(files, tmp_path):
     """The installed `avatar-render` script, in its own process, with its progress bar."""
     out = tmp_path / "out.mp4"
-    proc = subprocess.run([CONSOLE_SCRIPT, "render-one", "--portrait", files["png"],
-                           "--audio", files["wav"], "--out", str(out), *FAST], capture_output=True, text=True)
+    proc = subprocess.run(
+        [CONSOLE_SCRIPT, "render-one", "--portrait", files["png"], "--audio", files["wav"], "--out", str(out), *FAST],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "frame" in proc.stderr  # tqdm's bar counts video frames
     assert_playable_and_in_sync(out, files["wav"])
 
-    bad = subprocess.run([CONSOLE_SCRIPT, "render-one", "--portrait", files["text_png"],
-                          "--audio", files["wav"], "--out", str(tmp_path / "bad.mp4")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            CONSOLE_SCRIPT,
+            "render-one",
+            "--portrait",
+            files["text_png"],
+            "--audio",
+            files["wav"],
+            "--out",
+            str(tmp_path / "bad.mp4"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines() == [
-        f"avatar-render render-one: error: {files['text_png']}: not an image (PIL cannot identify the file format)"]
+        f"avatar-render render-one: error: {files['text_png']}: not an image (PIL cannot identify the file format)"
+    ]
 
 
-@pytest.mark.parametrize("bad,problem", [
-    ("empty_audio", "empty"),
-    ("truncated", "cannot decode audio"),
-    ("text_wav", "cannot decode audio"),
-    ("zero", "zero length"),
-    ("text_png", "not an image"),
-    ("empty_portrait", "empty"),
-])
+@pytest.mark.parametrize(
+    "bad,problem",
+    [
+        ("empty_audio", "empty"),
+        ("truncated", "cannot decode audio"),
+        ("text_wav", "cannot decode audio"),
+        ("zero", "zero length"),
+        ("text_png", "not an image"),
+        ("empty_portrait", "empty"),
+    ],
+)
 def test_cli_bad_input_is_one_error_line_naming_the_file(files, tmp_path, capsys, bad, problem):
-    portrait, audio = (files[bad], files["wav"]) if bad in ("text_png", "empty_portrait") else (files["png"], files[bad])
+    portrait, audio = (
+        (files[bad], files["wav"]) if bad in ("text_png", "empty_portrait") else (files["png"], files[bad])
+    )
     out = tmp_path / "out.mp4"
     code = main(["render-one", "--portrait", portrait, "--audio", audio, "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err

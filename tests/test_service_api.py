@@ -52,8 +52,13 @@ def test_token_enforced_on_every_v1_route(tmp_path):
     with TestClient(create_app(settings, run_jobs=False)) as c:
         good = {"Authorization": f"Bearer {TOKEN}"}
         job_id = c.post("/v1/jobs", json={"rows": [row()]}, headers=good).json()["job_id"]
-        calls = [("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", f"/v1/jobs/{job_id}"),
-                 ("get", f"/v1/jobs/{job_id}/rows"), ("delete", f"/v1/jobs/{job_id}")]
+        calls = [
+            ("get", "/v1/jobs"),
+            ("post", "/v1/jobs"),
+            ("get", f"/v1/jobs/{job_id}"),
+            ("get", f"/v1/jobs/{job_id}/rows"),
+            ("delete", f"/v1/jobs/{job_id}"),
+        ]
         for method, path in calls:
             kwargs = {"json": {"rows": [row()]}} if method == "post" else {}
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
@@ -102,9 +107,19 @@ def test_bad_requests_get_4xx_naming_the_field(client, tmp_path):
 
 
 def test_no_5xx_for_garbage_input(client):
-    bodies = [b"", b"null", b"[]", b'"rows"', b"{}" * 1000, b"\xff\xfe\x00", b'{"rows": [{"id": null}]}',
-              b'{"manifest": ""}', b'{"manifest": "\\u0000"}', b'{"rows": [{}], "options": []}',
-              json.dumps({"rows": [{"id": "x" * 10_000}]}).encode()]
+    bodies = [
+        b"",
+        b"null",
+        b"[]",
+        b'"rows"',
+        b"{}" * 1000,
+        b"\xff\xfe\x00",
+        b'{"rows": [{"id": null}]}',
+        b'{"manifest": ""}',
+        b'{"manifest": "\\u0000"}',
+        b'{"rows": [{}], "options": []}',
+        json.dumps({"rows": [{"id": "x" * 10_000}]}).encode(),
+    ]
     for body in bodies:
         response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
         assert response.status_code < 500, (body[:40], response.status_code, response.text)

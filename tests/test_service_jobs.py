@@ -30,8 +30,9 @@ def make_inputs(directory, seconds: float) -> dict:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(directory / "face.png")
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    save_wav(directory / "speech.wav", 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2,
-             SAMPLE_RATE)
+    save_wav(
+        directory / "speech.wav", 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2, SAMPLE_RATE
+    )
     return {"portrait": str(directory / "face.png"), "audio": str(directory / "speech.wav")}
 
 
@@ -137,7 +138,7 @@ class ServiceThread:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServiceThread":
+    def __enter__(self) -> ServiceThread:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

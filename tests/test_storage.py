@@ -43,8 +43,9 @@ def test_object_never_visible_before_complete(root, tmp_path):
     """Mid-upload (after bytes went out) the target does not exist; a failed upload leaves nothing."""
     store, base = root
     if base.startswith("s3://"):
-        store = ObjectStore(store.settings.model_copy(update={"multipart_threshold": 5 * MIB,
-                                                              "multipart_chunk_size": 5 * MIB}))
+        store = ObjectStore(
+            store.settings.model_copy(update={"multipart_threshold": 5 * MIB, "multipart_chunk_size": 5 * MIB})
+        )
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(11 * MIB))  # 3 parts on S3
     seen_during_upload = []
@@ -72,7 +73,7 @@ def test_s3_multipart_above_threshold(s3_server, s3_bucket, s3_raw, tmp_path):
     src.write_bytes(os.urandom(11 * MIB))
     store.put_file(f"{s3_bucket}/out/video.mp4", src)
     store.put_bytes(f"{s3_bucket}/out/small.json", b"{}")
-    bucket = s3_bucket[len("s3://"):]
+    bucket = s3_bucket[len("s3://") :]
     # S3 gives a multipart object an ETag "<md5 of part md5s>-<parts>", a single PUT a plain md5.
     assert s3_raw.head_object(Bucket=bucket, Key="out/video.mp4")["ETag"].strip('"').endswith("-3")
     assert "-" not in s3_raw.head_object(Bucket=bucket, Key="out/small.json")["ETag"]

@@ -34,7 +34,9 @@ def test_formant_speech_is_deterministic_and_speech_like():
     # Vowels are loud, pauses silent: the audio really follows its phone timings.
     def rms(kind):
         spans = [p for p in a.phones if PHONES[p.phone].kind == kind and p.end - p.start > 0.06]
-        return np.mean([np.sqrt(np.mean(a.samples[int(p.start * 16000) + 160 : int(p.end * 16000) - 160] ** 2)) for p in spans])
+        return np.mean(
+            [np.sqrt(np.mean(a.samples[int(p.start * 16000) + 160 : int(p.end * 16000) - 160] ** 2)) for p in spans]
+        )
 
     assert rms("vowel") > 20 * rms("pause")
     # Another speaker seed changes the voice, not the words.

@@ -27,8 +27,16 @@ def umt5_dir(tmp_path_factory):
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     config = UMT5Config(
-        vocab_size=tokenizer.vocab_size, d_model=D_MODEL, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=tokenizer.vocab_size,
+        d_model=D_MODEL,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("umt5")

@@ -14,10 +14,10 @@ from model.dit import CausalWanDiT
 from model.generator import AvatarModel, RenderSettings
 from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
 from model.train.distill import DistillConfig, DistillStage
+from model.train.heldout import drift_check, sample_teacher, window_is_worse
 from model.train.loop import run_stage
 from model.train.recipe import RecipeConfig, run_recipe
 from model.train.student import StudentStage, student_from_teacher
-from model.train.heldout import drift_check, sample_teacher, window_is_worse
 from model.train.teacher import DiTTrainConfig, TeacherStage
 from model.train.vae import VAEStage, VAETrainConfig, latent_statistics, residual_temporal_convs
 from model.vae import WanVAE
@@ -27,12 +27,27 @@ SIZE = 16
 
 def small_preset() -> Preset:
     tiny = get_preset("tiny")
-    dit = DiTConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=8,
-                    audio_feature_dim=tiny.dit.audio_feature_dim, audio_window=tiny.dit.audio_window, audio_hidden=16)
+    dit = DiTConfig(
+        dim=32,
+        ffn_dim=64,
+        num_heads=2,
+        num_layers=2,
+        freq_dim=16,
+        text_dim=8,
+        audio_feature_dim=tiny.dit.audio_feature_dim,
+        audio_window=tiny.dit.audio_window,
+        audio_hidden=16,
+    )
     vae = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
     gen = GeneratorConfig(step_plan=(3, 2, 1), window_frames=3, horizon_frames=10)
-    return tiny.model_copy(update={"dit": dit, "vae": vae, "generator": gen,
-                                   "video": tiny.video.model_copy(update={"height": SIZE, "width": SIZE})})
+    return tiny.model_copy(
+        update={
+            "dit": dit,
+            "vae": vae,
+            "generator": gen,
+            "video": tiny.video.model_copy(update={"height": SIZE, "width": SIZE}),
+        }
+    )
 
 
 DATA = DataConfig(num_clips=2, seconds=2.4, num_identities=2, num_speakers=2)
@@ -59,9 +74,11 @@ def test_data_matches_the_generators_audio_and_shapes(setup):
     session = model.open(clip.portrait, None, RenderSettings())
     session.feed_audio(clip.audio, final=True)
     n = preset.generator.frames_per_block
-    assert torch.allclose(session._audio_features(n, n)[0], encoded.audio[n:2 * n])
-    assert torch.allclose(encoded.reference, vae.encode(
-        torch.from_numpy(clip.portrait).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1)[0])
+    assert torch.allclose(session._audio_features(n, n)[0], encoded.audio[n : 2 * n])
+    assert torch.allclose(
+        encoded.reference,
+        vae.encode(torch.from_numpy(clip.portrait).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1)[0],
+    )
     # Held-out seeds never overlap training seeds.
     assert DATA.eval_identity_base > DATA.identity_base + DATA.num_identities
 
@@ -71,8 +88,9 @@ def test_teacher_and_student_learn_and_resume(setup, tmp_path):
     cfg = DiTTrainConfig(batch=4, lr=3e-3)
     torch.manual_seed(0)
     teacher = CausalWanDiT(preset.dit)
-    summary = run_stage(TeacherStage(teacher, dataset, preset, cfg), tmp_path, max_steps=16, checkpoint_every=8,
-                        log=lambda *_: None)
+    summary = run_stage(
+        TeacherStage(teacher, dataset, preset, cfg), tmp_path, max_steps=16, checkpoint_every=8, log=lambda *_: None
+    )
     history = torch.load(tmp_path / "teacher" / "checkpoint.pt", weights_only=True)["history"]
     first, last = np.mean([h["flow"] for h in history[:5]]), np.mean([h["flow"] for h in history[-5:]])
     assert summary["steps"] == 16 and last < first
@@ -81,8 +99,9 @@ def test_teacher_and_student_learn_and_resume(setup, tmp_path):
     # Resume: a stage stopped at 4 steps continues from its checkpoint to 6, not from 0.
     student = student_from_teacher(teacher)
     assert all(torch.equal(a, b) for a, b in zip(student.parameters(), teacher.parameters()))
-    run_stage(StudentStage(student, dataset, preset, cfg), tmp_path, max_steps=4, checkpoint_every=2,
-              log=lambda *_: None)
+    run_stage(
+        StudentStage(student, dataset, preset, cfg), tmp_path, max_steps=4, checkpoint_every=2, log=lambda *_: None
+    )
     (tmp_path / "student" / "done.json").unlink()
     fresh = student_from_teacher(teacher)
     summary = run_stage(StudentStage(fresh, dataset, preset, cfg), tmp_path, max_steps=6, log=lambda *_: None)
@@ -126,13 +145,21 @@ def test_distillation_rolls_out_through_the_generator_with_resets(setup, tmp_pat
 
 
 def test_recipe_ships_a_loadable_model(tmp_path):
-    cfg = RecipeConfig(data=DATA, vae=dict(batch=1), dit=dict(batch=2), distill=dict(rollout_blocks=4),
-                       max_steps={"vae": 2, "teacher": 2, "student": 2, "distill": 1}, vae_gate_lipsync_r=None,
-                       deflicker_calibration_clips=1, deflicker_calibration_seconds=1.2,
-                       deflicker_thresholds=(1.0, 1000.0))
+    cfg = RecipeConfig(
+        data=DATA,
+        vae=dict(batch=1),
+        dit=dict(batch=2),
+        distill=dict(rollout_blocks=4),
+        max_steps={"vae": 2, "teacher": 2, "student": 2, "distill": 1},
+        vae_gate_lipsync_r=None,
+        deflicker_calibration_clips=1,
+        deflicker_calibration_seconds=1.2,
+        deflicker_thresholds=(1.0, 1000.0),
+    )
     base = small_preset()
-    with_deflicker = base.model_copy(update={"generator": base.generator.model_copy(
-        update={"deflicker": DeflickerConfig(frames=3)})})
+    with_deflicker = base.model_copy(
+        update={"generator": base.generator.model_copy(update={"deflicker": DeflickerConfig(frames=3)})}
+    )
     ship = tmp_path / "ship"
     run_recipe(tmp_path / "run", with_deflicker, cfg, ship_to=ship, command="test", log=lambda *_: None)
     preset, modules, extra = read_checkpoint(ship)
@@ -167,12 +194,15 @@ def test_stage_steps_under_ray_train_with_two_workers(ray_cluster, tmp_path, sta
         states = {"teacher_state": str(tmp_path / "teacher.pt"), "dit_state": str(tmp_path / "student.pt")}
         torch.save(teacher.state_dict(), states["teacher_state"])
         torch.save(student_from_teacher(teacher).state_dict(), states["dit_state"])
-    cfg = {"vae": VAETrainConfig(batch=1, image_batch=1, image_steps=1, causal_steps=0, latent_frames=2),
-           "teacher": DiTTrainConfig(batch=2),
-           "distill": DistillConfig(rollout_blocks=2, lr=1e-3)}[stage]
+    cfg = {
+        "vae": VAETrainConfig(batch=1, image_batch=1, image_steps=1, causal_steps=0, latent_frames=2),
+        "teacher": DiTTrainConfig(batch=2),
+        "distill": DistillConfig(rollout_blocks=2, lr=1e-3),
+    }[stage]
     # Distillation: the critic starts as the teacher (zero DMD gradient), so the student first moves at step 2.
-    train_with_ray(stage, small_preset(), data, cfg, steps=3 if stage == "distill" else 2, num_workers=2,
-                   out=tmp_path, **states)
+    train_with_ray(
+        stage, small_preset(), data, cfg, steps=3 if stage == "distill" else 2, num_workers=2, out=tmp_path, **states
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     # Different batches (rollouts) on each worker, yet the averaged gradients keep the weights identical.
@@ -190,8 +220,7 @@ def test_stage_steps_under_ray_train_with_two_workers(ray_cluster, tmp_path, sta
 def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(setup, tmp_path):
     preset, clips, _, _ = setup
     vae = WanVAE(preset.vae)
-    cfg = VAETrainConfig(batch=1, image_batch=2, image_steps=2, causal_steps=1, causal_latent_frames=3,
-                         latent_frames=4)
+    cfg = VAETrainConfig(batch=1, image_batch=2, image_steps=2, causal_steps=1, causal_latent_frames=3, latent_frames=4)
     stage = VAEStage(vae, clips, cfg, seed=0)
     shapes = []
     original = stage.sample
@@ -216,14 +245,18 @@ def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(
         a, b = vae.decode(z), vae.decode(z_changed)
     last_reached = 4 * 4  # video frames of latent frames 1..4
     assert not torch.allclose(a[:, :, last_reached], b[:, :, last_reached])
-    assert torch.equal(a[:, :, last_reached + 1:], b[:, :, last_reached + 1:])
+    assert torch.equal(a[:, :, last_reached + 1 :], b[:, :, last_reached + 1 :])
     # The latent normalisation makes the training latents zero-mean, unit-variance per channel, and travels in
     # the config, so a checkpoint reproduces it.
     config = vae.set_latent_normalization(*latent_statistics(vae, clips, preset.vae.temporal_stride))
     with torch.no_grad():
-        z = torch.cat([vae.encode(torch.from_numpy(c.frames[:9]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1)
-                       for c in clips], dim=2)
-    assert config.latents_std is not None and WanVAE(config).latents_std.flatten().tolist() == pytest.approx(config.latents_std)
+        z = torch.cat(
+            [vae.encode(torch.from_numpy(c.frames[:9]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1) for c in clips],
+            dim=2,
+        )
+    assert config.latents_std is not None and WanVAE(config).latents_std.flatten().tolist() == pytest.approx(
+        config.latents_std
+    )
     assert z.mean().abs() < 0.5 and 0.5 < z.std() < 2.0
 
 
@@ -254,8 +287,9 @@ def test_startup_excess_error_splits_the_start_of_a_render_by_latent_frame_and_b
     frames[0] += 8  # ...and 9 worse on frame 0, 5 worse on latent frame 1's four frames
     frames[1:5] += 4
     excess = startup_excess_error(frames, recon, truth, temporal_stride=4, first_block_frames=9, block_frames=12)
-    assert excess == pytest.approx({"frame 0": 9.0, "latent frame 1": 5.0, "rest of block 0": 1.0, "block 1": 1.0,
-                                    "later": 1.0})
+    assert excess == pytest.approx(
+        {"frame 0": 9.0, "latent frame 1": 5.0, "rest of block 0": 1.0, "block 1": 1.0, "later": 1.0}
+    )
 
 
 def test_drift_check_compares_every_window_with_the_first():
@@ -302,25 +336,40 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
 
     preset, _, vae, _ = setup
     save_checkpoint(tmp_path / "m", preset, {"dit": CausalWanDiT(preset.dit), "vae": vae}, {})
-    result = evaluate_checkpoint(str(tmp_path / "m"), clips=1, seconds=2.4, urcr=False, window_seconds=0.8,
-                                 data=DATA, progress=lambda *_: None)
+    result = evaluate_checkpoint(
+        str(tmp_path / "m"), clips=1, seconds=2.4, urcr=False, window_seconds=0.8, data=DATA, progress=lambda *_: None
+    )
     assert result["urcr"] is False and len(result["windows"][0]) == 3
     assert isinstance(result["drift_passed"], bool)
-    assert set(result["model_metrics"]) == {"lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter",
-                                            "latent_seam_jitter"}
+    assert set(result["model_metrics"]) == {
+        "lipsync_r",
+        "av_offset_frames",
+        "identity_error",
+        "boundary_jitter",
+        "latent_seam_jitter",
+    }
     assert list(result["startup_excess_error"]) == ["frame 0", "latent frame 1", "rest of block 0", "block 1", "later"]
-    teacher = evaluate_checkpoint(str(tmp_path / "m"), clips=1, seconds=2.4, teacher_steps=2, references=False,
-                                  data=DATA, progress=lambda *_: None)
+    teacher = evaluate_checkpoint(
+        str(tmp_path / "m"),
+        clips=1,
+        seconds=2.4,
+        teacher_steps=2,
+        references=False,
+        data=DATA,
+        progress=lambda *_: None,
+    )
     assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None
 
 
 def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):
     from model.train.recipe import VAEGateError
 
-    preset = small_preset().model_copy(update={"video": small_preset().video.model_copy(update={"height": 64,
-                                                                                              "width": 64})})
-    cfg = RecipeConfig(data=DATA, vae=dict(batch=1, image_batch=1), max_steps={"vae": 1, "teacher": 1, "student": 1,
-                                                                               "distill": 1})
+    preset = small_preset().model_copy(
+        update={"video": small_preset().video.model_copy(update={"height": 64, "width": 64})}
+    )
+    cfg = RecipeConfig(
+        data=DATA, vae=dict(batch=1, image_batch=1), max_steps={"vae": 1, "teacher": 1, "student": 1, "distill": 1}
+    )
     with pytest.raises(VAEGateError, match="cannot draw the mouth"):
         run_recipe(tmp_path / "run", preset, cfg, log=lambda *_: None)
     assert (tmp_path / "run" / "vae" / "done.json").exists() and not (tmp_path / "run" / "teacher").exists()

@@ -66,7 +66,7 @@ def test_deflicker_spreads_small_seams_and_leaves_motion_alone():
     stride, frames = 4, 1 + 4 * 4
     video = torch.zeros(1, 3, frames, 8, 8)
     for k, start in enumerate(range(1, frames, stride)):
-        video[:, :, start:start + stride] += (2.0 if k % 2 == 0 else 0.0) / 127.5  # the seam alternates
+        video[:, :, start : start + stride] += (2.0 if k % 2 == 0 else 0.0) / 127.5  # the seam alternates
     video[:, :, 5:, :2, :2] += 100 / 127.5  # the mouth opens at the crossing into frame 5
     out = deflicker_video(video, stride, DeflickerConfig(frames=stride - 1, threshold=24.0))
     change = (out.diff(dim=2) * 127.5).abs()  # (1, 3, frames - 1, 8, 8) grey levels

@@ -146,5 +146,16 @@ def evaluate(
             raise InputError(os.fspath(truth_path), "file not found") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise InputError(os.fspath(truth_path), f"not a SynthTalk truth file: {err}") from None
-    return score(frames, fps, portrait, audio, SAMPLE_RATE, phones, block_frames, first_block_frames, mouth,
-                 window_seconds, source=os.fspath(portrait_path))
+    return score(
+        frames,
+        fps,
+        portrait,
+        audio,
+        SAMPLE_RATE,
+        phones,
+        block_frames,
+        first_block_frames,
+        mouth,
+        window_seconds,
+        source=os.fspath(portrait_path),
+    )

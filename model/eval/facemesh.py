@@ -38,7 +38,7 @@ class FaceMesh:
     def close(self) -> None:
         self._mesh.close()
 
-    def __enter__(self) -> "FaceMesh":
+    def __enter__(self) -> FaceMesh:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -20,8 +20,10 @@ _ENVELOPE_BAND_HZ = (300.0, 4000.0)  # where speech energy follows the mouth (vo
 
 def block_layout(temporal_stride: int, frames_per_block: int) -> dict:
     """Video frames of the first block and of every later one (the first latent frame decodes to one video frame)."""
-    return {"first_block_frames": 1 + temporal_stride * (frames_per_block - 1),
-            "block_frames": temporal_stride * frames_per_block}
+    return {
+        "first_block_frames": 1 + temporal_stride * (frames_per_block - 1),
+        "block_frames": temporal_stride * frames_per_block,
+    }
 
 
 # The default layout: Wan2.1's VAE (temporal stride 4) and 3 latent frames a block.
@@ -83,7 +85,9 @@ def frame_changes(frames: np.ndarray) -> np.ndarray:
     return changes
 
 
-def block_boundaries(num_frames: int, block_frames: int = BLOCK_FRAMES, first_block_frames: int = FIRST_BLOCK_FRAMES) -> np.ndarray:
+def block_boundaries(
+    num_frames: int, block_frames: int = BLOCK_FRAMES, first_block_frames: int = FIRST_BLOCK_FRAMES
+) -> np.ndarray:
     """First frame index b of every block after the first, for b < num_frames."""
     return np.arange(first_block_frames, num_frames, block_frames)
 

@@ -76,7 +76,9 @@ def locate_mouth(portrait: np.ndarray, source: str = "portrait") -> MouthRegion:
     chin = int(off_skin[0]) if len(off_skin) else height
     motion = _MOTION_PAD * height
     rows = slice(max(int(row - motion - 1), 0), min(int(row + _MAX_DROP * height), chin - int(np.ceil(motion)), height))
-    cols = slice(max(int(col - 1.3 * half_width - motion - 1), 0), min(int(np.ceil(col + 1.3 * half_width + motion + 1)), width))
+    cols = slice(
+        max(int(col - 1.3 * half_width - motion - 1), 0), min(int(np.ceil(col + 1.3 * half_width + motion + 1)), width)
+    )
     lip_luma = float(luma(portrait[r0 + best, int(col) - 1 : int(col) + 2]).min())  # the lips' own colour
     return MouthRegion(row, col, half_width, rows, cols, lip_luma)
 

@@ -49,9 +49,12 @@ def measure_audio_duration(path: str | os.PathLike) -> float:
     path = check_input_file(path)
     bytes_per_sample = 2  # s16le mono
     args = ["-i", path, "-map", "0:a:0", "-ac", "1", "-ar", str(AAC_SAMPLE_RATE), "-f", "s16le", "pipe:"]
-    with tempfile.TemporaryFile() as err, subprocess.Popen(
-        [ffmpeg_exe(), *QUIET, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
-    ) as proc:
+    with (
+        tempfile.TemporaryFile() as err,
+        subprocess.Popen(
+            [ffmpeg_exe(), *QUIET, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
+        ) as proc,
+    ):
         total = 0
         while chunk := proc.stdout.read(_PIPE_CHUNK):
             total += len(chunk)
@@ -193,7 +196,7 @@ class VideoWriter:
             self._stderr.close()
         _remove_quietly(self._video_tmp)
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -207,7 +210,9 @@ def _parse_stream_info(path: str) -> dict:
     """Container duration, video size/fps and audio presence from the header `ffmpeg -i` prints."""
     proc = subprocess.run(
         [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     text = proc.stderr.decode("utf-8", "replace")
     if "Stream #" not in text:  # ffmpeg could not open it; without an output it always exits non-zero
@@ -219,7 +224,11 @@ def _parse_stream_info(path: str) -> dict:
         "duration": seconds,
         "has_audio": re.search(r"Stream #\S+.*?: Audio: ", text) is not None,
         "has_video": video is not None,
-        "fps": None, "width": None, "height": None, "video_codec": None, "pix_fmt": None,
+        "fps": None,
+        "width": None,
+        "height": None,
+        "video_codec": None,
+        "pix_fmt": None,
     }
     if video is not None:
         codec = re.match(r"(\w+)", video[1])

@@ -54,16 +54,71 @@ SENTENCES = (
 
 # espeak-ng's English phoneme mnemonics (stress marks stripped) -> SynthTalk phones.
 _ESPEAK_TO_PHONES: dict[str, tuple[str, ...]] = {
-    "a": ("ae",), "a#": ("a",), "A:": ("a",), "A@": ("a",), "aa": ("a",), "A": ("a",), "V": ("a",),
-    "@": ("e",), "@2": ("e",), "@5": ("e",), "@L": ("e", "l"), "3": ("e",), "3:": ("e",), "E": ("e",),
-    "e": ("e",), "e@": ("e", "e"), "I": ("i",), "I2": ("i",), "I#": ("i",), "i": ("i",), "i:": ("i",),
-    "i@": ("i", "e"), "i@3": ("i", "e"), "0": ("o",), "O": ("o",), "O:": ("o",), "O@": ("o",), "o@": ("o",),
-    "U": ("u",), "u:": ("u",), "u": ("u",), "U@": ("u", "e"),
-    "aI": ("a", "i"), "aU": ("a", "u"), "eI": ("e", "i"), "oU": ("o", "u"), "OI": ("o", "i"), "aI@": ("a", "e"),
-    "p": ("p",), "b": ("b",), "t": ("t",), "d": ("d",), "k": ("k",), "g": ("g",), "t#": ("t",), "?": ("t",),
-    "m": ("m",), "n": ("n",), "N": ("n",), "l": ("l",), "r": ("l",), "r-": ("l",), "w": ("u",), "j": ("i",),
-    "f": ("f",), "v": ("f",), "T": ("t",), "D": ("t",), "s": ("s",), "z": ("s",),
-    "S": ("sh",), "Z": ("sh",), "tS": ("sh",), "dZ": ("sh",), "h": ("h",),
+    "a": ("ae",),
+    "a#": ("a",),
+    "A:": ("a",),
+    "A@": ("a",),
+    "aa": ("a",),
+    "A": ("a",),
+    "V": ("a",),
+    "@": ("e",),
+    "@2": ("e",),
+    "@5": ("e",),
+    "@L": ("e", "l"),
+    "3": ("e",),
+    "3:": ("e",),
+    "E": ("e",),
+    "e": ("e",),
+    "e@": ("e", "e"),
+    "I": ("i",),
+    "I2": ("i",),
+    "I#": ("i",),
+    "i": ("i",),
+    "i:": ("i",),
+    "i@": ("i", "e"),
+    "i@3": ("i", "e"),
+    "0": ("o",),
+    "O": ("o",),
+    "O:": ("o",),
+    "O@": ("o",),
+    "o@": ("o",),
+    "U": ("u",),
+    "u:": ("u",),
+    "u": ("u",),
+    "U@": ("u", "e"),
+    "aI": ("a", "i"),
+    "aU": ("a", "u"),
+    "eI": ("e", "i"),
+    "oU": ("o", "u"),
+    "OI": ("o", "i"),
+    "aI@": ("a", "e"),
+    "p": ("p",),
+    "b": ("b",),
+    "t": ("t",),
+    "d": ("d",),
+    "k": ("k",),
+    "g": ("g",),
+    "t#": ("t",),
+    "?": ("t",),
+    "m": ("m",),
+    "n": ("n",),
+    "N": ("n",),
+    "l": ("l",),
+    "r": ("l",),
+    "r-": ("l",),
+    "w": ("u",),
+    "j": ("i",),
+    "f": ("f",),
+    "v": ("f",),
+    "T": ("t",),
+    "D": ("t",),
+    "s": ("s",),
+    "z": ("s",),
+    "S": ("sh",),
+    "Z": ("sh",),
+    "tS": ("sh",),
+    "dZ": ("sh",),
+    "h": ("h",),
 }
 
 
@@ -108,8 +163,14 @@ class EspeakEngine:
         self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
         self._lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         self._lib.espeak_Synth.argtypes = [
-            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
         ]
         self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         data = espeakng_loader.get_data_path().encode()
@@ -156,7 +217,9 @@ def engine() -> EspeakEngine:
     return EspeakEngine()
 
 
-def sentence_phones(events: list[tuple[str, int]], num_samples: int, sample_rate: int, offset: float) -> list[PhoneTiming]:
+def sentence_phones(
+    events: list[tuple[str, int]], num_samples: int, sample_rate: int, offset: float
+) -> list[PhoneTiming]:
     """Phoneme events (mnemonic, start sample) -> timings; a diphthong's span is split evenly."""
     timings: list[PhoneTiming] = []
     starts = [s for _, s in events] + [num_samples]
@@ -175,7 +238,11 @@ def espeak_speech(seed: int, seconds: float, sample_rate: int = SAMPLE_RATE, spe
     """Sentences spoken by espeak-ng filling exactly `seconds`: `seed` picks the text, `speaker_seed` the voice."""
     voice_rng = np.random.default_rng([seed if speaker_seed is None else speaker_seed, _SPEAKER_STREAM])
     voice = str(voice_rng.choice(_VOICES))
-    rate_wpm, pitch, pitch_range = int(voice_rng.integers(130, 190)), int(voice_rng.integers(30, 70)), int(voice_rng.integers(30, 80))
+    rate_wpm, pitch, pitch_range = (
+        int(voice_rng.integers(130, 190)),
+        int(voice_rng.integers(30, 70)),
+        int(voice_rng.integers(30, 80)),
+    )
     text_rng = np.random.default_rng([seed, _TEXT_STREAM])
     tts = engine()
 

@@ -20,7 +20,14 @@ _SKIN_TONES = np.array(  # light to dark; an identity interpolates between neigh
     [[0.96, 0.82, 0.72], [0.90, 0.72, 0.58], [0.80, 0.60, 0.45], [0.66, 0.47, 0.34], [0.52, 0.36, 0.26]]
 )
 _HAIR_COLOURS = np.array(
-    [[0.08, 0.06, 0.05], [0.30, 0.18, 0.10], [0.55, 0.35, 0.18], [0.85, 0.70, 0.40], [0.60, 0.25, 0.10], [0.70, 0.70, 0.72]]
+    [
+        [0.08, 0.06, 0.05],
+        [0.30, 0.18, 0.10],
+        [0.55, 0.35, 0.18],
+        [0.85, 0.70, 0.40],
+        [0.60, 0.25, 0.10],
+        [0.70, 0.70, 0.72],
+    ]
 )
 _IRIS_COLOURS = np.array([[0.25, 0.15, 0.08], [0.20, 0.35, 0.55], [0.25, 0.45, 0.30], [0.45, 0.35, 0.20]])
 _MOUTH_INSIDE = np.array([0.12, 0.03, 0.04])  # near-black: the metric finds the open mouth by darkness
@@ -55,7 +62,7 @@ class Identity:
     background_angle: float
 
     @classmethod
-    def from_seed(cls, seed: int) -> "Identity":
+    def from_seed(cls, seed: int) -> Identity:
         rng = np.random.default_rng([seed, _IDENTITY_STREAM])
         u = rng.uniform
         a = u(0.22, 0.27)
@@ -162,8 +169,13 @@ class _Canvas:
         """Pixel rows/cols a shape can reach under the clip's head motion (2 pixels of slack)."""
         ha, hb = float(np.max(ha)), float(np.max(hb))
         cy_lo, cy_hi = float(np.min(cy)), float(np.max(cy))
-        reach = self.shift + self.turn * float(np.hypot(abs(cx) + ha, max(abs(cy_lo), abs(cy_hi)) + hb)) + 2 / self.height
-        rows = ((self.origin[1] + cy_lo - hb - reach) * self.height, (self.origin[1] + cy_hi + hb + reach) * self.height)
+        reach = (
+            self.shift + self.turn * float(np.hypot(abs(cx) + ha, max(abs(cy_lo), abs(cy_hi)) + hb)) + 2 / self.height
+        )
+        rows = (
+            (self.origin[1] + cy_lo - hb - reach) * self.height,
+            (self.origin[1] + cy_hi + hb + reach) * self.height,
+        )
         cols = ((self.origin[0] + cx - ha - reach) * self.height, (self.origin[0] + cx + ha + reach) * self.height)
         clamp = lambda lo, hi, n: slice(int(np.clip(np.floor(lo), 0, n)), int(np.clip(np.ceil(hi), 0, n)))  # noqa: E731
         return clamp(*rows, self.height), clamp(*cols, self.width)

@@ -72,5 +72,5 @@ class PhoneTiming:
         return {"phone": self.phone, "start": round(self.start, 5), "end": round(self.end, 5)}
 
     @classmethod
-    def from_json(cls, row: dict) -> "PhoneTiming":
+    def from_json(cls, row: dict) -> PhoneTiming:
         return cls(str(row["phone"]), float(row["start"]), float(row["end"]))

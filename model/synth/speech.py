@@ -39,7 +39,7 @@ class Speaker:
     loudness: float
 
     @classmethod
-    def from_seed(cls, seed: int) -> "Speaker":
+    def from_seed(cls, seed: int) -> Speaker:
         rng = np.random.default_rng([seed, _SPEAKER_STREAM])
         low_voice = rng.random() < 0.5
         return cls(
@@ -140,7 +140,11 @@ def synthesize(phones: list[PhoneTiming], speaker: Speaker, seed: int, sample_ra
         if p.phone == PAUSE:
             phrase_start[int(p.end * sample_rate) :] = p.end
     since_phrase = t - phrase_start
-    f0 = speaker.pitch_hz * (1 + speaker.pitch_range * wobble / 1.5) * (1 - speaker.declination * np.tanh(since_phrase / 2))
+    f0 = (
+        speaker.pitch_hz
+        * (1 + speaker.pitch_range * wobble / 1.5)
+        * (1 - speaker.declination * np.tanh(since_phrase / 2))
+    )
     voicing = _glottal_source(f0, sample_rate)
     voicing += speaker.breathiness * rng.standard_normal(total) * np.abs(voicing).mean() * 4
     noise = rng.standard_normal(total)
@@ -180,7 +184,9 @@ def synthesize(phones: list[PhoneTiming], speaker: Speaker, seed: int, sample_ra
     return Speech(out.astype(np.float32), sample_rate, list(phones))
 
 
-def formant_speech(seed: int, seconds: float, sample_rate: int = SAMPLE_RATE, speaker_seed: int | None = None) -> Speech:
+def formant_speech(
+    seed: int, seconds: float, sample_rate: int = SAMPLE_RATE, speaker_seed: int | None = None
+) -> Speech:
     """Random speech-like audio of exactly `seconds`: `seed` picks the phones, `speaker_seed` the voice."""
     speaker = Speaker.from_seed(seed if speaker_seed is None else speaker_seed)
     return synthesize(random_phones(seed, seconds, speaker), speaker, seed, sample_rate)

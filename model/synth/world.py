@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -50,9 +51,7 @@ def make_speech(kind: SpeechKind, seed: int, seconds: float, speaker_seed: int) 
     raise ValueError(f"speech must be 'formant' or 'espeak', got {kind!r}")
 
 
-def truth_dict(
-    phones: list[PhoneTiming], mouth: np.ndarray, pose: np.ndarray, blink: np.ndarray, meta: dict
-) -> dict:
+def truth_dict(phones: list[PhoneTiming], mouth: np.ndarray, pose: np.ndarray, blink: np.ndarray, meta: dict) -> dict:
     """The truth file: phone timings (s) and per-frame columns (frame k shows time (k + 0.5) / fps)."""
     columns = {name: mouth[:, j] for j, name in enumerate(MOUTH_PARAMS)}
     columns |= {name: pose[:, j] for j, name in enumerate(POSE_PARAMS)}
@@ -90,8 +89,12 @@ def make_clip(
         mouth[:] = mouth_track([], 1, FPS)[0]
     pose, blink = idle_motion(seed, num_frames, FPS)
     frames = np.concatenate(
-        [render(identity, pose[i : i + _RENDER_CHUNK], mouth[i : i + _RENDER_CHUNK], blink[i : i + _RENDER_CHUNK], size)
-         for i in range(0, num_frames, _RENDER_CHUNK)]
+        [
+            render(
+                identity, pose[i : i + _RENDER_CHUNK], mouth[i : i + _RENDER_CHUNK], blink[i : i + _RENDER_CHUNK], size
+            )
+            for i in range(0, num_frames, _RENDER_CHUNK)
+        ]
     )
     meta = {
         "fps": FPS,
@@ -125,14 +128,27 @@ def write_clip(clip: Clip, out_dir: str | os.PathLike) -> dict:
 
     clip_dir = os.path.join(os.fspath(out_dir), clip.id)
     os.makedirs(clip_dir, exist_ok=True)
-    row = {name: f"{clip.id}/{file}" for name, file in
-           (("portrait", "portrait.png"), ("audio", "audio.wav"), ("video", "video.mp4"), ("truth", "truth.json"))}
+    row = {
+        name: f"{clip.id}/{file}"
+        for name, file in (
+            ("portrait", "portrait.png"),
+            ("audio", "audio.wav"),
+            ("video", "video.mp4"),
+            ("truth", "truth.json"),
+        )
+    }
     Image.fromarray(clip.portrait).save(os.path.join(out_dir, row["portrait"]))
     audio_path = os.path.join(out_dir, row["audio"])
     save_wav(audio_path, clip.audio, clip.sample_rate)
     height, width = clip.frames.shape[1:3]
-    with VideoWriter(os.path.join(out_dir, row["video"]), clip.fps, width, height, audio_path=audio_path,
-                     audio_duration=len(clip.audio) / clip.sample_rate) as writer:
+    with VideoWriter(
+        os.path.join(out_dir, row["video"]),
+        clip.fps,
+        width,
+        height,
+        audio_path=audio_path,
+        audio_duration=len(clip.audio) / clip.sample_rate,
+    ) as writer:
         writer.write(clip.frames)
     with open(os.path.join(out_dir, row["truth"]), "w") as f:
         json.dump(clip.truth, f)
@@ -169,6 +185,8 @@ def write_dataset(
     manifest = os.path.join(os.fspath(out_dir), "manifest.jsonl")
     with open(manifest, "w") as f:
         for i in indices:
-            clip = make_clip(content_seeds[i], seconds, size, speech, identity_seeds[i], speaker_seeds[i], clip_id=f"clip_{i:05d}")
+            clip = make_clip(
+                content_seeds[i], seconds, size, speech, identity_seeds[i], speaker_seeds[i], clip_id=f"clip_{i:05d}"
+            )
             f.write(json.dumps(write_clip(clip, out_dir)) + "\n")
     return manifest

@@ -29,8 +29,14 @@ from model.train.heldout import latent_seam_jitter, render_clip
 THRESHOLDS = (16.0, 24.0, 32.0, 40.0, 48.0, 64.0)  # grey levels: from below the tiny VAE's seams to well into motion
 
 
-def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: float,
-              data: DataConfig | None = None, progress=print) -> dict:
+def calibrate(
+    model: AvatarModel,
+    thresholds: list[float],
+    clips: int,
+    seconds: float,
+    data: DataConfig | None = None,
+    progress=print,
+) -> dict:
     """Render `clips` training clips of `seconds` at every threshold; returns the means per threshold and the choice."""
     data = (data or DataConfig()).model_copy(update={"num_clips": clips, "seconds": seconds})
     preset = model.preset
@@ -43,12 +49,18 @@ def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: 
             phones = load_truth_phones(clip.truth)
             for threshold in thresholds:
                 deflicker = DeflickerConfig(frames=frames, threshold=threshold)
-                model.preset = preset.model_copy(update={"generator": preset.generator.model_copy(
-                    update={"deflicker": deflicker})})
+                model.preset = preset.model_copy(
+                    update={"generator": preset.generator.model_copy(update={"deflicker": deflicker})}
+                )
                 video = render_clip(model, clip, RenderSettings(seed=i))
                 result = score(video, clip.fps, clip.portrait, clip.audio, phones=phones, **layout)
-                rows[threshold].append({"lipsync_r": result["lipsync_r"], "boundary_jitter": result["boundary_jitter"],
-                                        "latent_seam_jitter": latent_seam_jitter(video, stride, **layout)})
+                rows[threshold].append(
+                    {
+                        "lipsync_r": result["lipsync_r"],
+                        "boundary_jitter": result["boundary_jitter"],
+                        "latent_seam_jitter": latent_seam_jitter(video, stride, **layout),
+                    }
+                )
             progress(f"clip {i}: done")
     finally:
         model.preset = preset
@@ -62,12 +74,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="our checkpoint directory (default: the bundled model)")
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS),
-                        help="grey levels (0-255), comma-separated")
+    parser.add_argument(
+        "--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS), help="grey levels (0-255), comma-separated"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result = calibrate(AvatarModel.load(args.checkpoint), [float(t) for t in args.thresholds.split(",")], args.clips,
-                       args.seconds, progress=lambda line: print(line, file=sys.stderr))
+    result = calibrate(
+        AvatarModel.load(args.checkpoint),
+        [float(t) for t in args.thresholds.split(",")],
+        args.clips,
+        args.seconds,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
     print(json.dumps(result, indent=2))
 
 

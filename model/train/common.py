@@ -22,9 +22,16 @@ class SinkDenoiser(nn.Module):
         super().__init__()
         self.dit, self.text_length = dit, text_length
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, reference: torch.Tensor, audio: torch.Tensor,
-                first_position: int, attention: str = "bidirectional",
-                frame_groups: list[int] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        reference: torch.Tensor,
+        audio: torch.Tensor,
+        first_position: int,
+        attention: str = "bidirectional",
+        frame_groups: list[int] | None = None,
+    ) -> torch.Tensor:
         dit = self.dit
         b, _, f = noisy.shape[:3]
         x = torch.cat([reference, noisy], dim=2)
@@ -43,10 +50,18 @@ def sample_sigmas(batch: int, shift: float, generator: torch.Generator | None = 
     return shift_sigma(torch.rand(batch, generator=generator, dtype=torch.float64), shift).float()
 
 
-def flow_matching_loss(denoiser: nn.Module, schedule: FlowMatchSchedule, clean: torch.Tensor, sigmas: torch.Tensor,
-                       reference: torch.Tensor, audio: torch.Tensor, first_position: int,
-                       attention: str = "bidirectional", frame_groups: list[int] | None = None,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    denoiser: nn.Module,
+    schedule: FlowMatchSchedule,
+    clean: torch.Tensor,
+    sigmas: torch.Tensor,
+    reference: torch.Tensor,
+    audio: torch.Tensor,
+    first_position: int,
+    attention: str = "bidirectional",
+    frame_groups: list[int] | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MSE between the predicted and the true velocity (noise - x0). sigmas: (B, F) per frame."""
     noise = torch.randn_like(clean)
     s = sigmas[:, None, :, None, None]

@@ -1,4 +1,5 @@
-"""SynthTalk clips -> training tensors: video frames, VAE latents, the portrait's latent, audio features per latent frame.
+"""SynthTalk clips -> training tensors: video frames, VAE latents, the portrait's latent, audio features per
+latent frame.
 
 Identities and speakers are drawn from disjoint seed ranges for training and evaluation (`DataConfig`), so evaluation
 faces and voices are never seen in training. Audio features come from the preset's featurizer through
@@ -40,15 +41,22 @@ def training_clips(data: DataConfig, size: int) -> list[Clip]:
     for i in range(data.num_clips):
         identity = data.identity_base + i % data.num_identities
         speaker = data.speaker_base + (i // data.num_identities + i) % data.num_speakers
-        clips.append(make_clip(data.data_seed * 100_000 + i, data.seconds, size, identity_seed=identity,
-                               speaker_seed=speaker))
+        clips.append(
+            make_clip(data.data_seed * 100_000 + i, data.seconds, size, identity_seed=identity, speaker_seed=speaker)
+        )
     return clips
 
 
 def eval_clip(data: DataConfig, index: int, seconds: float, size: int, speech: str = "formant") -> Clip:
     """A held-out clip: an identity and a speaker never used in training."""
-    return make_clip(10_000_000 + index, seconds, size, speech=speech, identity_seed=data.eval_identity_base + index,
-                     speaker_seed=data.eval_speaker_base + index)
+    return make_clip(
+        10_000_000 + index,
+        seconds,
+        size,
+        speech=speech,
+        identity_seed=data.eval_identity_base + index,
+        speaker_seed=data.eval_speaker_base + index,
+    )
 
 
 def usable_frames(num_frames: int, temporal_stride: int) -> int:
@@ -103,7 +111,7 @@ class LatentDataset:
             if frames > total:
                 raise ValueError(f"window of {frames} latent frames > clip of {total}")
             start = int(rng.integers(total - frames + 1))
-            picks.append((clip.latents[:, start:start + frames], clip.reference, clip.audio[start:start + frames]))
+            picks.append((clip.latents[:, start : start + frames], clip.reference, clip.audio[start : start + frames]))
         latents, reference, audio = (torch.stack(x) for x in zip(*picks))
         return Batch(latents, reference, audio)
 
@@ -111,7 +119,7 @@ class LatentDataset:
         torch.save([(c.latents, c.reference, c.audio) for c in self.clips], path)
 
     @classmethod
-    def load(cls, path) -> "LatentDataset":
+    def load(cls, path) -> LatentDataset:
         return cls([LatentClip(*row) for row in torch.load(path, weights_only=True)])
 
 

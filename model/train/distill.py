@@ -45,8 +45,17 @@ def distilled_preset(preset: Preset) -> Preset:
 class DistillStage:
     name = "distill"
 
-    def __init__(self, student: CausalWanDiT, teacher: CausalWanDiT, vae: WanVAE, clips: list[Clip], preset: Preset,
-                 cfg: DistillConfig, seed: int = 0, critic: CausalWanDiT | None = None):
+    def __init__(
+        self,
+        student: CausalWanDiT,
+        teacher: CausalWanDiT,
+        vae: WanVAE,
+        clips: list[Clip],
+        preset: Preset,
+        cfg: DistillConfig,
+        seed: int = 0,
+        critic: CausalWanDiT | None = None,
+    ):
         self.preset, self.cfg, self.clips = distilled_preset(preset), cfg, clips
         gen = self.preset.generator
         self.n = gen.frames_per_block

@@ -26,8 +26,14 @@ def plot_drift(results: list[dict], labels: list[str], out: str | Path, title: s
         windows = result["windows"][0]
         minutes = [(w["start_s"] + w["end_s"]) / 120.0 for w in windows]
         for ax, key in zip(axes, KEYS):
-            line, = ax.plot(minutes, [w[key] if w[key] is not None else float("nan") for w in windows], marker="o",
-                            ms=3, lw=1, label=label)
+            (line,) = ax.plot(
+                minutes,
+                [w[key] if w[key] is not None else float("nan") for w in windows],
+                marker="o",
+                ms=3,
+                lw=1,
+                label=label,
+            )
             first = windows[0][key]
             if first is not None and key != "av_offset_frames":
                 sign = -1 if key == "lipsync_r" else 1  # the direction in which the metric gets worse

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on SynthTalk identities and speakers never seen in training (model.eval metrics).
 
-    python -m model.train.heldout --checkpoint model/weights/tiny --clips 2 --seconds 8 --out runs/tiny/eval/default.json
+    python -m model.train.heldout --checkpoint model/weights/tiny --clips 2 --seconds 8 \
+        --out runs/tiny/eval/default.json
     python -m model.train.heldout --seconds 600 --clips 1 --no-urcr --out runs/tiny/eval/no-urcr-10min.json
     python -m model.train.heldout --checkpoint runs/tiny/teacher_model --teacher-steps 32 --clips 2 --seconds 4
 
@@ -48,8 +49,9 @@ def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.
     return np.concatenate([b.frames for b in session])
 
 
-def latent_seam_jitter(frames: np.ndarray, temporal_stride: int, first_block_frames: int,
-                       block_frames: int) -> float | None:
+def latent_seam_jitter(
+    frames: np.ndarray, temporal_stride: int, first_block_frames: int, block_frames: int
+) -> float | None:
     """`boundary_jitter` measured at the latent-frame boundaries *inside* the generator's blocks.
 
     Every block boundary is also a boundary between two latent frames' video frames, so the block seams include the
@@ -64,19 +66,30 @@ def _metrics(result: dict, frames: np.ndarray, temporal_stride: int, layout: dic
     return {**{k: result[k] for k in KEYS}, "latent_seam_jitter": latent_seam_jitter(frames, temporal_stride, **layout)}
 
 
-def startup_excess_error(frames: np.ndarray, recon: np.ndarray, truth: np.ndarray, temporal_stride: int,
-                         first_block_frames: int, block_frames: int) -> dict[str, float]:
+def startup_excess_error(
+    frames: np.ndarray,
+    recon: np.ndarray,
+    truth: np.ndarray,
+    temporal_stride: int,
+    first_block_frames: int,
+    block_frames: int,
+) -> dict[str, float]:
     """How much worse than the VAE's own reconstruction the render is at its start: the mean absolute error against
     the truth (0-255) of the render minus that of the reconstruction, over frame 0 (the first latent frame, decoded
     alone), the next latent frame's frames, the rest of the first block, the second block, and everything after."""
     n = min(len(frames), len(recon), len(truth))
     truth = truth[:n].astype(np.float32)
-    excess = (np.abs(frames[:n].astype(np.float32) - truth).mean(axis=(1, 2, 3))
-              - np.abs(recon[:n].astype(np.float32) - truth).mean(axis=(1, 2, 3)))
+    excess = np.abs(frames[:n].astype(np.float32) - truth).mean(axis=(1, 2, 3)) - np.abs(
+        recon[:n].astype(np.float32) - truth
+    ).mean(axis=(1, 2, 3))
     second_block = first_block_frames + block_frames
-    spans = {"frame 0": (0, 1), "latent frame 1": (1, 1 + temporal_stride),
-             "rest of block 0": (1 + temporal_stride, first_block_frames),
-             "block 1": (first_block_frames, second_block), "later": (second_block, n)}
+    spans = {
+        "frame 0": (0, 1),
+        "latent frame 1": (1, 1 + temporal_stride),
+        "rest of block 0": (1 + temporal_stride, first_block_frames),
+        "block 1": (first_block_frames, second_block),
+        "later": (second_block, n),
+    }
     return {name: float(excess[a:b].mean()) for name, (a, b) in spans.items() if b > a and a < n}
 
 
@@ -116,8 +129,9 @@ def drift_check(windows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def sample_teacher(model: AvatarModel, clip: Clip, steps: int, window_frames: int, seed: int,
-                   deflicker: bool = True) -> np.ndarray:
+def sample_teacher(
+    model: AvatarModel, clip: Clip, steps: int, window_frames: int, seed: int, deflicker: bool = True
+) -> np.ndarray:
     """A bidirectional teacher's video: independent windows of `window_frames` latent frames after the sink, each at
     the positions the teacher was trained on, integrated with `steps` Euler steps; decoded as one clip (then the
     preset's deflicker, as the generator would apply it)."""
@@ -133,11 +147,14 @@ def sample_teacher(model: AvatarModel, clip: Clip, steps: int, window_frames: in
     latents = []
     for start in range(0, total, window_frames):
         n = min(window_frames, total - start)
-        x = torch.randn(1, preset.dit.latent_channels, n, preset.latent_height, preset.latent_width,
-                        generator=generator)
+        x = torch.randn(
+            1, preset.dit.latent_channels, n, preset.latent_height, preset.latent_width, generator=generator
+        )
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
             t = schedule.timestep(torch.full((1, n), sigma))
-            x = x + (sigma_next - sigma) * denoiser(x, t, reference, audio[:, start:start + n], preset.generator.sink_frames)
+            x = x + (sigma_next - sigma) * denoiser(
+                x, t, reference, audio[:, start : start + n], preset.generator.sink_frames
+            )
         latents.append(x)
     video = model.vae.decode(torch.cat(latents, dim=2)).clamp(-1.0, 1.0)
     if deflicker:
@@ -145,10 +162,21 @@ def sample_teacher(model: AvatarModel, clip: Clip, steps: int, window_frames: in
     return tensor_to_frames(video)
 
 
-def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, speech: str = "formant",
-                        step_plan: tuple[int, ...] | None = None, t_mci: float | None = None, urcr: bool = True,
-                        teacher_steps: int | None = None, window_seconds: float = 30.0, references: bool = True,
-                        data: DataConfig | None = None, deflicker: bool = True, progress=print) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | None,
+    clips: int,
+    seconds: float,
+    speech: str = "formant",
+    step_plan: tuple[int, ...] | None = None,
+    t_mci: float | None = None,
+    urcr: bool = True,
+    teacher_steps: int | None = None,
+    window_seconds: float = 30.0,
+    references: bool = True,
+    data: DataConfig | None = None,
+    deflicker: bool = True,
+    progress=print,
+) -> dict:
     data = data or DataConfig()
     model = AvatarModel.load(checkpoint)
     size = model.preset.video.height
@@ -166,32 +194,51 @@ def evaluate_checkpoint(checkpoint: str | None, clips: int, seconds: float, spee
             settings = RenderSettings(seed=i, step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker)
             frames = render_clip(model, clip, settings)
         seconds_taken += time.monotonic() - started
-        result = score(frames, clip.fps, clip.portrait, clip.audio, phones=phones, window_seconds=window_seconds,
-                       **layout)
+        result = score(
+            frames, clip.fps, clip.portrait, clip.audio, phones=phones, window_seconds=window_seconds, **layout
+        )
         rendered.append(_metrics(result, frames, stride, layout))
         windows.append(result["windows"])
         checks.append(drift_check(result["windows"]))
         if references:
             recon = reconstruct_clip(model.vae, clip, stride)
-            vae_rows.append(_metrics(score(recon, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), recon,
-                                     stride, layout))
+            vae_rows.append(
+                _metrics(
+                    score(recon, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), recon, stride, layout
+                )
+            )
             startup.append(startup_excess_error(frames, recon, clip.frames, stride, **layout))
             still = np.repeat(clip.portrait[None], len(frames), axis=0)
-            still_rows.append(_metrics(score(still, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), still,
-                                       stride, layout))
+            still_rows.append(
+                _metrics(
+                    score(still, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), still, stride, layout
+                )
+            )
         progress(f"clip {i}: {rendered[-1]}")
-    return {"checkpoint": checkpoint or "bundled", "model": model.description, "clips": clips, "seconds": seconds,
-            "speech": speech, "sampler": f"teacher, {teacher_steps} Euler steps" if teacher_steps else "generator",
-            "step_plan": list(step_plan or model.preset.generator.step_plan),
-            "t_mci": model.preset.generator.t_mci if t_mci is None else t_mci, "urcr": urcr,
-            "deflicker": model.preset.generator.deflicker.model_dump() if deflicker else None,
-            "render_seconds": round(seconds_taken, 1), "model_metrics": mean_rows(rendered),
-            "vae_reconstruction": mean_rows(vae_rows) if references else None,
-            "still_portrait": mean_rows(still_rows) if references else None, "per_clip": rendered,
-            "startup_excess_error": {k: float(np.mean([row[k] for row in startup])) for k in startup[0]} if startup
-            else None,
-            "window_seconds": window_seconds, "windows": windows, "drift_check": checks,
-            "drift_passed": None if any(c["passed"] is None for c in checks) else all(c["passed"] for c in checks)}
+    return {
+        "checkpoint": checkpoint or "bundled",
+        "model": model.description,
+        "clips": clips,
+        "seconds": seconds,
+        "speech": speech,
+        "sampler": f"teacher, {teacher_steps} Euler steps" if teacher_steps else "generator",
+        "step_plan": list(step_plan or model.preset.generator.step_plan),
+        "t_mci": model.preset.generator.t_mci if t_mci is None else t_mci,
+        "urcr": urcr,
+        "deflicker": model.preset.generator.deflicker.model_dump() if deflicker else None,
+        "render_seconds": round(seconds_taken, 1),
+        "model_metrics": mean_rows(rendered),
+        "vae_reconstruction": mean_rows(vae_rows) if references else None,
+        "still_portrait": mean_rows(still_rows) if references else None,
+        "per_clip": rendered,
+        "startup_excess_error": {k: float(np.mean([row[k] for row in startup])) for k in startup[0]}
+        if startup
+        else None,
+        "window_seconds": window_seconds,
+        "windows": windows,
+        "drift_check": checks,
+        "drift_passed": None if any(c["passed"] is None for c in checks) else all(c["passed"] for c in checks),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,25 +250,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-plan", default=None, help="e.g. 4 (PSB off) or 8,6,4")
     parser.add_argument("--t-mci", type=float, default=None)
     parser.add_argument("--no-urcr", action="store_true", help="ablation: positions grow past the trained horizon")
-    parser.add_argument("--no-deflicker", action="store_true",
-                        help="the decoder's frames without the preset's deflicker (generator.deflicker)")
-    parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="the checkpoint is a bidirectional teacher: sample it with this many Euler steps")
+    parser.add_argument(
+        "--no-deflicker",
+        action="store_true",
+        help="the decoder's frames without the preset's deflicker (generator.deflicker)",
+    )
+    parser.add_argument(
+        "--teacher-steps",
+        type=int,
+        default=None,
+        help="the checkpoint is a bidirectional teacher: sample it with this many Euler steps",
+    )
     parser.add_argument("--window-seconds", type=float, default=30.0, help="drift windows")
     parser.add_argument("--no-references", action="store_true", help="skip the VAE-reconstruction and still rows")
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args(argv)
     plan = tuple(int(s) for s in args.step_plan.split(",")) if args.step_plan else None
-    result = evaluate_checkpoint(args.checkpoint, args.clips, args.seconds, args.speech, plan, args.t_mci,
-                                 not args.no_urcr, args.teacher_steps, args.window_seconds, not args.no_references,
-                                 deflicker=not args.no_deflicker, progress=lambda line: print(line, file=sys.stderr))
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        args.clips,
+        args.seconds,
+        args.speech,
+        plan,
+        args.t_mci,
+        not args.no_urcr,
+        args.teacher_steps,
+        args.window_seconds,
+        not args.no_references,
+        deflicker=not args.no_deflicker,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
     result["command"] = "python -m model.train.heldout " + " ".join(sys.argv[1:] if argv is None else argv)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
-    print(json.dumps({k: result[k] for k in ("model_metrics", "vae_reconstruction", "still_portrait", "drift_passed")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("model_metrics", "vae_reconstruction", "still_portrait", "drift_passed")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

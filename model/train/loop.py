@@ -29,9 +29,16 @@ class Stage(Protocol):
 
 def save_stage(path: Path, stage: Stage, step: int, history: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "history": history, "torch_rng": torch.get_rng_state(),
-                "modules": {k: m.state_dict() for k, m in stage.state_modules().items()},
-                "optimizers": {k: o.state_dict() for k, o in stage.optimizers().items()}}, tmp)
+    torch.save(
+        {
+            "step": step,
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+            "modules": {k: m.state_dict() for k, m in stage.state_modules().items()},
+            "optimizers": {k: o.state_dict() for k, o in stage.optimizers().items()},
+        },
+        tmp,
+    )
     tmp.replace(path)  # atomic: a crash mid-save leaves the previous checkpoint
 
 
@@ -65,8 +72,14 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_stage(stage: Stage, out_dir: str | Path, max_steps: int, budget_s: float | None = None,
-              checkpoint_every: int = 50, log=print) -> dict:
+def run_stage(
+    stage: Stage,
+    out_dir: str | Path,
+    max_steps: int,
+    budget_s: float | None = None,
+    checkpoint_every: int = 50,
+    log=print,
+) -> dict:
     """Train `stage` until `max_steps` or the time budget; resumable. Returns the summary written to done.json."""
     directory = Path(out_dir) / stage.name
     directory.mkdir(parents=True, exist_ok=True)
@@ -79,10 +92,12 @@ def run_stage(stage: Stage, out_dir: str | Path, max_steps: int, budget_s: float
             log(f"[{stage.name}] already done ({summary['steps']} steps): skipped")
             return summary
         # A raised step cap continues the stage. Later stages were trained on the earlier result and are not redone.
-        log(f"[{stage.name}] continuing from {summary['steps']} to {max_steps} steps (later stages already done are "
-            "kept: remove their directories to retrain them)")
+        log(
+            f"[{stage.name}] continuing from {summary['steps']} to {max_steps} steps (later stages already done are "
+            "kept: remove their directories to retrain them)"
+        )
         done.unlink()
-    step, history = (load_stage(ckpt, stage) if ckpt.exists() else (0, []))
+    step, history = load_stage(ckpt, stage) if ckpt.exists() else (0, [])
     if step:
         log(f"[{stage.name}] resumed at step {step}")
     started = time.monotonic()
@@ -103,10 +118,15 @@ def run_stage(stage: Stage, out_dir: str | Path, max_steps: int, budget_s: float
     bar.close()
     save_stage(ckpt, stage, step, history)
     plot_losses(history, directory / "losses.png", stage.name)
-    tail = history[-min(len(history), 20):]
-    summary = {"steps": step, "seconds": round(spent_before + time.monotonic() - started, 1), "stopped_by": stopped_by,
-               "final_losses": {k: sum(r[k] for r in tail) / len(tail) for k in tail[0] if k not in ("step", "seconds")}
-               if tail else {}}
+    tail = history[-min(len(history), 20) :]
+    summary = {
+        "steps": step,
+        "seconds": round(spent_before + time.monotonic() - started, 1),
+        "stopped_by": stopped_by,
+        "final_losses": {k: sum(r[k] for r in tail) / len(tail) for k in tail[0] if k not in ("step", "seconds")}
+        if tail
+        else {},
+    }
     done.write_text(json.dumps(summary, indent=2))
     log(f"[{stage.name}] {summary}")
     return summary

@@ -65,8 +65,15 @@ def train_loop_per_worker(config: dict) -> None:
         teacher.load_state_dict(torch.load(config["teacher_state"], weights_only=True))
         student = CausalWanDiT(preset.dit)
         student.load_state_dict(torch.load(config["dit_state"], weights_only=True))
-        stage = DistillStage(student, teacher, vae, clips, preset, DistillConfig.model_validate(config["distill"]),
-                             seed=config["seed"] + rank)
+        stage = DistillStage(
+            student,
+            teacher,
+            vae,
+            clips,
+            preset,
+            DistillConfig.model_validate(config["distill"]),
+            seed=config["seed"] + rank,
+        )
         average_gradients(stage.student)
         average_gradients(stage.critic_dit)
         trained = stage.student
@@ -78,8 +85,9 @@ def train_loop_per_worker(config: dict) -> None:
         model = ray.train.torch.prepare_model(SinkDenoiser(dit, preset.text.max_length))
         dit = model.module.dit if hasattr(model, "module") else model.dit
         stage_cls = {"teacher": TeacherStage, "student": StudentStage}[config["stage"]]
-        stage = stage_cls(dit, dataset, preset, DiTTrainConfig.model_validate(config["dit"]),
-                          seed=config["seed"] + rank, model=model)
+        stage = stage_cls(
+            dit, dataset, preset, DiTTrainConfig.model_validate(config["dit"]), seed=config["seed"] + rank, model=model
+        )
         trained = dit
     for step in range(config["steps"]):
         losses = stage.step(step)
@@ -93,9 +101,21 @@ def train_loop_per_worker(config: dict) -> None:
         torch.save(trained.state_dict(), out / f"{config['stage']}_{name}.pt")
 
 
-def train_with_ray(stage: str, preset, data, stage_cfg, steps: int, num_workers: int, out: str | Path, *,
-                   seed: int = 0, dit_state: str | None = None, vae_state: str | None = None,
-                   teacher_state: str | None = None, use_gpu: bool = False):
+def train_with_ray(
+    stage: str,
+    preset,
+    data,
+    stage_cfg,
+    steps: int,
+    num_workers: int,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    dit_state: str | None = None,
+    vae_state: str | None = None,
+    teacher_state: str | None = None,
+    use_gpu: bool = False,
+):
     """Run `steps` of a stage on `num_workers` Ray Train workers; returns the Ray Train result.
 
     `stage_cfg` is the stage's config: a VAETrainConfig for "vae", a DiTTrainConfig for "teacher" and "student", a
@@ -110,12 +130,21 @@ def train_with_ray(stage: str, preset, data, stage_cfg, steps: int, num_workers:
     if stage == "distill" and not (dit_state and teacher_state):
         raise ValueError("distillation needs the causal student (dit_state) and the teacher (teacher_state)")
     cfg_key = {"vae": "vae", "distill": "distill"}.get(stage, "dit")
-    config = {"stage": stage, "preset": preset.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-              cfg_key: stage_cfg.model_dump(mode="json"), "steps": steps, "seed": seed,
-              "out": str(Path(out).resolve()),
-              "dit_state": dit_state, "vae_state": vae_state, "teacher_state": teacher_state}
+    config = {
+        "stage": stage,
+        "preset": preset.model_dump(mode="json"),
+        "data": data.model_dump(mode="json"),
+        cfg_key: stage_cfg.model_dump(mode="json"),
+        "steps": steps,
+        "seed": seed,
+        "out": str(Path(out).resolve()),
+        "dit_state": dit_state,
+        "vae_state": vae_state,
+        "teacher_state": teacher_state,
+    }
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config,
+        train_loop_per_worker,
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"train-{stage}", storage_path=str(Path(out).resolve() / "ray")),

@@ -54,8 +54,9 @@ class RecipeConfig(BaseModel):
     dit: DiTTrainConfig = Field(default_factory=DiTTrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     # The step counts of the run that produced the bundled model (docs/results.md), so the default retraces it.
-    max_steps: dict[str, int] = Field(default_factory=lambda: {"vae": 3400, "teacher": 3800, "student": 1200,
-                                                                "distill": 480})
+    max_steps: dict[str, int] = Field(
+        default_factory=lambda: {"vae": 3400, "teacher": 3800, "student": 1200, "distill": 480}
+    )
     checkpoint_every: int = 50
     seed: int = 0
     # The VAE must draw the mouth before anything downstream can move it in sync: below this lip-sync of its own
@@ -69,12 +70,22 @@ class RecipeConfig(BaseModel):
     deflicker_thresholds: tuple[float, ...] = THRESHOLDS
 
 
-def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minutes: float | None = None,
-               ship_to: str | Path | None = None, command: str = "", log=print) -> dict:
+def run_recipe(
+    out: str | Path,
+    preset: Preset,
+    cfg: RecipeConfig,
+    budget_minutes: float | None = None,
+    ship_to: str | Path | None = None,
+    command: str = "",
+    log=print,
+) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"preset": preset.name, "recipe": cfg.model_dump(mode="json"),
-                                                 "budget_minutes": budget_minutes}, indent=2))
+    (out / "recipe.json").write_text(
+        json.dumps(
+            {"preset": preset.name, "recipe": cfg.model_dump(mode="json"), "budget_minutes": budget_minutes}, indent=2
+        )
+    )
     started = time.monotonic()
     budget = {k: None if budget_minutes is None else share * budget_minutes * 60 for k, share in STAGE_SHARE.items()}
     torch.manual_seed(cfg.seed)
@@ -84,8 +95,9 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     clips = training_clips(cfg.data, preset.video.height)
 
     vae = WanVAE(preset.vae)
-    summaries["vae"] = run_stage(VAEStage(vae, clips, cfg.vae, cfg.seed), out, cfg.max_steps["vae"], budget["vae"],
-                                 cfg.checkpoint_every, log)
+    summaries["vae"] = run_stage(
+        VAEStage(vae, clips, cfg.vae, cfg.seed), out, cfg.max_steps["vae"], budget["vae"], cfg.checkpoint_every, log
+    )
     vae.eval().requires_grad_(False)
     # Fix the latent normalisation from the training clips (deterministic, so a resumed run gets the same numbers).
     vae_config = vae.set_latent_normalization(*latent_statistics(vae, clips, preset.vae.temporal_stride))
@@ -93,13 +105,16 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     log(f"latent normalisation: std {[round(v, 2) for v in vae_config.latents_std]}")
     if cfg.vae_gate_lipsync_r is not None:
         report = vae_report(vae, clips=2, seconds=8.0, data=cfg.data, size=preset.video.height)
-        log(f"VAE on held-out clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
-            f"{report['recon_lipsync_r']:.3f}")
+        log(
+            f"VAE on held-out clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
+            f"{report['recon_lipsync_r']:.3f}"
+        )
         if report["recon_lipsync_r"] < cfg.vae_gate_lipsync_r:
             raise VAEGateError(
                 f"the VAE reconstructs held-out clips with lipsync_r {report['recon_lipsync_r']:.3f} < "
                 f"{cfg.vae_gate_lipsync_r}: it cannot draw the mouth yet. Train it longer (e.g. --max-steps "
-                f"vae={2 * summaries['vae']['steps']}; delete {out / 'vae' / 'done.json'} to resume it).")
+                f"vae={2 * summaries['vae']['steps']}; delete {out / 'vae' / 'done.json'} to resume it)."
+            )
 
     latents_path = out / "data" / "latents.pt"
     if latents_path.exists():
@@ -111,20 +126,38 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
         dataset.save(latents_path)
 
     teacher = CausalWanDiT(preset.dit)
-    summaries["teacher"] = run_stage(TeacherStage(teacher, dataset, preset, cfg.dit, cfg.seed), out,
-                                     cfg.max_steps["teacher"], budget["teacher"], cfg.checkpoint_every, log)
+    summaries["teacher"] = run_stage(
+        TeacherStage(teacher, dataset, preset, cfg.dit, cfg.seed),
+        out,
+        cfg.max_steps["teacher"],
+        budget["teacher"],
+        cfg.checkpoint_every,
+        log,
+    )
     teacher.eval().requires_grad_(False)
     # The bidirectional teacher as a checkpoint of its own: the many-step reference row of docs/results.md.
     save_checkpoint(out / "teacher_model", preset, {"dit": teacher, "vae": vae}, {"stage": "bidirectional teacher"})
 
     student = student_from_teacher(teacher)
-    summaries["student"] = run_stage(StudentStage(student, dataset, preset, cfg.dit, cfg.seed), out,
-                                     cfg.max_steps["student"], budget["student"], cfg.checkpoint_every, log)
+    summaries["student"] = run_stage(
+        StudentStage(student, dataset, preset, cfg.dit, cfg.seed),
+        out,
+        cfg.max_steps["student"],
+        budget["student"],
+        cfg.checkpoint_every,
+        log,
+    )
     # The causal student before distillation, sampled with many Euler steps: the "no distillation" reference.
     save_checkpoint(out / "student_model", preset, {"dit": student, "vae": vae}, {"stage": "causal student"})
 
-    summaries["distill"] = run_stage(DistillStage(student, teacher, vae, clips, preset, cfg.distill, cfg.seed), out,
-                                     cfg.max_steps["distill"], budget["distill"], cfg.checkpoint_every, log)
+    summaries["distill"] = run_stage(
+        DistillStage(student, teacher, vae, clips, preset, cfg.distill, cfg.seed),
+        out,
+        cfg.max_steps["distill"],
+        budget["distill"],
+        cfg.checkpoint_every,
+        log,
+    )
     shipped = distilled_preset(preset)
     result = {"stages": summaries, "seconds": round(time.monotonic() - started, 1)}
     if cfg.deflicker_calibration_clips and shipped.generator.deflicker.frames:
@@ -142,20 +175,30 @@ def run_recipe(out: str | Path, preset: Preset, cfg: RecipeConfig, budget_minute
     return result
 
 
-def calibrated_deflicker(out: Path, preset: Preset, student: CausalWanDiT, vae: WanVAE, cfg: RecipeConfig,
-                         distill_steps: int, log=print) -> dict:
+def calibrated_deflicker(
+    out: Path, preset: Preset, student: CausalWanDiT, vae: WanVAE, cfg: RecipeConfig, distill_steps: int, log=print
+) -> dict:
     """The deflicker threshold for the trained model, chosen on training clips; kept in `out/deflicker.json` for as
     long as the student it was chosen for (the same number of distillation steps)."""
     path = out / "deflicker.json"
     if path.exists() and json.loads(path.read_text()).get("distill_steps") == distill_steps:
         return json.loads(path.read_text())
     model = AvatarModel(preset, student, vae, description="deflicker calibration")
-    calibration = calibrate(model, list(cfg.deflicker_thresholds), cfg.deflicker_calibration_clips,
-                            cfg.deflicker_calibration_seconds, data=cfg.data, progress=log)
+    calibration = calibrate(
+        model,
+        list(cfg.deflicker_thresholds),
+        cfg.deflicker_calibration_clips,
+        cfg.deflicker_calibration_seconds,
+        data=cfg.data,
+        progress=log,
+    )
     calibration["distill_steps"] = distill_steps
-    log(f"deflicker: threshold {calibration['chosen_threshold']:g} (latent_seam_jitter on training clips by "
-        "threshold: " + ", ".join(f"{float(t):g}: {v['latent_seam_jitter']:.3f}"
-                                  for t, v in calibration["by_threshold"].items()) + ")")
+    log(
+        f"deflicker: threshold {calibration['chosen_threshold']:g} (latent_seam_jitter on training clips by "
+        "threshold: "
+        + ", ".join(f"{float(t):g}: {v['latent_seam_jitter']:.3f}" for t, v in calibration["by_threshold"].items())
+        + ")"
+    )
     path.write_text(json.dumps(calibration, indent=2))
     return calibration
 
@@ -175,16 +218,22 @@ def _deflicker_line(deflicker: DeflickerConfig, result: dict) -> str:
     if not deflicker.frames:
         return "no deflicker"
     chosen = " (chosen on training clips by the recipe)" if "deflicker_calibration" in result else ""
-    return (f"deflicker at latent-frame crossings over {deflicker.frames} frames, threshold {deflicker.threshold:g}"
-            + chosen)
+    return (
+        f"deflicker at latent-frame crossings over {deflicker.frames} frames, threshold {deflicker.threshold:g}"
+        + chosen
+    )
 
 
-def write_model_card(directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str,
-                     budget_minutes: float | None) -> None:
+def write_model_card(
+    directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str, budget_minutes: float | None
+) -> None:
     dit = CausalWanDiT(preset.dit)
-    rows = "\n".join(f"| {name} | {s['steps']} | {s['seconds'] / 60:.1f} | {s['stopped_by']} | "
-                     + ", ".join(f"{k} {v:.4g}" for k, v in s["final_losses"].items()) + " |"
-                     for name, s in result["stages"].items())
+    rows = "\n".join(
+        f"| {name} | {s['steps']} | {s['seconds'] / 60:.1f} | {s['stopped_by']} | "
+        + ", ".join(f"{k} {v:.4g}" for k, v in s["final_losses"].items())
+        + " |"
+        for name, s in result["stages"].items()
+    )
     text = f"""# Model card: avatar-render `tiny` (SynthTalk)
 
 Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4).
@@ -199,7 +248,7 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
   t_mci {preset.generator.t_mci} (MCI), horizon {preset.generator.horizon_frames} latent frames with URCR resets;
   {_deflicker_line(preset.generator.deflicker, result)}.
 - Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; budget {budget_minutes} minutes;
-  total {result['seconds'] / 60:.1f} minutes.
+  total {result["seconds"] / 60:.1f} minutes.
 
 | stage | steps | minutes | stopped by | final losses (mean of last 20 steps) |
 |---|---|---|---|---|
@@ -221,20 +270,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=None, help="training clips (default: the recipe's)")
     parser.add_argument("--data-seed", type=int, default=None)
     parser.add_argument("--ship-to", default=str(BUNDLED_MODEL), help="where the final model goes ('' = nowhere)")
-    parser.add_argument("--max-steps", default=None,
-                        help="step caps per stage, e.g. vae=1600,teacher=5000 (default: the recipe's)")
-    parser.add_argument("--reuse", default=None,
-                        help="start from another run's finished VAE and teacher (ablations of the later stages)")
-    parser.add_argument("--mci-off", action="store_true",
-                        help="ablation: clean context in training (t_mci_max = 0) and t_mci = 0 at inference")
+    parser.add_argument(
+        "--max-steps", default=None, help="step caps per stage, e.g. vae=1600,teacher=5000 (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        help="start from another run's finished VAE and teacher (ablations of the later stages)",
+    )
+    parser.add_argument(
+        "--mci-off",
+        action="store_true",
+        help="ablation: clean context in training (t_mci_max = 0) and t_mci = 0 at inference",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     cfg = RecipeConfig()
-    data = cfg.data.model_copy(update={k: v for k, v in {"num_clips": args.clips, "data_seed": args.data_seed}.items()
-                                       if v is not None})
+    data = cfg.data.model_copy(
+        update={k: v for k, v in {"num_clips": args.clips, "data_seed": args.data_seed}.items() if v is not None}
+    )
     caps = dict(cfg.max_steps)
     for item in filter(None, (args.max_steps or "").split(",")):
         name, _, value = item.partition("=")

@@ -1,6 +1,6 @@
 """Markdown rows for docs/results.md from `model.train.heldout` JSON files, each with the command that made it.
 
-    python -m model.train.results_table runs/tiny/eval/*.json
+python -m model.train.results_table runs/tiny/eval/*.json
 """
 
 from __future__ import annotations
@@ -17,16 +17,20 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def table(results: list[tuple[str, dict]]) -> str:
-    lines = ["| row | lipsync_r | av_offset_frames | identity_error | VAE recon identity_error | ratio | "
-             "boundary_jitter | latent seams inside blocks (model / VAE recon) | clips x s | command |",
-             "|---" * 10 + "|"]
+    lines = [
+        "| row | lipsync_r | av_offset_frames | identity_error | VAE recon identity_error | ratio | "
+        "boundary_jitter | latent seams inside blocks (model / VAE recon) | clips x s | command |",
+        "|---" * 10 + "|",
+    ]
     for name, r in results:
         m, v = r["model_metrics"], r.get("vae_reconstruction") or {}
         ratio = (m["identity_error"] / v["identity_error"]) if v.get("identity_error") else None
-        lines.append(f"| {name} | {_fmt(m['lipsync_r'])} | {_fmt(m['av_offset_frames'], 2)} | "
-                     f"{_fmt(m['identity_error'], 4)} | {_fmt(v.get('identity_error'), 4)} | {_fmt(ratio, 2)} | "
-                     f"{_fmt(m['boundary_jitter'])} | {_fmt(m.get('latent_seam_jitter'), 2)} / "
-                     f"{_fmt(v.get('latent_seam_jitter'), 2)} | {r['clips']} x {r['seconds']:g} | `{r['command']}` |")
+        lines.append(
+            f"| {name} | {_fmt(m['lipsync_r'])} | {_fmt(m['av_offset_frames'], 2)} | "
+            f"{_fmt(m['identity_error'], 4)} | {_fmt(v.get('identity_error'), 4)} | {_fmt(ratio, 2)} | "
+            f"{_fmt(m['boundary_jitter'])} | {_fmt(m.get('latent_seam_jitter'), 2)} / "
+            f"{_fmt(v.get('latent_seam_jitter'), 2)} | {r['clips']} x {r['seconds']:g} | `{r['command']}` |"
+        )
     return "\n".join(lines)
 
 

@@ -29,9 +29,11 @@ def plot_seams(model: AvatarModel, clip_index: int, seconds: float, out: str | P
 
     preset = model.preset
     clip = eval_clip(DataConfig(), clip_index, seconds, preset.video.height)
-    videos = {"truth": clip.frames,  # seeds as in model.train.heldout: the same renders as its rows
-              "render, deflicker off": render_clip(model, clip, RenderSettings(seed=clip_index, deflicker=False)),
-              "render (default: deflicker on)": render_clip(model, clip, RenderSettings(seed=clip_index))}
+    videos = {
+        "truth": clip.frames,  # seeds as in model.train.heldout: the same renders as its rows
+        "render, deflicker off": render_clip(model, clip, RenderSettings(seed=clip_index, deflicker=False)),
+        "render (default: deflicker on)": render_clip(model, clip, RenderSettings(seed=clip_index)),
+    }
     stride = preset.vae.temporal_stride
     layout = metrics.block_layout(stride, preset.generator.frames_per_block)
     n = min(len(v) for v in videos.values())
@@ -44,12 +46,18 @@ def plot_seams(model: AvatarModel, clip_index: int, seconds: float, out: str | P
     changes = {label: metrics.frame_changes(frames[:n]) * 255.0 for label, frames in videos.items()}
     # The scale of the seams: the first block's start (frame 0 is decoded alone) can jump far more; those points are
     # clipped to the top and labelled with their values.
-    top = 1.5 * max(c[layout["first_block_frames"]:].max() for c in changes.values())
+    top = 1.5 * max(c[layout["first_block_frames"] :].max() for c in changes.values())
     for k, (label, c) in enumerate(changes.items()):
-        line, = ax.plot(np.arange(1, n), np.minimum(c, top), marker="o", ms=2.5, lw=1, label=label)
+        (line,) = ax.plot(np.arange(1, n), np.minimum(c, top), marker="o", ms=2.5, lw=1, label=label)
         for i in np.nonzero(c > top)[0]:
-            ax.annotate(f"{c[i]:.0f}", (i + 1, top), textcoords="offset points", xytext=(4, -10 - 9 * k), fontsize=7,
-                        color=line.get_color())
+            ax.annotate(
+                f"{c[i]:.0f}",
+                (i + 1, top),
+                textcoords="offset points",
+                xytext=(4, -10 - 9 * k),
+                fontsize=7,
+                color=line.get_color(),
+            )
     ax.set_ylim(0, top * 1.05)
     ax.set_xlabel("frame i (change from frame i - 1; grey lines: latent-frame crossings, dark: block boundaries)")
     ax.set_ylabel("mean |change| from the frame before (0-255)", fontsize=8)

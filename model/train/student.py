@@ -37,9 +37,18 @@ class StudentStage(DiTStage):
         sigmas = torch.cat([context.repeat_interleave(n, dim=1), target.expand(-1, n)], dim=1)
         weights = torch.cat([torch.full((context_blocks * n,), self.cfg.context_weight), torch.ones(n)])
         weights = weights * frames / weights.sum()
-        loss = flow_matching_loss(self.model, self.schedule, batch.latents, sigmas, batch.reference, batch.audio,
-                                  random_first_position(self.rng, frames, self.preset),
-                                  attention="block_causal", frame_groups=[n] * (context_blocks + 1), weights=weights)
+        loss = flow_matching_loss(
+            self.model,
+            self.schedule,
+            batch.latents,
+            sigmas,
+            batch.reference,
+            batch.audio,
+            random_first_position(self.rng, frames, self.preset),
+            attention="block_causal",
+            frame_groups=[n] * (context_blocks + 1),
+            weights=weights,
+        )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.dit.parameters(), 1.0)

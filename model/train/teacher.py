@@ -38,8 +38,15 @@ class DiTStage:
 
     name: str
 
-    def __init__(self, dit: CausalWanDiT, data: LatentDataset, preset: Preset, cfg: DiTTrainConfig, seed: int = 0,
-                 model: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        dit: CausalWanDiT,
+        data: LatentDataset,
+        preset: Preset,
+        cfg: DiTTrainConfig,
+        seed: int = 0,
+        model: torch.nn.Module | None = None,
+    ):
         self.dit, self.data, self.preset, self.cfg = dit.train().requires_grad_(True), data, preset, cfg
         self.model = model or SinkDenoiser(dit, preset.text.max_length)  # a DDP wrapper of one under Ray Train
         self.schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
@@ -60,8 +67,15 @@ class TeacherStage(DiTStage):
         frames = self.cfg.window_blocks * self.preset.generator.frames_per_block
         batch = self.data.sample(self.cfg.batch, frames, self.rng)
         sigmas = sample_sigmas(self.cfg.batch, self.preset.generator.shift)[:, None].expand(-1, frames)
-        loss = flow_matching_loss(self.model, self.schedule, batch.latents, sigmas, batch.reference, batch.audio,
-                                  random_first_position(self.rng, frames, self.preset))
+        loss = flow_matching_loss(
+            self.model,
+            self.schedule,
+            batch.latents,
+            sigmas,
+            batch.reference,
+            batch.audio,
+            random_first_position(self.rng, frames, self.preset),
+        )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.dit.parameters(), 1.0)

@@ -62,7 +62,7 @@ class VAEStage:
         for _ in range(batch):
             frames = self.frames[int(self.rng.integers(len(self.frames)))]
             start = int(self.rng.integers(len(frames) - window + 1))
-            videos.append(frames_to_tensor(frames[start:start + window]))
+            videos.append(frames_to_tensor(frames[start : start + window]))
         return torch.cat(videos)
 
     def step(self, index: int) -> dict[str, float]:
@@ -95,8 +95,11 @@ def residual_temporal_convs(vae: WanVAE) -> list[torch.nn.Conv3d]:
     """The causal 3D convs other than the resamplers' time convs: the ones kept frame-local."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-    return [m for name, m in vae.model.named_modules()
-            if isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1 and "time_conv" not in name]
+    return [
+        m
+        for name, m in vae.model.named_modules()
+        if isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1 and "time_conv" not in name
+    ]
 
 
 @torch.no_grad()

@@ -41,21 +41,33 @@ def vae_report(vae: WanVAE, clips: int, seconds: float, data: DataConfig | None 
         recon = reconstruct_clip(vae, clip, stride)
         truth_frames = clip.frames[: len(recon)]
         error = np.abs(recon.astype(np.float32) - truth_frames.astype(np.float32)).mean(axis=(1, 2, 3))
-        per_latent = [float(error[0])] + [float(error[1 + stride * k: 1 + stride * (k + 1)].mean())
-                                          for k in range((len(error) - 1) // stride)]
+        per_latent = [float(error[0])] + [
+            float(error[1 + stride * k : 1 + stride * (k + 1)].mean()) for k in range((len(error) - 1) // stride)
+        ]
         phones = load_truth_phones(clip.truth)
         result = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)
         truth = score(truth_frames, clip.fps, clip.portrait, clip.audio, phones=phones)
         # Pair i joins frames i and i + 1; frame 1 + stride * k starts latent frame k + 1, so i % stride == 0 crosses.
         changes = {name: metrics.frame_changes(v) * 255.0 for name, v in (("recon", recon), ("truth", truth_frames))}
-        rows.append({"mae_by_latent_frame": [round(v, 1) for v in per_latent], "mae": round(float(error.mean()), 2),
-                     "change_by_pair_position": {name: [round(float(c[k::stride].mean()), 3) for k in range(stride)]
-                                                 for name, c in changes.items()},
-                     "recon_lipsync_r": result["lipsync_r"], "truth_lipsync_r": truth["lipsync_r"],
-                     "recon_identity_error": result["identity_error"], "truth_identity_error": truth["identity_error"],
-                     "recon_boundary_jitter": result["boundary_jitter"], "truth_boundary_jitter": truth["boundary_jitter"]})
-    return {"clips": rows, **{key: float(np.mean([r[key] for r in rows]))
-                              for key in ("mae", "recon_lipsync_r", "recon_boundary_jitter")}}
+        rows.append(
+            {
+                "mae_by_latent_frame": [round(v, 1) for v in per_latent],
+                "mae": round(float(error.mean()), 2),
+                "change_by_pair_position": {
+                    name: [round(float(c[k::stride].mean()), 3) for k in range(stride)] for name, c in changes.items()
+                },
+                "recon_lipsync_r": result["lipsync_r"],
+                "truth_lipsync_r": truth["lipsync_r"],
+                "recon_identity_error": result["identity_error"],
+                "truth_identity_error": truth["identity_error"],
+                "recon_boundary_jitter": result["boundary_jitter"],
+                "truth_boundary_jitter": truth["boundary_jitter"],
+            }
+        )
+    return {
+        "clips": rows,
+        **{key: float(np.mean([r[key] for r in rows])) for key in ("mae", "recon_lipsync_r", "recon_boundary_jitter")},
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truth", help="SynthTalk truth.json: lip-sync against its phones instead of the audio envelope")
     p.add_argument("--block-frames", type=int, default=12, help="video frames per generated block (after the first)")
     p.add_argument("--first-block-frames", type=int, default=9, help="video frames of the first block")
-    p.add_argument("--mouth", choices=["auto", "synth", "facemesh"], default="auto",
-                   help="how to read the mouth: SynthTalk pixels or the mediapipe face mesh (auto picks)")
+    p.add_argument(
+        "--mouth",
+        choices=["auto", "synth", "facemesh"],
+        default="auto",
+        help="how to read the mouth: SynthTalk pixels or the mediapipe face mesh (auto picks)",
+    )
     p.add_argument("--window-seconds", type=float, default=30.0, help="window of the per-window (drift) metrics")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding every number")
     p.set_defaults(func=run)
@@ -30,17 +34,29 @@ def run(args: argparse.Namespace) -> int:
     from model.eval.evaluate import METRICS, evaluate
 
     try:
-        result = evaluate(args.video, args.portrait, args.audio, args.truth, args.block_frames,
-                          args.first_block_frames, args.mouth, args.window_seconds)
+        result = evaluate(
+            args.video,
+            args.portrait,
+            args.audio,
+            args.truth,
+            args.block_frames,
+            args.first_block_frames,
+            args.mouth,
+            args.window_seconds,
+        )
     except InputError as err:
         raise SystemExit(f"eval: {err}") from None
-    print(f"{args.video}: {result['frames']} frames at {result['fps']:g} fps, mouth read by {result['mouth_method']}, "
-          f"lip-sync reference: {result['lipsync_reference']}")
+    print(
+        f"{args.video}: {result['frames']} frames at {result['fps']:g} fps, mouth read by {result['mouth_method']}, "
+        f"lip-sync reference: {result['lipsync_reference']}"
+    )
     for name in METRICS:
         print(f"  {name:18s} {_fmt(result[name]):>10s}   drift {_fmt(result['drift'][name + '_per_min'])}/min")
     if len(result["windows"]) > 1:
         for w in result["windows"]:
-            print(f"  window {w['start_s']:7.1f}-{w['end_s']:7.1f}s  " + "  ".join(f"{n}={_fmt(w[n])}" for n in METRICS))
+            print(
+                f"  window {w['start_s']:7.1f}-{w['end_s']:7.1f}s  " + "  ".join(f"{n}={_fmt(w[n])}" for n in METRICS)
+            )
     if args.json:
         print(json.dumps(result))
     return 0

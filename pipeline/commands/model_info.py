@@ -11,8 +11,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--window", type=int, help="latent frames in the cache window (default: the preset's)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the cached keys/values")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the cached keys/values",
+    )
     p.set_defaults(func=run)
 
 
@@ -36,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
         if dit.is_conditioning_param(name):
             key = f"{key} (conditioning)"
         groups[key] = groups.get(key, 0) + p.numel()
-    print(f"preset: {preset.name}  video {preset.video.height}x{preset.video.width} @ {preset.video.fps} fps  "
-          f"latent {preset.latent_height}x{preset.latent_width}  tokens/frame {preset.tokens_per_frame}")
+    print(
+        f"preset: {preset.name}  video {preset.video.height}x{preset.video.width} @ {preset.video.fps} fps  "
+        f"latent {preset.latent_height}x{preset.latent_width}  tokens/frame {preset.tokens_per_frame}"
+    )
     for key, n in groups.items():
         print(f"  {key:32s} {n:>14,d}")
     total = sum(p.numel() for p in dit.parameters())
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     cache = (gen.sink_frames + window) * per_frame
     print(f"kv_cache_bytes_per_frame: {per_frame}  ({args.dtype})")
     print(f"kv_cache_bytes_per_block: {block}  ({gen.frames_per_block} latent frames)")
-    print(f"kv_cache_bytes_window: {cache}  (sink {gen.sink_frames} + window {window} latent frames, "
-          f"{cache / 2**20:.1f} MiB)")
+    print(
+        f"kv_cache_bytes_window: {cache}  (sink {gen.sink_frames} + window {window} latent frames, "
+        f"{cache / 2**20:.1f} MiB)"
+    )
     return 0

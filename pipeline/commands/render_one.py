@@ -7,7 +7,7 @@ import sys
 
 
 def step_plan(text: str) -> tuple[int, ...]:
-    """"8,6,4" -> (8, 6, 4): PSB steps of block 0, 1, ...; the last repeats."""
+    """ "8,6,4" -> (8, 6, 4): PSB steps of block 0, 1, ...; the last repeats."""
     try:
         plan = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -25,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio", required=True, help="speech: wav, flac, mp3, m4a/aac, ogg/opus (any rate, mono/stereo)")
     p.add_argument("--out", required=True, help="output .mp4 (written atomically)")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset when no checkpoint is given (default: tiny)")
+    model.add_argument(
+        "--preset",
+        default="tiny",
+        choices=sorted(PRESETS),
+        help="model preset when no checkpoint is given (default: tiny)",
+    )
     model.add_argument("--checkpoint", help="avatar-render checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=step_plan, help="PSB step plan, e.g. 8,6,4 (default: the model's)")
@@ -53,8 +58,10 @@ def _render(args: argparse.Namespace) -> int:
     model = AvatarModel.load(args.checkpoint, preset=args.preset)
     print(f"model: {model.description}")
     if model.description.startswith("random"):
-        print("note: no trained model ships yet, so a seeded random stand-in renders this video: "
-              "expect moving noise, not a talking face")
+        print(
+            "note: no trained model ships yet, so a seeded random stand-in renders this video: "
+            "expect moving noise, not a talking face"
+        )
     settings = RenderSettings(seed=args.seed, step_plan=args.steps)
 
     bar = None
@@ -66,12 +73,15 @@ def _render(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        result = render_to_mp4(model, args.portrait, args.audio, args.out, settings, progress=progress,
-                               prompt=args.prompt)
+        result = render_to_mp4(
+            model, args.portrait, args.audio, args.out, settings, progress=progress, prompt=args.prompt
+        )
     finally:
         if bar is not None:
             bar.close()
     wall = sum(result["timings"].values())
-    print(f"wrote {result['out_path']}: {result['frames']} frames ({result['seconds']:.2f} s at {result['fps']} fps), "
-          f"{result['blocks']} blocks in {wall:.1f} s ({result['frames'] / wall:.1f} video frames per second)")
+    print(
+        f"wrote {result['out_path']}: {result['frames']} frames ({result['seconds']:.2f} s at {result['fps']} fps), "
+        f"{result['blocks']} blocks in {wall:.1f} s ({result['frames'] / wall:.1f} video frames per second)"
+    )
     return 0

@@ -9,18 +9,29 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="run the HTTP job service (Ray Serve, or uvicorn for local dev)")
     parser.add_argument("--host", help="bind address (default: AVATAR_RENDER_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: AVATAR_RENDER_PORT or 8000)")
-    parser.add_argument("--token", help="bearer token for /v1 (default: AVATAR_RENDER_AUTH_TOKEN); required "
-                                        "unless bound to loopback")
+    parser.add_argument(
+        "--token", help="bearer token for /v1 (default: AVATAR_RENDER_AUTH_TOKEN); required unless bound to loopback"
+    )
     parser.add_argument("--state-dir", help="job store directory (default: AVATAR_RENDER_STATE_DIR)")
-    parser.add_argument("--output-root", action="append", dest="output_roots", metavar="URI",
-                        help="allowed output root (repeat); default: <state dir>/outputs")
+    parser.add_argument(
+        "--output-root",
+        action="append",
+        dest="output_roots",
+        metavar="URI",
+        help="allowed output root (repeat); default: <state dir>/outputs",
+    )
     parser.add_argument("--uvicorn", action="store_true", help="serve with uvicorn in this process, without Ray Serve")
     parser.set_defaults(func=run)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    values = {"host": args.host, "port": args.port, "auth_token": args.token, "state_dir": args.state_dir,
-              "output_roots": args.output_roots}
+    values = {
+        "host": args.host,
+        "port": args.port,
+        "auth_token": args.token,
+        "state_dir": args.state_dir,
+        "output_roots": args.output_roots,
+    }
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -43,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.uvicorn:
         from deploy.app import create_app
 
-        print(f"avatar-render service on http://{settings.host}:{settings.port} (uvicorn); Ctrl-C stops it",
-              flush=True)
+        print(f"avatar-render service on http://{settings.host}:{settings.port} (uvicorn); Ctrl-C stops it", flush=True)
         connect_ray(settings.pipeline)
         run_uvicorn(create_app(settings), settings.host, settings.port)
         return 0

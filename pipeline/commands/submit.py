@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nstopped waiting; job {job_id} continues (cancel: DELETE {args.url}/v1/jobs/{job_id})")
             return 130
     counts = ", ".join(f"{n} {state}" for state, n in sorted(status["counts"].items())) or "no rows"
-    print(f"job {job_id} {status['state']}: {counts}; {status['video_seconds']:.1f} s of video; "
-          f"output {status['output']}")
+    print(
+        f"job {job_id} {status['state']}: {counts}; {status['video_seconds']:.1f} s of video; output {status['output']}"
+    )
     if status.get("error"):
         print(f"error: {status['error']}", file=sys.stderr)
     return 0 if status["state"] == "succeeded" and not status["counts"].get("failed") else 1

@@ -12,8 +12,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, required=True, help="length of every clip")
     p.add_argument("--seed", type=int, default=0, help="data set seed: clip i uses seed * 1000003 + i")
     p.add_argument("--size", type=int, default=64, help="frame height and width in pixels (even)")
-    p.add_argument("--speech", choices=["formant", "espeak"], default="formant",
-                   help="formant-synthesised random phones, or espeak-ng speaking sentences")
+    p.add_argument(
+        "--speech",
+        choices=["formant", "espeak"],
+        default="formant",
+        help="formant-synthesised random phones, or espeak-ng speaking sentences",
+    )
     p.set_defaults(func=run)
 
 
