@@ -4,6 +4,9 @@
 - Wan2.1 original: `blocks.N.self_attn.q.weight` ...; one .safetensors, sharded .safetensors with an
   `*.index.json`, or a .pth/.pt read with `torch.load(weights_only=True)`.
 - diffusers (`WanTransformer3DModel`): `blocks.N.attn1.to_q.weight` ...; converted through `DIFFUSERS_TO_WAN`.
+- LiveTalk / OmniAvatar (`CausalWanModel`, `OmniAvatarWanModel`): Wan2.1's names, one 33-channel `patch_embedding`
+  (noisy latent | reference latent | mask), `audio_proj.{proj,norm_out}` (AudioPack) and `audio_cond_projs.i` (the
+  projection before layer `audio_layers[0] + i`); converted by `livetalk_to_wan` / `wan_to_livetalk`.
 
 Loading is strict: missing, unexpected and mis-shaped keys raise one `CheckpointError` listing them all.
 Conditioning modules absent from a plain Wan2.1 checkpoint are the one allowed gap: they stay zero (so the model is
@@ -12,6 +15,7 @@ exactly Wan2.1) and the returned `LoadReport` lists them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import Preset
+from model.config import DiTConfig, Preset
 
 # (diffusers pattern, Wan2.1 original replacement); applied to the part of the key after "blocks.N." or at the top.
 _BLOCK_MAP = [
@@ -61,7 +65,7 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadReport:
     source: str
-    layout: str  # "avatar-render" | "wan" | "diffusers"
+    layout: str  # "avatar-render" | "wan" | "diffusers" | "livetalk"
     absent_conditioning: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -99,9 +103,60 @@ def wan_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {_convert_key(k, block, top): v for k, v in state.items()}
 
 
+# -- LiveTalk / OmniAvatar ----------------------------------------------------------------------------------------
+
+_LIVETALK_AUDIO_NAMES = [("audio_proj.proj.", "audio_encoder.proj."), ("audio_proj.norm_out.", "audio_encoder.norm.")]
+_AUDIO_COND = re.compile(r"^audio_cond_projs\.(\d+)\.(.*)$")
+_BLOCK_AUDIO = re.compile(r"^blocks\.(\d+)\.audio_proj\.(.*)$")
+
+
+def livetalk_to_wan(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """LiveTalk's layout -> ours: the 33-channel patch embedding split into the latent's and the conditioning's
+    (`cond_embedding`, no bias: the one bias stays with `patch_embedding`), the audio modules renamed."""
+    first_audio_layer = cfg.audio_layer_range.start
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _AUDIO_COND.match(key)
+        if key == "patch_embedding.weight":
+            out["patch_embedding.weight"] = value[:, : cfg.latent_channels]
+            out["cond_embedding.weight"] = value[:, cfg.latent_channels :]
+        elif m:
+            out[f"blocks.{first_audio_layer + int(m.group(1))}.audio_proj.{m.group(2)}"] = value
+        else:
+            out[_convert_key(key, [], _LIVETALK_AUDIO_NAMES)] = value
+    return out
+
+
+def wan_to_livetalk(state: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """Ours -> LiveTalk's layout (the inverse of `livetalk_to_wan`, key for key)."""
+    first_audio_layer = cfg.audio_layer_range.start
+    renames = [(ours, theirs) for theirs, ours in _LIVETALK_AUDIO_NAMES]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _BLOCK_AUDIO.match(key)
+        if key == "cond_embedding.weight":
+            continue
+        if key == "patch_embedding.weight":
+            out[key] = torch.cat([value, state["cond_embedding.weight"].to(value.dtype)], dim=1)
+        elif m:
+            out[f"audio_cond_projs.{int(m.group(1)) - first_audio_layer}.{m.group(2)}"] = value
+        else:
+            out[_convert_key(key, [], renames)] = value
+    return out
+
+
+def livetalk_key_hash(state: dict[str, torch.Tensor]) -> str:
+    """The rule LiveTalk's loader uses to recognise its checkpoint: md5 of the sorted keys and `key:shape` strings."""
+    keys = list(state)
+    shapes = [f"{k}:{'_'.join(str(d) for d in state[k].shape)}" for k in keys]
+    return hashlib.md5(",".join(sorted(keys + shapes)).encode()).hexdigest()
+
+
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("condition_embedder.") or ".attn1." in k for k in state):
         return "diffusers"
+    if any(k.startswith(("audio_cond_projs.", "audio_proj.")) for k in state):
+        return "livetalk"
     return "wan"
 
 
@@ -143,6 +198,8 @@ def load_dit_weights(
     layout = detect_layout(state)
     if layout == "diffusers":
         state = diffusers_to_wan(state)
+    elif layout == "livetalk":
+        state = livetalk_to_wan(state, dit.cfg)
     own = dit.state_dict()
     missing = [k for k in own if k not in state]
     absent_conditioning = [k for k in missing if dit.is_conditioning_param(k)]

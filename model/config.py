@@ -38,6 +38,11 @@ class DiTConfig(_Frozen):
     reference_channels: int = 16
     mask_channels: int = 1
     audio_injection: Literal["add", "cross_attn"] = "add"
+    # The shared audio encoder of each latent frame's window: "mlp" (Linear, SiLU, Linear: this project's models) or
+    # "pack" (OmniAvatar's AudioPack: one Linear over the window, then LayerNorm).
+    audio_encoder: Literal["mlp", "pack"] = "mlp"
+    # Layers [first, last) that receive the audio (one projection each); None: every layer.
+    audio_layers: tuple[int, int] | None = None
     audio_feature_dim: int  # width of one audio feature vector (one per video frame)
     audio_window: int  # audio feature vectors per latent frame (covered frames + past context)
     audio_hidden: int  # width of the shared audio embedding fed to every layer
@@ -57,12 +62,21 @@ class DiTConfig(_Frozen):
     def cond_channels(self) -> int:
         return self.reference_channels + self.mask_channels
 
+    @property
+    def audio_layer_range(self) -> range:
+        first, last = self.audio_layers or (0, self.num_layers)
+        return range(first, last)
+
     @model_validator(mode="after")
     def _check(self) -> DiTConfig:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if any(d % 2 for d in self.rope_dims):
             raise ValueError(f"head_dim {self.head_dim} gives odd RoPE split {self.rope_dims}")
+        if self.audio_layers is not None and not 0 <= self.audio_layers[0] < self.audio_layers[1] <= self.num_layers:
+            raise ValueError(f"audio_layers {self.audio_layers} must be a range inside [0, {self.num_layers}]")
+        if self.audio_encoder == "pack" and self.audio_injection != "add":
+            raise ValueError("the AudioPack encoder feeds per-layer projections (audio_injection='add')")
         return self
 
 
@@ -90,21 +104,36 @@ class VAEConfig(_Frozen):
 class AudioConfig(_Frozen):
     """How speech becomes one feature vector per video frame."""
 
-    encoder: Literal["logmel", "wav2vec2"]
+    # "logmel": log-mel energies (the tiny preset). "wav2vec2": wav2vec2's last hidden state, interpolated to the
+    # video frame rate, from a bounded window of past audio (streaming). "omniavatar": OmniAvatar's wav2vec2 path
+    # (conv features interpolated to the frame rate before the encoder; the last hidden state and every hidden state
+    # concatenated), encoded over the whole clip as OmniAvatar and LiveTalk do, in windows for very long audio.
+    encoder: Literal["logmel", "wav2vec2", "omniavatar"]
     sample_rate: int = 16000
     n_mels: int = 80  # logmel only
     context_frames: int = 4  # past video frames of audio each latent frame also sees (no look-ahead)
+    # What stands for the video frames before the start of the audio in a latent frame's window: zero vectors, or
+    # copies of the first frame's features (OmniAvatar pads the front of the clip with three of them).
+    front_padding: Literal["zeros", "first_frame"] = "zeros"
+    # omniavatar: audio up to this long is encoded in one pass over the whole clip (exactly as the reference does);
+    # longer audio in windows of this length, each with `window_context_seconds` of overlap on both sides.
+    window_seconds: float = Field(256.0, gt=0)
+    window_context_seconds: float = Field(8.0, ge=0)
 
 
 class TextConfig(_Frozen):
     encoder: Literal["none", "umt5"]
     max_length: int = 512  # umT5 tokens (Wan2.1 pads to 512)
+    default_prompt: str = ""  # the prompt of a row that gives none
 
 
 class VideoConfig(_Frozen):
     height: int
     width: int
     fps: int = 25
+    # How a portrait of another shape becomes height x width: "crop" (centre-crop to the aspect, then Lanczos) or
+    # "cover" (OmniAvatar/LiveTalk: bilinear resize until it covers the frame, then centre-crop the overflow).
+    portrait_fit: Literal["crop", "cover"] = "crop"
 
 
 class DeflickerConfig(_Frozen):
@@ -124,10 +153,19 @@ class GeneratorConfig(_Frozen):
     shift: float = 5.0  # flow-matching timestep shift
     num_train_timesteps: int = 1000
     t_mci: float = 100.0  # MCI: the timestep at which the previous block is re-written into the cache
-    window_frames: int = 6  # latent frames kept in the cache besides the sink
+    window_frames: int = 6  # latent frames kept in the cache besides the sink (the block itself comes on top)
     horizon_frames: int = 21  # RoPE temporal positions trained, sink included: positions < horizon
     reset_context_frames: int = 3  # URCR: latent frames re-written after a cache reset
-    sink_frames: int = 1  # latent frames of the reference sink at the front of the cache
+    sink_frames: int = 1  # latent frames at the front of the cache that are never evicted
+    # What the sink holds: "reference", the portrait's latent written once before block 0 at position 0 (this
+    # project's models); "first_frames", the first `sink_frames` generated latent frames (LiveTalk: the portrait
+    # reaches the model only through the conditioning channels).
+    sink: Literal["reference", "first_frames"] = "reference"
+    # Block 0's latent frame 0 is the portrait's latent, set before every denoising step and in the output (LiveTalk).
+    pin_first_frame: bool = False
+    # The conditioning mask channel: "reference_entry", 1 on the reference sink entry and 0 on generated frames;
+    # "generated_frames", 0 at latent frame 0 (the portrait's frame) and 1 at every later one (OmniAvatar, LiveTalk).
+    mask: Literal["reference_entry", "generated_frames"] = "reference_entry"
     # "euler": integrate the flow ODE (teachers, many steps); "renoise": predict x0 and re-noise with fresh noise at
     # the next level (the few-step distilled student, as in Self-Forcing).
     sampler: Literal["euler", "renoise"] = "euler"
@@ -140,6 +178,10 @@ class GeneratorConfig(_Frozen):
             raise ValueError(f"step_plan must be non-empty positive integers, got {self.step_plan}")
         if self.reset_context_frames > self.window_frames:
             raise ValueError("reset_context_frames cannot exceed window_frames")
+        if self.sink == "reference" and self.sink_frames != 1:
+            raise ValueError("the reference sink is one latent frame (one portrait)")
+        if self.mask == "reference_entry" and self.sink != "reference":
+            raise ValueError("mask 'reference_entry' marks the reference sink entry: it needs sink='reference'")
         need = self.sink_frames + self.reset_context_frames + self.frames_per_block
         if self.horizon_frames < need:
             raise ValueError(f"horizon_frames {self.horizon_frames} < sink + reset context + block = {need}")
@@ -223,55 +265,29 @@ def _tiny() -> Preset:
 _WAV2VEC2_DIM = 768
 
 
+# Wan2.1's VAE latent statistics (z_norm = (z - mean) / std, per channel).
+# fmt: off
+_WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                       0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+_WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+# fmt: on
+
+
+def _wan21_vae() -> VAEConfig:
+    return VAEConfig(latents_mean=_WAN21_LATENTS_MEAN, latents_std=_WAN21_LATENTS_STD)
+
+
+def _wan21_backbone(**conditioning) -> DiTConfig:
+    """Wan2.1-T2V-1.3B's transformer with the given conditioning fields."""
+    return DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096, **conditioning)
+
+
 def _wan21_1_3b() -> Preset:
     audio = AudioConfig(encoder="wav2vec2", context_frames=4)
-    vae = VAEConfig(
-        latents_mean=(
-            -0.7571,
-            -0.7089,
-            -0.9113,
-            0.1075,
-            -0.1745,
-            0.9653,
-            -0.1517,
-            1.5508,
-            0.4134,
-            -0.0715,
-            0.5517,
-            -0.3632,
-            -0.1922,
-            -0.9497,
-            0.2503,
-            -0.2921,
-        ),
-        latents_std=(
-            2.8184,
-            1.4541,
-            2.3275,
-            2.6558,
-            1.2196,
-            1.7708,
-            2.6052,
-            2.0743,
-            3.2687,
-            2.1526,
-            2.8652,
-            1.5579,
-            1.6382,
-            1.1253,
-            2.8251,
-            1.9160,
-        ),
-    )
-    dit = DiTConfig(
-        dim=1536,
-        ffn_dim=8960,
-        num_heads=12,
-        num_layers=30,
-        text_dim=4096,
-        audio_feature_dim=_WAV2VEC2_DIM,
-        audio_window=vae.temporal_stride + audio.context_frames,
-        audio_hidden=512,
+    vae = _wan21_vae()
+    dit = _wan21_backbone(
+        audio_feature_dim=_WAV2VEC2_DIM, audio_window=vae.temporal_stride + audio.context_frames, audio_hidden=512
     )
     return Preset(
         name="wan2.1-1.3b",
@@ -284,7 +300,62 @@ def _wan21_1_3b() -> Preset:
     )
 
 
-PRESETS = {"tiny": _tiny, "wan2.1-1.3b": _wan21_1_3b}
+# LiveTalk-1.3B-V0.1 (Wan2.1-T2V-1.3B + OmniAvatar's audio conditioning, a 4-step block-causal student).
+LIVETALK_PROMPT = (  # the prompt of LiveTalk's inference config, for rows that give none
+    "A realistic video of a person speaking directly to the camera. The individual maintains steady eye contact with "
+    "clear, expressive facial features. Their facial expressions are naturally animated and emotionally engaging, "
+    "with precise lip movements perfectly synchronized to their speech."
+)
+_OMNIAVATAR_AUDIO_DIM = _WAV2VEC2_DIM * 14  # the last hidden state, then all 13 hidden states of wav2vec2-base
+_LIVETALK_CACHE_FRAMES = 15  # latent frames the KV cache holds, the block being generated included
+_LIVETALK_SINK_FRAMES = 9  # of them, the first frames of the video, never evicted
+
+
+def livetalk_generator(*, frames_per_block: int, cache_frames: int, sink_frames: int, horizon_frames: int):
+    """LiveTalk's sampling and cache policy: 4 re-noised steps, clean (t = 0) context writes, the first frame pinned
+    to the portrait, a cache of `cache_frames` latent frames (the block included) whose first `sink_frames` stay."""
+    return GeneratorConfig(
+        frames_per_block=frames_per_block,
+        step_plan=(4,),
+        sampler="renoise",
+        shift=5.0,
+        t_mci=0.0,
+        sink="first_frames",
+        sink_frames=sink_frames,
+        window_frames=cache_frames - sink_frames - frames_per_block,
+        reset_context_frames=min(frames_per_block, cache_frames - sink_frames - frames_per_block),
+        horizon_frames=horizon_frames,
+        pin_first_frame=True,
+        mask="generated_frames",
+    )
+
+
+def _livetalk_1_3b() -> Preset:
+    vae = _wan21_vae()
+    dit = _wan21_backbone(
+        audio_encoder="pack",
+        audio_layers=(2, 30 // 2 + 1),  # one projection before each of layers 2 .. num_layers // 2
+        audio_feature_dim=_OMNIAVATAR_AUDIO_DIM,
+        audio_window=vae.temporal_stride,  # the 4 video frames a latent frame covers, no extra context
+        audio_hidden=32,
+    )
+    return Preset(
+        name="livetalk-1.3b",
+        dit=dit,
+        vae=vae,
+        audio=AudioConfig(encoder="omniavatar", context_frames=0, front_padding="first_frame"),
+        text=TextConfig(encoder="umt5", max_length=512, default_prompt=LIVETALK_PROMPT),
+        video=VideoConfig(height=512, width=512, fps=16, portrait_fit="cover"),
+        generator=livetalk_generator(
+            frames_per_block=3,
+            cache_frames=_LIVETALK_CACHE_FRAMES,
+            sink_frames=_LIVETALK_SINK_FRAMES,
+            horizon_frames=dit.rope_max_positions,  # URCR takes over where LiveTalk's RoPE table ends
+        ),
+    )
+
+
+PRESETS = {"tiny": _tiny, "wan2.1-1.3b": _wan21_1_3b, "livetalk-1.3b": _livetalk_1_3b}
 
 
 def get_preset(name: str) -> Preset:

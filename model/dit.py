@@ -3,9 +3,10 @@
 One set of weights, three attention modes:
 - "bidirectional": every token sees every token (Wan2.1's own behaviour);
 - "block_causal": the sequence is split into frame groups (sink, then blocks); a token sees its own group and
-  all earlier ones (training);
-- "streaming": the input is one block; it sees the KV cache (sink + recent frames) and itself, and with
-  `write_cache=True` its keys/values are written to the cache (generation).
+  all earlier ones, or with `window_frames` only the last that many frames ending with its group (training);
+- "streaming": the input is one block per batch row; each row sees its own KV cache (sink + recent frames) and
+  itself, and rows marked for writing have their keys/values written to their cache (generation). Rows of one
+  pass may sit at different positions, cache lengths and timesteps: a continuously batched engine stacks them.
 
 Parameter names follow the original Wan2.1 checkpoint (`blocks.N.self_attn.q`, `blocks.N.modulation`, `head.head`).
 Conditioning modules (`cond_embedding`, `audio_*`) are new and start at zero, so a Wan2.1 checkpoint reproduces
@@ -59,10 +60,22 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass
 class Positions:
-    """RoPE cos/sin for the tokens of one forward pass."""
+    """RoPE cos/sin for the tokens of one forward pass: (L, head_dim/2), or (B, L, head_dim/2) per batch row."""
 
     cos: torch.Tensor
     sin: torch.Tensor
+
+
+@dataclass
+class CacheAccess:
+    """The KV caches of a streaming pass: one per batch row, and for each whether its keys/values are written."""
+
+    caches: list[KVCache]
+    write: list[bool]
+
+    def __post_init__(self):
+        if len(self.caches) != len(self.write):
+            raise ValueError(f"{len(self.caches)} caches but {len(self.write)} write flags")
 
 
 class SelfAttention(nn.Module):
@@ -78,20 +91,33 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(cfg.dim, cfg.eps) if cfg.qk_norm else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, pos: Positions, mask: torch.Tensor | None, cache: KVCache | None, write_cache: bool
+        self, x: torch.Tensor, pos: Positions, mask: torch.Tensor | None, kv: CacheAccess | None
     ) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), pos.cos, pos.sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), pos.cos, pos.sin)
         v = self.v(x).unflatten(-1, heads)
-        if cache is not None:
-            if write_cache:
-                cache.write(self.layer, k, v)
-            k_cached, v_cached = cache.read(self.layer)
-            k = torch.cat([k_cached.to(k.dtype), k], dim=1)
-            v = torch.cat([v_cached.to(v.dtype), v], dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return self.o(out.transpose(1, 2).flatten(2))
+        if kv is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+            ).transpose(1, 2)
+        else:
+            # Each row attends over its own cache (lengths differ between rows) and its own block.
+            rows = []
+            for b, (cache, write) in enumerate(zip(kv.caches, kv.write)):
+                k_row, v_row = k[b : b + 1], v[b : b + 1]
+                if write:
+                    cache.write(self.layer, k_row, v_row)
+                k_cached, v_cached = cache.read(self.layer)
+                k_row = torch.cat([k_cached.to(k.dtype), k_row], dim=1)
+                v_row = torch.cat([v_cached.to(v.dtype), v_row], dim=1)
+                rows.append(
+                    F.scaled_dot_product_attention(
+                        q[b : b + 1].transpose(1, 2), k_row.transpose(1, 2), v_row.transpose(1, 2)
+                    ).transpose(1, 2)
+                )
+            out = torch.cat(rows)
+        return self.o(out.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -156,12 +182,13 @@ class Block(nn.Module):
             nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
-        # Audio enters every layer; zero-initialised so a Wan2.1 checkpoint is unchanged.
-        if cfg.audio_injection == "add":
+        # Audio enters the layers of `audio_layer_range`; zero-initialised so a Wan2.1 checkpoint is unchanged.
+        self.takes_audio = layer in cfg.audio_layer_range
+        if self.takes_audio and cfg.audio_injection == "add":
             self.audio_proj = nn.Linear(cfg.audio_hidden, cfg.dim)
             nn.init.zeros_(self.audio_proj.weight)
             nn.init.zeros_(self.audio_proj.bias)
-        else:
+        elif self.takes_audio:
             self.audio_attn = AudioCrossAttention(cfg)
 
     def forward(
@@ -173,20 +200,19 @@ class Block(nn.Module):
         frames: int,
         pos: Positions,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
-        write_cache: bool,
+        kv: CacheAccess | None,
     ) -> torch.Tensor:
         # e: (B, F, 6, dim) per-frame modulation from per-frame timesteps, broadcast over each frame's tokens.
         mod = (self.modulation.unsqueeze(0) + e.float()).unsqueeze(3)  # (B, F, 6, 1, dim)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)
-        if audio is not None:
+        if audio is not None and self.takes_audio:
             if hasattr(self, "audio_proj"):
                 # audio: (B, F, audio_hidden), one vector per latent frame added to that frame's tokens.
                 x = (per_frame(x, frames) + self.audio_proj(audio).unsqueeze(2)).flatten(1, 2)
             else:
                 x = x + self.audio_attn(x, audio, frames)
         h = (per_frame(self.norm1(x).float(), frames) * (1 + scale_sa) + shift_sa).flatten(1, 2)
-        y = self.self_attn(h.type_as(x), pos, mask, cache, write_cache)
+        y = self.self_attn(h.type_as(x), pos, mask, kv)
         x = (per_frame(x.float(), frames) + per_frame(y, frames) * gate_sa).flatten(1, 2).type_as(x)
         x = x + self.cross_attn(self.norm3(x), context)
         h = (per_frame(self.norm2(x).float(), frames) * (1 + scale_ff) + shift_ff).flatten(1, 2)
@@ -211,31 +237,37 @@ class Head(nn.Module):
 class AudioEncoder(nn.Module):
     """Shared encoder of each latent frame's audio window (A feature vectors), run once per forward pass.
 
-    "add" injection gets one `audio_hidden` vector per latent frame (the window flattened, then projected);
-    "cross_attn" gets the A vectors as tokens with a learned slot embedding.
+    "add" injection gets one `audio_hidden` vector per latent frame: the window flattened (frame-major), then either
+    an MLP ("mlp") or OmniAvatar's AudioPack ("pack": one Linear, then LayerNorm). "cross_attn" gets the A vectors as
+    tokens with a learned slot embedding.
     """
+
+    PACK_NORM_EPS = 1e-5  # AudioPack's LayerNorm keeps torch's default eps
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.injection = cfg.audio_injection
-        if self.injection == "add":
-            self.proj = nn.Sequential(
-                nn.Linear(cfg.audio_window * cfg.audio_feature_dim, cfg.audio_hidden),
-                nn.SiLU(),
-                nn.Linear(cfg.audio_hidden, cfg.audio_hidden),
-            )
-        else:
+        window_width = cfg.audio_window * cfg.audio_feature_dim
+        if self.injection == "cross_attn":
             self.proj = nn.Sequential(
                 nn.Linear(cfg.audio_feature_dim, cfg.audio_hidden),
                 nn.SiLU(),
                 nn.Linear(cfg.audio_hidden, cfg.audio_hidden),
             )
             self.slot = nn.Parameter(torch.zeros(cfg.audio_window, cfg.audio_hidden))
+        elif cfg.audio_encoder == "pack":
+            self.proj = nn.Linear(window_width, cfg.audio_hidden)
+            self.norm = LayerNorm(cfg.audio_hidden, self.PACK_NORM_EPS, elementwise_affine=True)
+        else:
+            self.proj = nn.Sequential(
+                nn.Linear(window_width, cfg.audio_hidden), nn.SiLU(), nn.Linear(cfg.audio_hidden, cfg.audio_hidden)
+            )
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        if self.injection == "add":
-            return self.proj(audio.flatten(-2))  # (B, F, audio_hidden)
-        return self.proj(audio) + self.slot  # (B, F, A, audio_hidden)
+        if self.injection == "cross_attn":
+            return self.proj(audio) + self.slot  # (B, F, A, audio_hidden)
+        hidden = self.proj(audio.flatten(-2))  # (B, F, audio_hidden)
+        return self.norm(hidden) if hasattr(self, "norm") else hidden
 
 
 class CausalWanDiT(nn.Module):
@@ -276,14 +308,15 @@ class CausalWanDiT(nn.Module):
         latents: torch.Tensor,  # (B, C, F, H, W) noisy latents
         timesteps: torch.Tensor,  # (B, F) per latent frame, in [0, num_train_timesteps]
         text: torch.Tensor,  # (B, Lt, dim) from embed_text
-        frame_positions: torch.Tensor,  # (F,) temporal RoPE positions
+        frame_positions: torch.Tensor,  # (F,) temporal RoPE positions, or (B, F) per row
         cond: torch.Tensor | None = None,  # (B, cond_channels, F, H, W) reference latent | mask
         audio: torch.Tensor | None = None,  # (B, F, audio_window, audio_feature_dim)
         *,
         attention: AttentionMode = "bidirectional",
         frame_groups: list[int] | None = None,  # block_causal: frames per group, e.g. [1, 3, 3, 3]
-        cache: KVCache | None = None,
-        write_cache: bool = False,
+        window_frames: int | None = None,  # block_causal: keys only from the last this many frames of the group
+        cache: KVCache | list[KVCache] | None = None,  # streaming: one cache per batch row
+        write_cache: bool | list[bool] = False,  # streaming: write the row's keys/values into its cache
     ) -> torch.Tensor:
         cfg = self.cfg
         b, _, frames, height, width = latents.shape
@@ -299,44 +332,68 @@ class CausalWanDiT(nn.Module):
         t_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(x.dtype))  # (B, F, dim)
         e = self.time_projection(t_emb).unflatten(-1, (6, cfg.dim))  # (B, F, 6, dim)
 
-        cos, sin = rope_cos_sin(
-            grid_positions(frame_positions.to(x.device), grid[1], grid[2]),
-            cfg.rope_dims,
-            cfg.rope_theta,
-            cfg.rope_max_positions,
-        )
-        pos = Positions(cos.to(x.device), sin.to(x.device))
-        mask = self._attention_mask(attention, frame_groups, grid[0], tokens_per_frame, cache, x.device)
+        pos = self._positions(frame_positions.to(x.device), grid)
+        kv = self._cache_access(attention, cache, write_cache, b)
+        mask = self._attention_mask(attention, frame_groups, window_frames, grid[0], tokens_per_frame, x.device)
         audio_h = self.audio_encoder(audio.to(x.dtype)) if audio is not None else None
 
         for block in self.blocks:
-            x = block(x, e, text, audio_h, grid[0], pos, mask, cache, write_cache)
+            x = block(x, e, text, audio_h, grid[0], pos, mask, kv)
         x = self.head(x, t_emb, grid[0])
         return self._unpatchify(x, grid)
 
+    def _positions(self, frame_positions: torch.Tensor, grid: tuple[int, int, int]) -> Positions:
+        cfg = self.cfg
+        rows = frame_positions if frame_positions.ndim == 2 else frame_positions[None]
+        cos, sin = zip(
+            *(
+                rope_cos_sin(grid_positions(p, grid[1], grid[2]), cfg.rope_dims, cfg.rope_theta, cfg.rope_max_positions)
+                for p in rows
+            )
+        )
+        if frame_positions.ndim == 2:
+            return Positions(torch.stack(cos), torch.stack(sin))
+        return Positions(cos[0], sin[0])
+
+    @staticmethod
+    def _cache_access(
+        attention: AttentionMode, cache: KVCache | list[KVCache] | None, write: bool | list[bool], batch: int
+    ) -> CacheAccess | None:
+        if attention != "streaming":
+            if cache is not None:
+                raise ValueError(f"{attention} attention does not use a KV cache")
+            return None
+        if cache is None:
+            raise ValueError("streaming attention needs a KV cache")
+        caches = [cache] if isinstance(cache, KVCache) else list(cache)
+        writes = [write] * len(caches) if isinstance(write, bool) else list(write)
+        if len(caches) != batch:
+            raise ValueError(f"streaming needs one KV cache per batch row: {len(caches)} for {batch} rows")
+        return CacheAccess(caches, writes)
+
+    @staticmethod
     def _attention_mask(
-        self,
         attention: AttentionMode,
         frame_groups: list[int] | None,
+        window_frames: int | None,
         frames: int,
         tokens_per_frame: int,
-        cache: KVCache | None,
         device: torch.device,
     ) -> torch.Tensor | None:
-        if attention == "streaming":
-            if cache is None:
-                raise ValueError("streaming attention needs a KV cache")
-            return None  # the block sees the whole cache and itself
-        if cache is not None:
-            raise ValueError(f"{attention} attention does not use a KV cache")
-        if attention == "bidirectional":
-            return None
+        if attention != "block_causal":
+            return None  # bidirectional: all tokens; streaming: the row's whole cache and its own block
         if not frame_groups or sum(frame_groups) != frames:
             raise ValueError(f"block_causal needs frame_groups summing to {frames} frames, got {frame_groups}")
-        group = torch.repeat_interleave(
-            torch.arange(len(frame_groups), device=device), torch.tensor(frame_groups, device=device) * tokens_per_frame
-        )
-        return group[None, :] <= group[:, None]  # query i sees key j iff j's group is not later
+        # Per frame: the end (exclusive) of its group. A query frame sees key frames before its group's end, and with
+        # a window only the last `window_frames` of them (LiveTalk's training mask).
+        sizes = torch.tensor(frame_groups, device=device)
+        group_end = torch.repeat_interleave(torch.cumsum(sizes, 0), sizes)
+        key = torch.arange(frames, device=device)
+        visible = key[None, :] < group_end[:, None]
+        if window_frames is not None:
+            visible &= key[None, :] >= group_end[:, None] - window_frames
+        per_token = torch.repeat_interleave(visible, tokens_per_frame, dim=0)
+        return torch.repeat_interleave(per_token, tokens_per_frame, dim=1)
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         pf, ph, pw = self.cfg.patch_size
@@ -351,7 +408,6 @@ class CausalWanDiT(nn.Module):
     def new_cache(
         self,
         *,
-        batch: int,
         tokens_per_frame: int,
         sink_frames: int,
         window_frames: int,
@@ -359,10 +415,10 @@ class CausalWanDiT(nn.Module):
         device=None,
         dtype=None,
     ) -> KVCache:
+        """An empty KV cache for one render (one batch row) of this network."""
         p = next(self.parameters())
         return KVCache(
             num_layers=self.cfg.num_layers,
-            batch=batch,
             num_heads=self.cfg.num_heads,
             head_dim=self.cfg.head_dim,
             tokens_per_frame=tokens_per_frame,

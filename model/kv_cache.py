@@ -1,9 +1,15 @@
-"""The streaming KV cache: a permanent sink plus a bounded window of recent latent frames, and URCR.
+"""The streaming KV cache of one render: a sink that is never evicted plus a bounded window of recent latent frames,
+and URCR.
 
-Keys are stored after RoPE, so a cached entry remembers the position it was written at. URCR (Unbounded RoPE via
-Cache Reset, DESIGN 3.3) lives here: the cache hands out temporal positions, knows when the next block would pass the
-trained horizon, and resets to the sink alone. The generator then re-writes its most recent frames at the positions
-right after the sink, so positions stay in range and memory stays constant at any video length.
+Keys are stored after RoPE, so a cached entry remembers the position it was written at, and the order of entries
+does not matter to attention. The first `sink_frames` frames ever written fill the sink (the portrait's latent for
+this project's models; the first frames of the video for LiveTalk); every later frame goes into a ring of
+`window_frames` frames that evicts the oldest. This is LiveTalk's eviction rule (keep the first frames, drop the
+oldest of the rest) in a layout that never moves data.
+
+URCR (Unbounded RoPE via Cache Reset, DESIGN 3.3) lives here: the cache hands out temporal positions, knows when the
+next block would pass the trained horizon, and resets to the sink alone. The generator then re-writes its most recent
+frames at the positions right after the sink, so positions stay in range and memory stays constant at any length.
 """
 
 from __future__ import annotations
@@ -12,18 +18,16 @@ import torch
 
 
 class KVCache:
-    """Per-layer keys/values laid out as [sink tokens | ring of `window_frames` frames of tokens].
+    """Per-layer keys/values laid out as [sink frames | ring of `window_frames` frames], in tokens.
 
-    A write happens in two steps: every attention layer calls `write(layer, k, v)` during a forward pass with
-    `write_cache=True`, then the caller calls `commit(num_frames)` once to advance the ring. The first commit fills
-    the sink.
+    A write happens in two steps: every attention layer calls `write(layer, k, v)` during a forward pass that writes,
+    then the caller calls `commit(num_frames)` once to store them (sink first, then the ring).
     """
 
     def __init__(
         self,
         *,
         num_layers: int,
-        batch: int,
         num_heads: int,
         head_dim: int,
         tokens_per_frame: int,
@@ -33,18 +37,20 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
+        if sink_frames < 1 or window_frames < 0:
+            raise ValueError(f"need sink_frames >= 1 and window_frames >= 0, got {sink_frames}, {window_frames}")
         self.tokens_per_frame = tokens_per_frame
         self.sink_frames = sink_frames
         self.window_frames = window_frames
         self.horizon_frames = horizon_frames
         capacity = (sink_frames + window_frames) * tokens_per_frame
-        shape = (num_layers, batch, capacity, num_heads, head_dim)
+        shape = (num_layers, 1, capacity, num_heads, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.sink_written = False
-        self.window_filled = 0  # frames in the ring that hold data
+        self.sink_filled = 0  # frames of the sink that hold data
+        self.window_filled = 0  # frames of the ring that hold data
         self.window_head = 0  # ring slot of the next frame written
-        self.next_position = sink_frames  # temporal RoPE position of the next frame
+        self.next_position = 0  # temporal RoPE position of the next frame
         self.resets = 0
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -55,9 +61,8 @@ class KVCache:
         return self.sink_frames * self.tokens_per_frame
 
     def valid_tokens(self) -> int:
-        if not self.sink_written:
-            return 0
-        return self.sink_tokens + self.window_filled * self.tokens_per_frame
+        """Tokens that hold data; the ring only fills once the sink is full, so they are a prefix."""
+        return (self.sink_filled + self.window_filled) * self.tokens_per_frame
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.valid_tokens()
@@ -67,35 +72,36 @@ class KVCache:
         self._pending[layer] = (k, v)
 
     def commit(self, num_frames: int) -> None:
-        """Store the pending writes of the last forward pass: the sink first, then frames into the ring."""
+        """Store the pending writes of the last forward pass, frame by frame: into the sink until it is full, then
+        into the ring (a ring of 0 frames keeps nothing past the sink)."""
         if len(self._pending) != self.keys.shape[0]:
             raise RuntimeError(f"commit expects writes from all {self.keys.shape[0]} layers, got {len(self._pending)}")
         tokens = num_frames * self.tokens_per_frame
-        if not self.sink_written:
-            if num_frames != self.sink_frames:
-                raise ValueError(f"the first write must be the {self.sink_frames}-frame sink, got {num_frames} frames")
-            slots = torch.arange(tokens)
-            self.sink_written = True
-        else:
-            if num_frames > self.window_frames:
-                raise ValueError(f"cannot write {num_frames} frames into a {self.window_frames}-frame window")
-            frame_slots = (self.window_head + torch.arange(num_frames)) % self.window_frames
-            slots = (
-                self.sink_tokens
-                + frame_slots[:, None] * self.tokens_per_frame
-                + torch.arange(self.tokens_per_frame)[None, :]
-            ).reshape(-1)
-            self.window_head = (self.window_head + num_frames) % self.window_frames
-            self.window_filled = min(self.window_filled + num_frames, self.window_frames)
-        slots = slots.to(self.keys.device)
+        sink_part = min(num_frames, self.sink_frames - self.sink_filled)
+        ring_part = num_frames - sink_part
+        kept = min(ring_part, self.window_frames)  # a longer write keeps only its last `window_frames` frames
+        source_frames = list(range(sink_part)) + list(range(num_frames - kept, num_frames))
+        slot_frames = list(range(self.sink_filled, self.sink_filled + sink_part)) + [
+            self.sink_frames + (self.window_head + ring_part - kept + i) % self.window_frames for i in range(kept)
+        ]
+        source = self._frame_tokens(torch.tensor(source_frames, dtype=torch.long))
+        slots = self._frame_tokens(torch.tensor(slot_frames, dtype=torch.long))
         for layer, (k, v) in self._pending.items():
             if k.shape[1] != tokens:
                 raise ValueError(
                     f"layer {layer}: wrote {k.shape[1]} tokens for {num_frames} frames ({tokens} expected)"
                 )
-            self.keys[layer].index_copy_(1, slots, k.to(self.keys.dtype))
-            self.values[layer].index_copy_(1, slots, v.to(self.values.dtype))
+            src = source.to(k.device)
+            self.keys[layer].index_copy_(1, slots.to(self.keys.device), k[:, src].to(self.keys.dtype))
+            self.values[layer].index_copy_(1, slots.to(self.keys.device), v[:, src].to(self.values.dtype))
         self._pending.clear()
+        self.sink_filled += sink_part
+        if self.window_frames:
+            self.window_head = (self.window_head + ring_part) % self.window_frames
+        self.window_filled = min(self.window_filled + ring_part, self.window_frames)
+
+    def _frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        return (frames[:, None] * self.tokens_per_frame + torch.arange(self.tokens_per_frame)[None, :]).reshape(-1)
 
     # -- URCR: positions and resets -----------------------------------------------------------------------------
 
@@ -116,10 +122,9 @@ class KVCache:
 
     def reset(self) -> None:
         """Drop every frame but the sink; positions restart right after it."""
+        if self.sink_filled < self.sink_frames:
+            raise RuntimeError("a cache reset needs a full sink (the horizon is shorter than the sink)")
         self.window_filled = 0
         self.window_head = 0
         self.next_position = self.sink_frames
         self.resets += 1
-
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2

@@ -39,9 +39,11 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, L, heads, head_dim) by per-token angles (L, head_dim/2)."""
+    """Rotate adjacent channel pairs of x (B, L, heads, head_dim) by per-token angles (L, head_dim/2), or by
+    per-row angles (B, L, head_dim/2) when the rows of a batch sit at different positions."""
     x_pairs = x.float().unflatten(-1, (-1, 2))
     x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None], sin[None]) if cos.ndim == 2 else (cos, sin)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     rotated = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
