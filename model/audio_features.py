@@ -7,6 +7,11 @@ vectors: the video frames ending at its last covered frame (e_k = s*k, or 0 for 
 e_k - audio_window + 1 .. e_k; frames before the start of the audio (negative indices) are zero vectors.
 A generation block's features are computed from the samples before the block's end only, so they are
 the same whether the rest of the speech is known yet or not (no look-ahead; streaming-safe).
+
+The exception is OmniAvatar's wav2vec2 path (`encoder: omniavatar`, LiveTalk): its transformer encodes the whole
+clip at once, so its features (`ClipFeatures`) need the whole audio and are computed over the clip, or for very long
+audio over overlapping windows of it. `FrameFeatures` wraps per-video-frame features computed elsewhere (training
+data, reference fixtures). Both are packed per latent frame by `pack_latent_windows`, the same rule as above.
 """
 
 from __future__ import annotations
@@ -38,6 +43,26 @@ def last_video_frame(latent_index: int, temporal_stride: int) -> int:
     return latent_index * temporal_stride
 
 
+def window_frame_indices(first_latent: int, num_latent: int, temporal_stride: int, window: int) -> torch.Tensor:
+    """(num_latent, window) video frame indices of each latent frame's window (negative: before the audio)."""
+    ends = torch.tensor([last_video_frame(k, temporal_stride) for k in range(first_latent, first_latent + num_latent)])
+    return ends[:, None] - window + 1 + torch.arange(window)
+
+
+def pack_latent_windows(
+    feats: torch.Tensor, feats_first_frame: int, frames: torch.Tensor, front_padding: str
+) -> torch.Tensor:
+    """Gather `frames` (any shape of video frame indices) from per-frame `feats` whose row 0 is video frame
+    `feats_first_frame`. Frames before the audio's start are zero vectors, or copies of frame 0's features."""
+    before = frames < 0
+    if front_padding == "first_frame":
+        frames = frames.clamp_min(0)
+    rows = feats[(frames.clamp_min(feats_first_frame) - feats_first_frame)]
+    if front_padding == "zeros":
+        rows = rows.masked_fill(before[..., None], 0.0)
+    return rows.contiguous()
+
+
 class AudioFeaturizer(ABC):
     """Per-video-frame speech features, packed per latent frame for one generation block at a time."""
 
@@ -51,6 +76,9 @@ class AudioFeaturizer(ABC):
         self.sample_rate = audio.sample_rate
         self.hop = audio.sample_rate // fps  # samples per video frame (640 at 16 kHz / 25 fps)
         self.context_frames = audio.context_frames
+        self.front_padding = audio.front_padding
+
+    whole_clip = False  # True: features need the whole audio (see ClipFeatures), not a streaming window
 
     def audio_window(self, temporal_stride: int) -> int:
         return temporal_stride + self.context_frames
@@ -95,10 +123,8 @@ class AudioFeaturizer(ABC):
 
         computed_from = max(first_frame, 0)
         feats = self.frame_features(block_samples, computed_from, last_frame, start_sample).float()
-        # Zero vectors stand for the frames before the start of the audio.
-        feats = torch.cat([feats.new_zeros(computed_from - first_frame, self.feature_dim), feats])
-        rows = torch.tensor([end - first_frame for end in ends])[:, None] - window + 1 + torch.arange(window)
-        return feats[rows].contiguous()
+        frames = window_frame_indices(first_latent, num_latent, temporal_stride, window)
+        return pack_latent_windows(feats, computed_from, frames, self.front_padding)
 
 
 def mel_filterbank(
@@ -199,6 +225,131 @@ class Wav2Vec2Featurizer(AudioFeaturizer):
         return per_frame[first_frame - window_first :].cpu()
 
 
+class OmniAvatarFeaturizer(AudioFeaturizer):
+    """OmniAvatar's (and LiveTalk's) wav2vec2 features of a whole clip, one vector per video frame.
+
+    The waveform is normalised as `Wav2Vec2FeatureExtractor(do_normalize=True)` does, the conv features are linearly
+    interpolated (align_corners) to the clip's video frame count before the feature projection and the encoder, and
+    the last hidden state is concatenated with every hidden state (embeddings included) on the feature axis: for
+    wav2vec2-base, 14 x 768 = 10752. A clip of T video frames spans (T - 1) frame durations of audio, as in the
+    reference (whose clips are 3n+2 seconds: T = 16 s + 1 frames at 16 fps).
+    """
+
+    whole_clip = True
+    NORMALIZE_EPS = 1e-7  # Wav2Vec2FeatureExtractor's zero-mean unit-variance epsilon
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        audio: AudioConfig,
+        fps: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import Wav2Vec2Model
+
+        super().__init__(audio, fps)
+        self.model = Wav2Vec2Model.from_pretrained(os.fspath(model_dir), local_files_only=True)
+        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.device, self.dtype = torch.device(device), dtype
+        self.feature_dim = self.model.config.hidden_size * (self.model.config.num_hidden_layers + 2)
+        self.normalize = _reads_do_normalize(model_dir)
+        self.history_frames = 0
+        self.window_frames = round(audio.window_seconds * fps)
+        self.window_context = round(audio.window_context_seconds * fps)
+
+    def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int, offset: int) -> torch.Tensor:
+        raise TypeError("OmniAvatar features are computed over a whole clip: use clip_features()")
+
+    def input_values(self, waveform: np.ndarray) -> np.ndarray:
+        """Wav2Vec2FeatureExtractor's normalisation (numpy float32, as it computes it)."""
+        waveform = np.asarray(waveform, dtype=np.float32)
+        if not self.normalize:
+            return waveform
+        return (waveform - waveform.mean()) / np.sqrt(waveform.var() + self.NORMALIZE_EPS)
+
+    @torch.no_grad()
+    def encode(self, waveform: np.ndarray, num_frames: int) -> torch.Tensor:
+        """(num_frames, feature_dim) float32 features of one waveform stretched over `num_frames` video frames."""
+
+        def stretch(module, args, conv):  # (1, C, T') conv features -> (1, C, num_frames), before the projection
+            return torch.nn.functional.interpolate(conv, size=num_frames, mode="linear", align_corners=True)
+
+        x = torch.from_numpy(self.input_values(waveform))[None].to(self.device, self.dtype)
+        hook = self.model.feature_extractor.register_forward_hook(stretch)
+        try:
+            out = self.model(x, output_hidden_states=True)
+        finally:
+            hook.remove()
+        return torch.cat([out.last_hidden_state, *out.hidden_states], dim=-1)[0].float().cpu()
+
+    def clip_features(self, samples: np.ndarray, num_frames: int) -> ClipFeatures:
+        """The features of a clip of `num_frames` video frames whose audio is `samples` (padded with silence or cut
+        to the clip's (num_frames - 1) frame durations), computed on demand window by window."""
+        return ClipFeatures(self, samples, num_frames)
+
+
+class FrameFeatures:
+    """Per-video-frame features known in advance ((T, D) for frames 0 .. T-1), packed per latent frame."""
+
+    def __init__(self, feats: torch.Tensor, front_padding: str):
+        self.feats, self.front_padding = feats.float(), front_padding
+        self.num_frames = feats.shape[0]
+
+    def frames(self, first: int, last: int) -> tuple[torch.Tensor, int]:
+        """Features of frames first..last (clamped to the clip) and the frame index of their first row."""
+        return self.feats, 0
+
+    def block_features(self, first_latent: int, num_latent: int, temporal_stride: int, window: int) -> torch.Tensor:
+        frames = window_frame_indices(first_latent, num_latent, temporal_stride, window)
+        if int(frames.max()) >= self.num_frames:
+            raise ValueError(
+                f"latent frames up to {first_latent + num_latent - 1} need video frame {int(frames.max())}"
+                f", but the features cover {self.num_frames} frames"
+            )
+        feats, first = self.frames(max(0, int(frames.min())), int(frames.max()))
+        return pack_latent_windows(feats, first, frames, self.front_padding)
+
+
+class ClipFeatures(FrameFeatures):
+    """OmniAvatar features of one clip, computed lazily: the whole clip in one pass when it is at most
+    `window_seconds` long (exactly as the reference), otherwise window by window, each window encoded with
+    `window_context_seconds` of audio on both sides; only the current window's features are held."""
+
+    def __init__(self, featurizer: OmniAvatarFeaturizer, samples: np.ndarray, num_frames: int):
+        self.featurizer, self.num_frames = featurizer, num_frames
+        self.front_padding = featurizer.front_padding
+        hop = featurizer.hop
+        clip = np.zeros((num_frames - 1) * hop, dtype=np.float32)
+        clip[: min(len(samples), clip.size)] = np.asarray(samples[: clip.size], dtype=np.float32)
+        self.samples = clip
+        self._window: tuple[int, torch.Tensor] | None = None  # (window index, its core frames' features)
+
+    def frames(self, first: int, last: int) -> tuple[torch.Tensor, int]:
+        size = self.featurizer.window_frames
+        if self.num_frames <= size:
+            return self._encoded(0), 0
+        index = first // size
+        if last >= (index + 1) * size:  # a block straddling two windows: encode its span on its own
+            return self._encode_span(first, last), first
+        return self._encoded(index), index * size
+
+    def _encoded(self, index: int) -> torch.Tensor:
+        if self._window is None or self._window[0] != index:
+            size = self.featurizer.window_frames
+            first, last = index * size, min(self.num_frames, (index + 1) * size) - 1
+            self._window = (index, self._encode_span(first, last))
+        return self._window[1]
+
+    def _encode_span(self, first: int, last: int) -> torch.Tensor:
+        """Features of frames first..last, encoded with the window context on both sides (none past the clip)."""
+        context = self.featurizer.window_context if self.num_frames > self.featurizer.window_frames else 0
+        start, end = max(0, first - context), min(self.num_frames - 1, last + context)
+        hop = self.featurizer.hop
+        feats = self.featurizer.encode(self.samples[start * hop : end * hop], end - start + 1)
+        return feats[first - start : last - start + 1]
+
+
 def _reads_do_normalize(model_dir: str | os.PathLike) -> bool:
     """The feature extractor's `do_normalize` from preprocessor_config.json (True when absent)."""
     path = os.path.join(os.fspath(model_dir), "preprocessor_config.json")
@@ -212,10 +363,11 @@ def build_featurizer(preset: Preset, model_dir: str | os.PathLike | None = None)
     """The featurizer a preset asks for; wav2vec2 needs the local directory of its weights."""
     if preset.audio.encoder == "logmel":
         featurizer: AudioFeaturizer = LogMelFeaturizer(preset.audio, preset.video.fps)
-    elif preset.audio.encoder == "wav2vec2":
+    elif preset.audio.encoder in ("wav2vec2", "omniavatar"):
         if model_dir is None:
             raise ValueError(f"preset {preset.name!r} uses wav2vec2: pass the directory of its weights")
-        featurizer = Wav2Vec2Featurizer(model_dir, preset.audio, preset.video.fps)
+        kind = Wav2Vec2Featurizer if preset.audio.encoder == "wav2vec2" else OmniAvatarFeaturizer
+        featurizer = kind(model_dir, preset.audio, preset.video.fps)
     else:
         raise ValueError(f"unknown audio encoder {preset.audio.encoder!r}")
     if featurizer.feature_dim != preset.dit.audio_feature_dim:

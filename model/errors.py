@@ -10,3 +10,8 @@ class InputError(ValueError):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
+
+
+class ModelComponentError(ValueError):
+    """A model's piece (weights, encoder, tokenizer, config) is missing or corrupt: the message names the file and
+    what to do about it."""

@@ -1,10 +1,12 @@
 """Block-wise autoregressive generation: open a render, feed audio, pull video block by block.
 
-DESIGN 3.3. Each concept has one home: the step plan (PSB) in `model.scheduler.StepPlan`, cache positions and resets
-(URCR) in `model.kv_cache.KVCache`, and the context writer (MCI) in `RenderSession._write_context` below.
+DESIGN 3.3. Each concept has one home: the step plan (PSB) in `model.scheduler.StepPlan`, cache positions, eviction
+and resets (URCR) in `model.kv_cache.KVCache`, the context writer (MCI) in `RenderSession._write_context`, and the
+block loop in `RenderSession.block_passes`, a coroutine of network passes that `model.engine` runs, one row at a time
+(`next_block`) or continuously batched with other rows (`Engine`).
 
 A render's state between blocks is small and explicit (`RenderState`): the reference latent, the prompt, the RNG,
-counters, the cache writes since the last reset (replayed to rebuild the cache bit-identically) and the last few
+counters, the cache writes that built the current cache (replayed to rebuild it bit-identically) and the last few
 clean latent frames (re-decoded to rebuild the VAE decoder's causal state). A fresh process restores it and continues
 exactly where the original would have.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +25,12 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from model.audio_features import build_featurizer
+from model.audio_features import FrameFeatures, build_featurizer, num_latent_frames
 from model.checkpoint import load_module_strict, read_checkpoint
 from model.config import Preset, get_preset
 from model.dit import CausalWanDiT
+from model.engine import BlockPasses, Pass, run_block
+from model.errors import ModelComponentError
 from model.kv_cache import KVCache
 from model.scheduler import FlowMatchSchedule, StepPlan
 from model.text_encoder import NullTextEncoder, TextEncoder
@@ -52,6 +57,9 @@ def decoder_context_frames(vae: WanVAE) -> int:
 
 
 RANDOM_MODEL_SEED = 0
+
+# Draws the next noise tensor of a shape (float32, CPU). Default: the render's seeded generator.
+NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
 
 
 class RenderSettings(BaseModel):
@@ -80,12 +88,15 @@ class VideoBlock:
 
 @dataclass
 class CacheWrite:
-    """One cache-write pass, enough to replay it: what was written, at which timestep and positions."""
+    """One cache-write pass, enough to replay it: what was written, at which timestep and positions, and for which
+    frames (their audio and mask are recomputed from that)."""
 
     latents: torch.Tensor  # (1, C, n, h, w) as fed to the network (MCI-noised)
     timestep: float
     positions: torch.Tensor  # (n,)
-    audio: torch.Tensor  # (1, n, A, D)
+    first_latent: int | None  # latent frame index of its first frame; None: the reference sink entry
+    reset_before: bool = False  # a URCR reset came right before it (it is the re-write of the last frames)
+    fills_sink: bool = False  # some of its frames went into the sink (kept in the journal across resets)
 
 
 @dataclass
@@ -111,33 +122,28 @@ class RenderState:
         for i, w in enumerate(self.journal):
             tensors[f"journal.{i}.latents"] = w.latents
             tensors[f"journal.{i}.positions"] = w.positions
-            tensors[f"journal.{i}.audio"] = w.audio
-        meta = dict(self.meta, journal_timesteps=[w.timestep for w in self.journal])
-        blob = save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta)})
-        return blob
+        entries = [
+            {"timestep": w.timestep, "first_latent": w.first_latent, "reset_before": w.reset_before,
+             "fills_sink": w.fills_sink}
+            for w in self.journal
+        ]  # fmt: skip
+        meta = dict(self.meta, journal=entries)
+        return save_tensors({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RenderState:
         tensors = load_tensors(data)
         header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, JSON header
         meta = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["meta"])
-        timesteps = meta.pop("journal_timesteps")
+        entries = meta.pop("journal")
         journal = [
-            CacheWrite(
-                tensors[f"journal.{i}.latents"], t, tensors[f"journal.{i}.positions"], tensors[f"journal.{i}.audio"]
-            )
-            for i, t in enumerate(timesteps)
-        ]
+            CacheWrite(tensors[f"journal.{i}.latents"], e["timestep"], tensors[f"journal.{i}.positions"],
+                       e["first_latent"], e["reset_before"], e["fills_sink"])
+            for i, e in enumerate(entries)
+        ]  # fmt: skip
         return cls(
             meta=meta, reference=tensors["reference"], rng=tensors["rng"], recent=tensors["recent"], journal=journal
         )
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.to_bytes())
-
-    @classmethod
-    def load(cls, path: str | Path) -> RenderState:
-        return cls.from_bytes(Path(path).read_bytes())
 
 
 class AudioBuffer:
@@ -196,11 +202,19 @@ class AvatarModel:
         self.dtype = dtype
         self.dit = dit.to(self.device, dtype).eval().requires_grad_(False)
         self.vae = vae.to(self.device, torch.float32).eval().requires_grad_(False)
-        self.featurizer = build_featurizer(preset, audio_model_dir)
+        # Encoders that need weights of their own are None without them: such a model renders only from
+        # precomputed features and text embeddings (`RenderSession.feed_features`), and says so otherwise.
+        needs_audio_dir = preset.audio.encoder != "logmel"
+        self.featurizer = (
+            None if needs_audio_dir and audio_model_dir is None else build_featurizer(preset, audio_model_dir)
+        )
+        self.text_encoder: TextEncoder | NullTextEncoder | None
         if preset.text.encoder == "umt5":
-            if text_model_dir is None:
-                raise ValueError(f"preset {preset.name} needs a local umT5 directory (text_model_dir)")
-            self.text_encoder = TextEncoder(text_model_dir, preset.text.max_length, device=self.device)
+            self.text_encoder = (
+                None
+                if text_model_dir is None
+                else TextEncoder(text_model_dir, preset.text.max_length, device=self.device)
+            )
         else:
             self.text_encoder = NullTextEncoder(preset.dit.text_dim, preset.text.max_length)
         self.description = description
@@ -261,8 +275,15 @@ class AvatarModel:
         )
 
     def open(
-        self, portrait: np.ndarray, prompt: str | None = None, settings: RenderSettings | None = None
+        self,
+        portrait: np.ndarray,
+        prompt: str | None = None,
+        settings: RenderSettings | None = None,
+        *,
+        noise: NoiseSource | None = None,
     ) -> RenderSession:
+        """Start a render of `portrait` (uint8 H, W, 3 at the preset's size). `noise` replaces the seeded generator
+        (reference checks feed another implementation's draws); such a render cannot be saved and restored."""
         settings = settings or RenderSettings()
         preset = self._preset_for(settings)
         if portrait.shape != (preset.video.height, preset.video.width, 3) or portrait.dtype != np.uint8:
@@ -273,24 +294,29 @@ class AvatarModel:
         with torch.no_grad():
             video = frames_to_tensor(portrait[None]).to(self.device)  # (1, 3, 1, H, W)
             reference = self.vae.encode(video).to(self.dtype)
+        return self.open_latent(reference, prompt, settings, noise=noise)
+
+    def open_latent(
+        self,
+        reference: torch.Tensor,
+        prompt: str | None = None,
+        settings: RenderSettings | None = None,
+        *,
+        noise: NoiseSource | None = None,
+    ) -> RenderSession:
+        """Start a render from the portrait's latent (1, C, 1, h, w) directly (training, reference checks)."""
+        settings = settings or RenderSettings()
         rng = torch.Generator().manual_seed(settings.seed)
-        return RenderSession(self, preset, settings, prompt, reference, rng)
+        return RenderSession(self, self._preset_for(settings), settings, prompt, reference.to(self.dtype), rng, noise)
 
     def restore(self, state: RenderState, prompt: str | None = None) -> RenderSession:
+        """Continue a render from its state; feed its audio again from sample 0 (the cache is rebuilt from it)."""
         settings = RenderSettings.model_validate(state.meta["settings"])
         prompt = state.meta.get("prompt") if prompt is None else prompt
         rng = torch.Generator()
         rng.set_state(state.rng)
-        session = RenderSession(
-            self,
-            self._preset_for(settings),
-            settings,
-            prompt,
-            state.reference.to(self.device, self.dtype),
-            rng,
-            restore_from=state,
-        )
-        return session
+        reference = state.reference.to(self.device, self.dtype)
+        return RenderSession(self, self._preset_for(settings), settings, prompt, reference, rng, restore_from=state)
 
     def _preset_for(self, settings: RenderSettings) -> Preset:
         preset = self.preset
@@ -319,12 +345,12 @@ class RenderSession:
         prompt: str | None,
         reference: torch.Tensor,
         rng: torch.Generator,
+        noise: NoiseSource | None = None,
         restore_from: RenderState | None = None,
     ):
         gen = preset.generator
-        if gen.sink_frames != 1:
-            raise ValueError("the reference sink is one latent frame (one portrait)")
-        self.model, self.preset, self.settings, self.prompt = model, preset, settings, prompt
+        self.model, self.preset, self.settings = model, preset, settings
+        self.prompt = prompt if prompt else None  # None or "": the preset's default prompt
         self.gen = gen
         self.plan = StepPlan(gen.step_plan)
         self.schedule = model.schedule
@@ -333,31 +359,39 @@ class RenderSession:
         self.sample_rate = preset.audio.sample_rate
         self.reference = reference
         self.rng = rng
+        self._draw = noise
         self.audio = AudioBuffer()
         self.audio_final = False
         self.total_frames: int | None = None
+        self.clip_features: FrameFeatures | None = None  # whole-clip audio features (omniavatar, precomputed)
         self.blocks_done = 0
         self.frames_done = 0
         self.latents_done = 0
-        self.blocks_rendered_here = 0  # blocks generated by this process (restores skip the earlier ones)
-        self.journal: list[CacheWrite] = []
+        self.journal: list[CacheWrite] = []  # the writes the current cache was built from, in order
         self.decoder_context = decoder_context_frames(model.vae)
         self.recent = reference[:, :, :0]  # last clean latent frames (for URCR and decoder warm-up)
+        self._restore = restore_from  # replayed before the first block, once the audio is there
 
         dit = model.dit
-        self.text = dit.embed_text(model.text_encoder.encode(prompt or "").to(model.device, model.dtype))
+        if model.text_encoder is None:
+            raise ModelComponentError(
+                f"preset {preset.name!r} encodes prompts with umT5, but this model has no text encoder: load a "
+                "checkpoint directory that holds one (avatar-render import ...) or pass text_model_dir"
+            )
+        text = model.text_encoder.encode(self.prompt or preset.text.default_prompt)
+        self.text = dit.embed_text(text.to(model.device, model.dtype))
         self.cache: KVCache = dit.new_cache(
-            batch=1,
             tokens_per_frame=preset.tokens_per_frame,
             sink_frames=gen.sink_frames,
             window_frames=gen.window_frames,
             horizon_frames=gen.horizon_frames,
         )
         self.decoder = StreamingDecoder(model.vae, gen.deflicker if settings.deflicker else None)
-        with torch.no_grad():
-            self._write_sink()
-            if restore_from is not None:
-                self._replay(restore_from)
+        if restore_from is not None:
+            meta = restore_from.meta
+            self.blocks_done, self.frames_done = meta["blocks_done"], meta["frames_done"]
+            self.latents_done = meta["latents_done"]
+            self.recent = restore_from.recent.to(model.device, model.dtype)
 
     # -- audio in --------------------------------------------------------------------------------------------
 
@@ -365,6 +399,11 @@ class RenderSession:
         """Append float32 mono samples at the preset's rate. After a restore, feed from sample 0 again."""
         if self.audio_final:
             raise RuntimeError("audio was already marked final")
+        if self.model.featurizer is None:
+            raise ModelComponentError(
+                f"preset {self.preset.name!r} reads speech with wav2vec2, but this model has no audio encoder: load a "
+                "checkpoint directory that holds one (avatar-render import ...) or pass audio_model_dir"
+            )
         self.audio.append(samples)
         self._drop_read_audio()
         if final:
@@ -372,15 +411,45 @@ class RenderSession:
                 raise ValueError("zero-length audio: nothing to render")
             self.audio_final = True
             self.total_frames = math.ceil(self.audio.end * self.fps / self.sample_rate)
+            if self.model.featurizer.whole_clip:
+                self.clip_features = self.model.featurizer.clip_features(self.audio.samples, self._padded_frames())
+
+    def feed_features(self, features: torch.Tensor, total_frames: int | None = None) -> None:
+        """Per-video-frame audio features (T, feature_dim) computed elsewhere, instead of audio; the video is
+        `total_frames` long (default: as many frames as the features cover, padded to whole blocks)."""
+        if self.audio_final:
+            raise RuntimeError("audio was already given")
+        self.audio_final = True
+        self.total_frames = total_frames or features.shape[0]
+        self.clip_features = FrameFeatures(features, self.preset.audio.front_padding)
+
+    def _padded_frames(self) -> int:
+        """Video frames of the whole blocks that cover the audio: the last block is padded, its video trimmed."""
+        n = self.gen.frames_per_block
+        latents = -(-num_latent_frames(self.total_frames, self.stride) // n) * n
+        return self._video_frames_through(latents)
 
     def _drop_read_audio(self) -> None:
         """Forget audio no later block reads (the oldest is a URCR reset re-writing the last frames)."""
+        if self._restore is not None or self.clip_features is not None or self.model.featurizer.whole_clip:
+            return  # a restore replays old writes first; whole-clip features read the whole audio
         first_latent = max(0, self.latents_done - self.gen.reset_context_frames)
         self.audio.drop_before(self.model.featurizer.first_sample_needed(first_latent, self.stride))
 
     @property
     def finished(self) -> bool:
         return self.total_frames is not None and self.frames_done >= self.total_frames
+
+    def ready(self) -> bool:
+        """Whether the next block can be rendered now (its audio has arrived, and the video is not finished)."""
+        if self.finished:
+            return False
+        if self.audio_final:
+            return True
+        if self.model.featurizer is None or self.model.featurizer.whole_clip:
+            return False
+        video_end = self._video_frames_through(self.latents_done + self.gen.frames_per_block)
+        return self.audio.end >= math.ceil(video_end * self.sample_rate / self.fps)
 
     # -- video out -------------------------------------------------------------------------------------------
 
@@ -389,130 +458,63 @@ class RenderSession:
         return 1 + self.stride * (latent_end - 1) if latent_end > 0 else 0
 
     def next_block(self) -> VideoBlock | None:
-        if self.finished:
+        """The next block, or None while its audio has not arrived (and at the end)."""
+        if not self.ready():
             return None
-        n = self.gen.frames_per_block
-        first_latent = self.latents_done
-        video_end = self._video_frames_through(first_latent + n)
-        needed = math.ceil(video_end * self.sample_rate / self.fps)
-        if not self.audio_final and self.audio.end < needed:
-            return None  # wait for more audio: no look-ahead past this block, but the block needs all of it
         with torch.no_grad():
-            frames = self._generate_block(first_latent, n)
-        if self.total_frames is not None:
-            frames = frames[: max(0, self.total_frames - self.frames_done)]
-        self._drop_read_audio()
-        block = VideoBlock(index=self.blocks_done, first_frame=self.frames_done, frames=frames)
-        self.blocks_done += 1
-        self.blocks_rendered_here += 1
-        self.frames_done += len(frames)
-        return block
+            clean = run_block(self.model.dit, self.block_passes())
+        return self.emit(clean)
 
     def __iter__(self):
         while (block := self.next_block()) is not None:
             yield block
 
-    # -- the block step --------------------------------------------------------------------------------------
-
-    def _audio_features(self, first_latent: int, n: int) -> torch.Tensor:
-        feats = self.model.featurizer.block_features(
-            self.audio.samples, first_latent, n, self.stride, offset=self.audio.start
-        )
-        return feats.unsqueeze(0).to(self.model.device, self.model.dtype)
-
-    def _cond(self, n: int, is_reference: bool) -> torch.Tensor:
-        ref = self.reference.expand(-1, -1, n, -1, -1)
-        mask = torch.full_like(ref[:, :1], 1.0 if is_reference else 0.0)
-        return torch.cat([ref, mask], dim=1)
-
-    def _noise(self, like: torch.Tensor) -> torch.Tensor:
-        # Drawn on the CPU generator so a render is reproducible on any device.
-        return torch.randn(like.shape, generator=self.rng, dtype=torch.float32).to(like.device, like.dtype)
-
-    def _forward(
-        self, x: torch.Tensor, timestep: float, positions: torch.Tensor, audio: torch.Tensor, write: bool
-    ) -> torch.Tensor:
-        t = torch.full((1, x.shape[2]), float(timestep), device=x.device)
-        return self.model.dit(
-            x,
-            t,
-            self.text,
-            positions,
-            self._cond(x.shape[2], False),
-            audio,
-            attention="streaming",
-            cache=self.cache,
-            write_cache=write,
-        )
-
-    def _write_sink(self) -> None:
-        dit, ref = self.model.dit, self.reference
-        audio = torch.zeros(1, 1, dit.cfg.audio_window, dit.cfg.audio_feature_dim, device=ref.device, dtype=ref.dtype)
-        dit(
-            ref,
-            torch.zeros(1, 1, device=ref.device),
-            self.text,
-            torch.zeros(1, dtype=torch.long),
-            self._cond(1, True),
-            audio,
-            attention="streaming",
-            cache=self.cache,
-            write_cache=True,
-        )
-        self.cache.commit(1)
-
-    def _write_context(self, clean: torch.Tensor, positions: torch.Tensor, audio: torch.Tensor) -> None:
-        """MCI: write frames into the cache corrupted at t_mci (t_mci = 0: the clean frames, Self-Forcing)."""
-        t_mci = self.gen.t_mci
-        x = clean
-        if t_mci > 0:
-            x = self.schedule.add_noise(clean, self._noise(clean), float(self.schedule.sigma(t_mci)))
-        self._forward(x, t_mci, positions, audio, write=True)
-        self.cache.commit(clean.shape[2])
-        self.journal.append(CacheWrite(x.detach().cpu().float(), t_mci, positions.cpu(), audio.detach().cpu().float()))
-
-    def _reset_cache(self) -> None:
-        """URCR: keep the sink, re-write the last frames right after it."""
-        m = self.gen.reset_context_frames
-        self.cache.reset()
-        self.journal.clear()
-        context = self.recent[:, :, -m:]
-        first = self.latents_done - context.shape[2]
-        self._write_context(
-            context, self.cache.allocate(context.shape[2]), self._audio_features(first, context.shape[2])
-        )
+    def emit(self, clean: torch.Tensor) -> VideoBlock:
+        """Decode a finished block's clean latents into video frames (trimmed to the audio at the end)."""
+        frames = tensor_to_frames(self.decoder.decode_block(clean.float())[0])
+        if self.total_frames is not None:
+            frames = frames[: max(0, self.total_frames - self.frames_done)]
+        self._drop_read_audio()
+        block = VideoBlock(index=self.blocks_done - 1, first_frame=self.frames_done, frames=frames)
+        self.frames_done += len(frames)
+        return block
 
     def next_latents(self, exit_step: int | None = None) -> torch.Tensor:
-        """Training rollouts: the next block's latents without decoding (see `denoise_block`). Needs final audio."""
+        """Training rollouts: the next block's latents without decoding (see `block_passes`). Needs final audio."""
         if not self.audio_final:
             raise RuntimeError("training rollouts need the whole audio (feed_audio(..., final=True))")
-        clean = self.denoise_block(self.latents_done, self.gen.frames_per_block, exit_step)
-        self.blocks_done += 1
-        return clean
+        return run_block(self.model.dit, self.block_passes(exit_step))
 
-    def _generate_block(self, first_latent: int, n: int) -> np.ndarray:
-        clean = self.denoise_block(first_latent, n)
-        video = self.decoder.decode_block(clean.float())
-        return tensor_to_frames(video[0])
+    # -- the block loop --------------------------------------------------------------------------------------
 
-    def denoise_block(self, first_latent: int, n: int, exit_step: int | None = None) -> torch.Tensor:
-        """The next block's clean latents (1, C, n, h, w): URCR, PSB plan, sampling, then the MCI context write.
+    def block_passes(self, exit_step: int | None = None) -> BlockPasses:
+        """The next block as a coroutine of network passes (run by `model.engine`); returns its clean latents
+        (1, C, n, h, w): the sink or a restore first, URCR if the block would pass the horizon, the PSB plan's
+        denoising steps (block 0's first frame pinned to the portrait where the preset says so), then the MCI
+        context write.
 
         `exit_step` (training, Self-Forcing): stop at that denoising step and return its x0 prediction, computed with
         gradients if they are enabled; every earlier step and the cache write run without gradients.
         """
+        if self._restore is not None:
+            yield from self._replay(self._restore)
+        elif not self.journal and self.gen.sink == "reference":
+            yield from self._write_reference_sink()
+        n, first = self.gen.frames_per_block, self.latents_done
         if not self.cache.fits(n):
-            with torch.no_grad():
-                self._reset_cache()
+            yield from self._reset_cache()
         positions = self.cache.allocate(n)
-        audio = self._audio_features(first_latent, n)
+        audio, cond = self._audio_features(first, n), self._cond(first, n)
+        pin = self.gen.pin_first_frame and first == 0
         shape = (1, self.preset.dit.latent_channels, n, self.preset.latent_height, self.preset.latent_width)
-        x = self._noise(torch.empty(shape, device=self.model.device, dtype=self.model.dtype))
+        x = self._noise(shape)
         sigmas = self.schedule.sigmas(self.plan.steps(self.blocks_done))
         for step, (sigma, sigma_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
+            if pin:
+                x = torch.cat([self.reference, x[:, :, 1:]], dim=2)
             exiting = exit_step is not None and step == exit_step
-            with torch.set_grad_enabled(exiting and torch.is_grad_enabled()):
-                velocity = self._forward(x, float(self.schedule.timestep(sigma)), positions, audio, write=False)
+            timestep = float(self.schedule.timestep(sigma))
+            velocity = yield self._pass(x, timestep, positions, cond, audio, write=False, grad=exiting)
             if exiting:
                 x = self.schedule.predict_x0(x, velocity, sigma)
                 break
@@ -520,15 +522,88 @@ class RenderSession:
                 x = x + (sigma_next - sigma) * velocity
             else:  # few-step student: predict x0, re-noise to the next level with fresh noise
                 x0 = self.schedule.predict_x0(x, velocity, sigma)
-                x = self.schedule.add_noise(x0, self._noise(x0), sigma_next) if sigma_next > 0 else x0
-        clean = x
-        self.latents_done = first_latent + n
+                x = self.schedule.add_noise(x0, self._noise(x0.shape), sigma_next) if sigma_next > 0 else x0
+        clean = torch.cat([self.reference, x[:, :, 1:]], dim=2) if pin else x
+        self.latents_done = first + n
+        self.blocks_done += 1
         self.recent = torch.cat([self.recent, clean.detach()], dim=2)[:, :, -self._recent_frames() :]
         last = self.total_frames is not None and self._video_frames_through(self.latents_done) >= self.total_frames
         if not last:
-            with torch.no_grad():
-                self._write_context(clean.detach(), positions, audio)
+            yield from self._write_context(clean.detach(), positions, first)
         return clean
+
+    def _pass(self, x, timestep, positions, cond, audio, *, write: bool, grad: bool = False) -> Pass:
+        return Pass(x, timestep, positions, cond, audio, self.text, self.cache, write, grad)
+
+    def _audio_features(self, first_latent: int, n: int) -> torch.Tensor:
+        window = self.preset.dit.audio_window
+        if self.clip_features is not None:
+            feats = self.clip_features.block_features(first_latent, n, self.stride, window)
+        else:
+            feats = self.model.featurizer.block_features(
+                self.audio.samples, first_latent, n, self.stride, offset=self.audio.start
+            )
+        return feats.unsqueeze(0).to(self.model.device, self.model.dtype)
+
+    def _cond(self, first_latent: int | None, n: int) -> torch.Tensor:
+        """reference latent | mask for `n` frames from `first_latent` (None: the reference sink entry)."""
+        if self.gen.mask == "reference_entry":
+            marks = [1.0 if first_latent is None else 0.0] * n
+        else:  # OmniAvatar/LiveTalk: 0 at the portrait's frame (latent 0), 1 at every frame to generate
+            marks = [0.0 if first_latent + i == 0 else 1.0 for i in range(n)]
+        ref = self.reference.expand(-1, -1, n, -1, -1)
+        mask = torch.tensor(marks, device=ref.device, dtype=ref.dtype).view(1, 1, n, 1, 1)
+        return torch.cat([ref, mask.expand(1, 1, n, *ref.shape[3:])], dim=1)
+
+    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        # Drawn on the CPU so a render is reproducible on any device.
+        noise = self._draw(tuple(shape)) if self._draw else torch.randn(shape, generator=self.rng, dtype=torch.float32)
+        return noise.to(self.model.device, self.model.dtype)
+
+    def _write(self, x: torch.Tensor, timestep: float, positions: torch.Tensor, first_latent: int | None,
+               reset_before: bool = False):  # fmt: skip
+        """One cache-write pass of `x`, committed and journaled."""
+        n = x.shape[2]
+        audio = self._silence(n) if first_latent is None else self._audio_features(first_latent, n)
+        yield self._pass(x, timestep, positions, self._cond(first_latent, n), audio, write=True)
+        fills_sink = self.cache.sink_filled < self.cache.sink_frames
+        self.cache.commit(n)
+        latents = x.detach().to("cpu", torch.float32, copy=True)
+        entry = CacheWrite(latents, timestep, positions.cpu(), first_latent, reset_before, fills_sink)
+        self.journal.append(entry)
+
+    def _silence(self, n: int) -> torch.Tensor:
+        cfg = self.model.dit.cfg
+        return torch.zeros(1, n, cfg.audio_window, cfg.audio_feature_dim, device=self.model.device,
+                           dtype=self.model.dtype)  # fmt: skip
+
+    def _write_reference_sink(self):
+        """The portrait's latent as the permanent sink entry: position 0, t = 0, silent audio, mask 1."""
+        yield from self._write(self.reference, 0.0, self.cache.allocate(1), None)
+
+    def _write_context(self, clean: torch.Tensor, positions: torch.Tensor, first_latent: int):
+        """MCI: write frames into the cache corrupted at t_mci (t_mci = 0: the clean frames, Self-Forcing)."""
+        t_mci = self.gen.t_mci
+        x = clean
+        if t_mci > 0:
+            x = self.schedule.add_noise(clean, self._noise(clean.shape), float(self.schedule.sigma(t_mci)))
+        yield from self._write(x, t_mci, positions, first_latent)
+
+    def _reset_cache(self):
+        """URCR: keep the sink, re-write the last frames right after it."""
+        m = self.gen.reset_context_frames
+        self.cache.reset()
+        self.journal = [w for w in self.journal if w.fills_sink]  # the sink's writes rebuild it on a restore
+        if m == 0:
+            return
+        context = self.recent[:, :, -m:]
+        first = self.latents_done - context.shape[2]
+        positions = self.cache.allocate(context.shape[2])
+        t_mci = self.gen.t_mci
+        x = context
+        if t_mci > 0:
+            x = self.schedule.add_noise(context, self._noise(context.shape), float(self.schedule.sigma(t_mci)))
+        yield from self._write(x, t_mci, positions, first, reset_before=True)
 
     def _recent_frames(self) -> int:
         return max(self.gen.reset_context_frames, self.decoder_context)
@@ -537,8 +612,10 @@ class RenderSession:
 
     def state(self) -> RenderState:
         """The state at this block boundary."""
+        if self._draw is not None:
+            raise RuntimeError("a render with an external noise source cannot be saved")
         meta = {
-            "version": 1,
+            "version": 2,
             "preset": self.preset.name,
             "settings": self.settings.model_dump(mode="json"),
             "prompt": self.prompt,
@@ -556,28 +633,22 @@ class RenderSession:
             journal=list(self.journal),
         )
 
-    def _replay(self, state: RenderState) -> None:
-        """Rebuild the cache and the decoder exactly as they were when `state` was taken."""
-        meta = state.meta
+    def _replay(self, state: RenderState):
+        """Rebuild the cache and the decoder exactly as they were when `state` was taken: the journal's writes are
+        run again in order (with a reset where one came between them); the decoder re-decodes the last frames."""
         dev, dt = self.model.device, self.model.dtype
-        self.cache.reset()
-        self.cache.resets = meta["cache_resets"]
         for w in state.journal:
+            if w.reset_before:
+                self.cache.reset()
             self.cache.next_position = int(w.positions[0])
-            self.cache.allocate(w.latents.shape[2])
-            self._forward(w.latents.to(dev, dt), w.timestep, w.positions, w.audio.to(dev, dt), write=True)
-            self.cache.commit(w.latents.shape[2])
-        self.cache.next_position = meta["cache_next_position"]
-        self.journal = list(state.journal)
-        self.blocks_done, self.frames_done, self.latents_done = (
-            meta["blocks_done"],
-            meta["frames_done"],
-            meta["latents_done"],
-        )
-        self.recent = state.recent.to(dev, dt)
+            positions = self.cache.allocate(w.latents.shape[2])
+            yield from self._write(w.latents.to(dev, dt), w.timestep, positions, w.first_latent, w.reset_before)
+        self.cache.next_position = state.meta["cache_next_position"]
+        self.cache.resets = state.meta["cache_resets"]
         # The decoder's causal state depends only on the last `decoder_context` latent frames: re-decode them.
         # (If the render is shorter than that, `recent` is its whole history and the warm-up is exact anyway.)
         warmup = self.recent[:, :, -self.decoder_context :]
         if warmup.shape[2]:
             self.decoder.decode_block(warmup.float())
-        self.blocks_rendered_here = 0
+        self._restore = None
+        self._drop_read_audio()

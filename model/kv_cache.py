@@ -37,8 +37,8 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        if sink_frames < 1 or window_frames < 0:
-            raise ValueError(f"need sink_frames >= 1 and window_frames >= 0, got {sink_frames}, {window_frames}")
+        if sink_frames < 0 or window_frames < 0 or sink_frames + window_frames < 1:
+            raise ValueError(f"need a cache of at least one frame, got sink {sink_frames} and window {window_frames}")
         self.tokens_per_frame = tokens_per_frame
         self.sink_frames = sink_frames
         self.window_frames = window_frames

@@ -87,12 +87,12 @@ def _stream(dit, cfg, latents, cond, audio, text, timesteps, sink, block, window
     """Sink then blocks, each written into the cache by the same pass that computes its output."""
     tokens_per_frame = latents.shape[-1] * latents.shape[-2] // 4
     cache = dit.new_cache(
-        batch=1, tokens_per_frame=tokens_per_frame, sink_frames=sink, window_frames=window, horizon_frames=horizon
+        tokens_per_frame=tokens_per_frame, sink_frames=sink, window_frames=window, horizon_frames=horizon
     )
     outs = []
     starts = [0, sink] + list(range(sink + block, latents.shape[2], block))
     for a, b in zip(starts, starts[1:] + [latents.shape[2]]):
-        positions = torch.arange(a, b) if a == 0 else cache.allocate(b - a)
+        positions = cache.allocate(b - a)
         outs.append(
             dit(
                 latents[:, :, a:b],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ def build() -> AvatarModel:
 
 def run_python(code: str) -> str:
     """Run code in a fresh interpreter that can import this test module's helpers."""
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
     prelude = (
         "import numpy as np\nfrom model.generator import RenderSettings, RenderState\n"
         "from test_generator import build, portrait, speech\n"
@@ -142,13 +144,18 @@ def test_urcr_off_lets_positions_grow_past_the_horizon(model):
     assert session.gen.horizon_frames == model.preset.dit.rope_max_positions
 
 
+def writes(write_cache: bool | list[bool]) -> bool:
+    """Whether a forward pass writes the cache (one flag per batch row, or one for all)."""
+    return any(write_cache) if isinstance(write_cache, list) else write_cache
+
+
 def count_forwards(session) -> list[int]:
     """Denoising passes (no cache write) per block."""
     calls = []
     original = session.model.dit.forward
 
     def spy(*args, write_cache=False, **kwargs):
-        if not write_cache:
+        if not writes(write_cache):
             calls[-1] += 1
         return original(*args, write_cache=write_cache, **kwargs)
 
@@ -171,16 +178,16 @@ def test_psb_steps_per_block_follow_the_plan(model):
 
 
 def capture_context_writes(session):
-    writes = []
+    captured = []
     original = session.model.dit.forward
 
     def spy(x, t, *args, write_cache=False, **kwargs):
-        if write_cache:
-            writes.append((x.clone(), t.clone()))
+        if writes(write_cache):
+            captured.append((x.clone(), t.clone()))
         return original(x, t, *args, write_cache=write_cache, **kwargs)
 
     session.model.dit.forward = spy
-    return writes
+    return captured
 
 
 @pytest.mark.parametrize("t_mci", [0.0, 200.0])
