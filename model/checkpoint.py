@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import DiTConfig, Preset
+from model.errors import ModelComponentError
 
 # (diffusers pattern, Wan2.1 original replacement); applied to the part of the key after "blocks.N." or at the top.
 _BLOCK_MAP = [
@@ -256,8 +257,15 @@ def read_checkpoint(directory: str | Path) -> tuple[Preset, dict[str, dict[str, 
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
         raise CheckpointError(f"{directory}: not an avatar-render checkpoint (no {CONFIG_FILE})")
-    config = json.loads(config_path.read_text())
-    preset = Preset.model_validate(config.pop("preset"))
+    try:
+        config = json.loads(config_path.read_text())
+        preset = Preset.model_validate(config.pop("preset"))
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{config_path}: not a valid avatar-render config ({err}); re-import the checkpoint"
+        ) from None
+    if not (directory / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: missing; re-import the checkpoint")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(directory / WEIGHTS_FILE).items():
         name, _, param = key.partition(".")
@@ -282,3 +290,98 @@ def load_module_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     if problems:
         raise CheckpointError(f"{source}: cannot load into {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state)
+
+
+# -- self-contained checkpoint directories ------------------------------------------------------------------------
+#
+#   config.json, model.safetensors   ours: the Preset, and the DiT (`dit.*`) and VAE (`vae.*`) weights
+#   text_encoder/, tokenizer/        umT5 and its tokenizer, transformers' format (presets that encode prompts)
+#   wav2vec2/                        wav2vec2, transformers' format (presets whose audio encoder is wav2vec2)
+#   MANIFEST.json                    every file of the directory with its size in bytes and sha256
+
+TEXT_ENCODER_DIR = "text_encoder"
+TOKENIZER_DIR = "tokenizer"
+AUDIO_ENCODER_DIR = "wav2vec2"
+MANIFEST_FILE = "MANIFEST.json"
+_HASH_CHUNK = 16 * 1024 * 1024
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path) -> dict:
+    """List every file under `directory` (but the manifest) with its size and sha256, in MANIFEST.json."""
+    directory = Path(directory)
+    files = {
+        path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    manifest = {"files": files}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ModelComponentError(f"{path}: not valid JSON ({err}); re-import the checkpoint") from None
+
+
+def verify_checkpoint(directory: str | Path, *, hashes: bool = False) -> None:
+    """Every file the manifest lists is there with its size (and with `hashes`, its sha256); one error naming the
+    first file that is not. A directory without a manifest (trained here, not imported) is not checked."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelComponentError(f"{path}: missing from the checkpoint (listed in {MANIFEST_FILE}); re-import it")
+        if path.stat().st_size != entry["bytes"]:
+            raise ModelComponentError(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated or replaced); "
+                "re-import or re-download the checkpoint"
+            )
+        if hashes and sha256_file(path) != entry["sha256"]:
+            raise ModelComponentError(f"{path}: sha256 differs from {MANIFEST_FILE} (corrupt); re-download it")
+
+
+@dataclass
+class Components:
+    """Where a checkpoint directory keeps the encoders its preset needs (None: the preset needs none)."""
+
+    audio_dir: Path | None
+    text_dir: Path | None
+    tokenizer_dir: Path | None
+
+
+def checkpoint_components(directory: str | Path, preset: Preset) -> Components:
+    """The encoder directories of a checkpoint, or one error naming what is missing and how to get it."""
+    directory = Path(directory)
+
+    def need(name: str, what: str) -> Path:
+        path = directory / name
+        if not (path / "config.json").exists() and name != TOKENIZER_DIR:
+            raise ModelComponentError(
+                f"{path}: missing ({what}, which preset {preset.name!r} needs); build the checkpoint with "
+                "`avatar-render import livetalk ...` (docs/models.md)"
+            )
+        return path
+
+    audio = need(AUDIO_ENCODER_DIR, "the wav2vec2 audio encoder") if preset.audio.encoder != "logmel" else None
+    text = tokenizer = None
+    if preset.text.encoder == "umt5":
+        text = need(TEXT_ENCODER_DIR, "the umT5 text encoder")
+        tokenizer = directory / TOKENIZER_DIR if (directory / TOKENIZER_DIR).is_dir() else text
+    return Components(audio, text, tokenizer)

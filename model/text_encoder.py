@@ -55,7 +55,8 @@ class _PromptCache:
 
 
 class TextEncoder:
-    """umT5 encoder + tokenizer loaded from a local directory (transformers format; never the hub)."""
+    """umT5 encoder + tokenizer loaded from local directories (transformers format; never the hub). The tokenizer
+    lives beside the weights, or in its own directory (diffusers' `text_encoder/` + `tokenizer/`)."""
 
     def __init__(
         self,
@@ -64,11 +65,13 @@ class TextEncoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         cache_size: int = 64,
+        tokenizer_dir: str | os.PathLike | None = None,
     ):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         model_dir = os.fspath(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer_dir = os.fspath(tokenizer_dir) if tokenizer_dir is not None else model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         self.model = UMT5EncoderModel.from_pretrained(model_dir, local_files_only=True)
         self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
