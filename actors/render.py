@@ -21,8 +21,8 @@ import time
 import pyarrow as pa
 import ray
 
-from pipeline.events import BlockRendered, RowStarted
-from pipeline.records import PENDING, RENDERED, RowRecord, array_from_bytes
+from pipeline.events import BlockRendered, RowStarted, RowStatus
+from pipeline.records import RowRecord, array_from_bytes
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
 
@@ -64,7 +64,7 @@ class RenderActor:
         return ray.get(self.progress.push_and_check.remote(events))
 
     def render(self, record: RowRecord) -> RowRecord:
-        if record.status != PENDING:
+        if record.status != RowStatus.PENDING:
             return record
         started = time.perf_counter()
         try:
@@ -123,7 +123,7 @@ class RenderActor:
             if cancelled:
                 if writer is not None:
                     writer.abort()  # an unfinished segment is re-rendered on resume
-                record.status, record.error_kind = "cancelled", "cancelled"
+                record.status, record.error_kind = RowStatus.CANCELLED, "cancelled"
                 record.error = f"cancelled after {session.blocks_done} blocks (segments kept for resume)"
                 return
             if writer is not None:
@@ -132,7 +132,7 @@ class RenderActor:
         if session.frames_done == 0:
             record.fail("input", f"{task.audio}: audio too short to render a single frame")
             return
-        record.status = RENDERED
+        record.status = RowStatus.RENDERED
         record.timings["generate"] = generate_seconds
         record.result = {
             "frames": session.frames_done,

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.events import Event, StageTimed
+from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore, normalize_uri
@@ -41,23 +41,10 @@ class JobSpec(BaseModel):
     options: dict = Field(default_factory=dict)  # per-job overrides of JOB_OPTIONS settings
 
 
-class RowResult(BaseModel):
-    id: str
-    status: str  # succeeded | failed | skipped | cancelled
-    output: str | None = None
-    error: str | None = None
-    error_kind: str | None = None  # validation | input | fetch | render | write | cancelled
-    frames: int = 0
-    video_seconds: float = 0.0
-    duration_s: float = 0.0  # wall time of the row's stages together
-    timings: dict = Field(default_factory=dict)  # seconds per stage: fetch, render (generate inside), write
-    metrics: dict = Field(default_factory=dict)  # quality metrics, where computed
-
-
 class JobReport(BaseModel):
     job_id: str
     rows: list[RowResult]
-    counts: dict[str, int]  # rows by status
+    counts: dict[str, int]  # rows by status (RowStatus values)
     started: datetime
     finished: datetime
 
@@ -96,10 +83,10 @@ def run_job(
         ray.kill(progress)
 
     tick = time.perf_counter()
-    rows = [_row_result(record) for record in records]
+    rows = [record.to_result() for record in records]
     counts: dict[str, int] = {}
     for row in rows:
-        counts[row.status] = counts.get(row.status, 0) + 1
+        counts[row.status.value] = counts.get(row.status.value, 0) + 1
     report = JobReport(job_id=spec.job_id, rows=rows, counts=counts, started=started, finished=datetime.now(UTC))
     write_report(report, output_root, store)
     if on_event is not None:
@@ -151,15 +138,16 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
     import ray.data
 
     from actors.render import RenderActor
-    from actors.writer import row_finished, write_row
-    from pipeline.records import PENDING, RowRecord, initial_record
+    from actors.writer import write_row
+    from pipeline.records import RowRecord, initial_record
     from pipeline.stages import fetch_row
 
     records = [initial_record(task) for task in tasks]
     _skip_finished(records, ObjectStore(settings.storage), spec.force)
     # Rows already decided (invalid, skipped) never enter the dataset: the driver closes them here.
-    ray.get(progress.push.remote([row_finished(r, spec.job_id) for r in records if r.status != PENDING]))
-    rows = [r.to_row() for r in records if r.status == PENDING]
+    pending = RowStatus.PENDING
+    ray.get(progress.push.remote([RowFinished(spec.job_id, r.to_result()) for r in records if r.status != pending]))
+    rows = [r.to_row() for r in records if r.status == pending]
     if not rows:
         _relay_events(progress, on_event)
         return records
@@ -215,7 +203,7 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
     done = {record.task.index: record for record in map(RowRecord.from_row, outcome["rows"])}
     records = [done.get(record.task.index, record) for record in records]
     for record in records:
-        if record.status == PENDING:  # cannot happen unless Ray Data dropped a row; never report "pending"
+        if record.status == RowStatus.PENDING:  # cannot happen unless Ray Data dropped a row; never report it
             record.fail("internal", "the pipeline returned no result for this row")
     return records
 
@@ -223,13 +211,13 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
 def _skip_finished(records: list, store: ObjectStore, force: bool) -> None:
     """Idempotency: a pending row whose output exists is skipped, unless forced (outputs appear atomically,
     so an existing output is a complete one)."""
-    pending = [r for r in records if r.status == "pending"]
+    pending = [r for r in records if r.status == RowStatus.PENDING]
     if force or not pending:
         return
     with ThreadPoolExecutor(max_workers=EXISTS_CHECKS_IN_FLIGHT) as pool:
         for record, exists in zip(pending, pool.map(lambda r: store.exists(r.task.output), pending)):
             if exists:
-                record.status = "skipped"
+                record.status = RowStatus.SKIPPED
 
 
 def _relay_events(progress, on_event, cursor: int = 0) -> int:
@@ -242,23 +230,6 @@ def _relay_events(progress, on_event, cursor: int = 0) -> int:
     return cursor
 
 
-def _row_result(record) -> RowResult:
-    result, timings = record.result, record.timings
-    ok = record.status in ("succeeded", "skipped")
-    return RowResult(
-        id=record.task.id,
-        status=record.status,
-        output=record.task.output if ok else None,
-        error=record.error or None,
-        error_kind=record.error_kind or None,
-        frames=result.get("frames", 0),
-        video_seconds=result.get("video_seconds", 0.0),
-        duration_s=sum(v for k, v in timings.items() if k != "generate"),
-        timings=timings,
-        metrics=result.get("metrics", {}),
-    )
-
-
 REPORT_COLUMNS = ("id", "status", "output", "error", "error_kind", "frames", "video_seconds", "duration_s")
 
 
@@ -267,11 +238,12 @@ def write_report(report: JobReport, output_root: str, store: ObjectStore) -> Non
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    lines = [json.dumps({"job_id": report.job_id, **row.model_dump()}) for row in report.rows]
+    rows = [row.model_dump(mode="json") for row in report.rows]
+    lines = [json.dumps({"job_id": report.job_id, **row}) for row in rows]
     store.put_bytes(f"{output_root}/report.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"")
-    columns = {c: [getattr(row, c) for row in report.rows] for c in REPORT_COLUMNS}
-    columns["timings"] = [json.dumps(row.timings) for row in report.rows]
-    columns["metrics"] = [json.dumps(row.metrics) for row in report.rows]
+    columns = {c: [row[c] for row in rows] for c in REPORT_COLUMNS}
+    columns["timings"] = [json.dumps(row["timings"]) for row in rows]
+    columns["metrics"] = [json.dumps(row["metrics"]) for row in rows]
     schema = pa.schema(
         [
             ("id", pa.string()),

@@ -13,8 +13,8 @@ import ray
 
 from model.config import get_preset
 from model.errors import InputError
-from pipeline.events import StageTimed
-from pipeline.records import PENDING, RowRecord, array_to_bytes
+from pipeline.events import RowStatus, StageTimed
+from pipeline.records import RowRecord, array_to_bytes
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
 
@@ -22,7 +22,7 @@ from pipeline.storage import ObjectStore
 def fetch_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -> dict:
     """Download and decode the row's portrait and audio; a bad input fails the row (kind "input")."""
     record = RowRecord.from_row(row)
-    if record.status != PENDING:
+    if record.status != RowStatus.PENDING:
         return record.to_row()
     started = time.perf_counter()
     store = ObjectStore(settings.storage)

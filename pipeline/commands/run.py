@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pipeline.events import BlockRendered, RowFinished
+    from pipeline.events import OK_STATUSES, BlockRendered, RowFinished
     from pipeline.job import JobSpec, run_job
     from pipeline.settings import PipelineSettings
 
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
         rows.close()
 
     for row in report.rows:
-        if row.status not in ("succeeded", "skipped"):
+        if row.status not in OK_STATUSES:
             print(f"{row.status}: {row.id}: {row.error}", file=sys.stderr)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(report.counts.items()))
     print(f"{len(report.rows)} rows: {summary}; report at {spec.output.rstrip('/')}/report.jsonl")
-    return 0 if all(row.status in ("succeeded", "skipped") for row in report.rows) else 1
+    return 0 if all(row.status in OK_STATUSES for row in report.rows) else 1
 
 
 def _count_rows(manifest: str) -> int | None:
