@@ -76,14 +76,13 @@ class RenderActor:
         return record
 
     def _render_segments(self, record: RowRecord) -> None:
-        from model.generator import RenderSettings, RenderState
+        from model.generator import RenderState
         from model.media import VideoWriter
 
         task, blocks_per_segment = record.task, self.settings.segment_blocks
-        render_settings = RenderSettings(**task.render.model_dump())
         resume_from = last_complete_segment(self.store, task.segments)
         if resume_from is None:
-            session = self.model.open(array_from_bytes(record.portrait), task.prompt, render_settings)
+            session = self.model.open(array_from_bytes(record.portrait), task.prompt, task.render)
             segment = 0
         else:
             state = RenderState.from_bytes(self.store.get_bytes(segment_uri(task.segments, resume_from, STATE)))

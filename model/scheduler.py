@@ -8,6 +8,9 @@ visit the same noise levels a distilled student was trained on.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import torch
 
 
@@ -52,11 +55,20 @@ class StepPlan:
         return self.plan[min(block_index, len(self.plan) - 1)]
 
     @classmethod
-    def parse(cls, text: str) -> StepPlan:
+    def parse(cls, value: str | int | Sequence[int | str]) -> StepPlan:
+        """The one reader of a plan as people write it: "8,6,4", [8, 6, 4] or 4 (a CSV's "4.0" too)."""
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
         try:
-            return cls(tuple(int(s) for s in text.replace(" ", "").split(",") if s))
-        except ValueError:
-            raise ValueError(f"bad step plan {text!r}: want comma-separated positive integers such as 8,6,4") from None
+            return cls(tuple(_step_count(item) for item in items))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"bad step plan {value!r}: want positive integers such as 8,6,4") from None
 
     def __repr__(self) -> str:
         return f"StepPlan({list(self.plan)})"
+
+
+def _step_count(item: object) -> int:
+    number = float(item.strip()) if isinstance(item, str) else item
+    if isinstance(number, bool) or not isinstance(number, numbers.Real) or number != int(number):
+        raise ValueError(f"not a whole number: {item!r}")
+    return int(number)

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from model.config import Preset
 from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
@@ -62,11 +63,12 @@ def run_job(
 
     started = datetime.now(UTC)
     settings = _job_settings(spec, settings)
+    preset = model_preset(settings)
     store = ObjectStore(settings.storage)
     output_root = normalize_uri(spec.output).rstrip("/")
 
     tick = time.perf_counter()
-    tasks = _validated_tasks(spec, settings, store, output_root)
+    tasks = _validated_tasks(spec, settings, preset, store, output_root)
     validate_seconds = time.perf_counter() - tick
 
     _connect_ray(settings)
@@ -78,7 +80,7 @@ def run_job(
     progress = ProgressActor.options(name=name).remote(spec.job_id)
     ray.get(progress.push.remote([StageTimed(spec.job_id, "validate", validate_seconds)]))
     try:
-        records = _execute(tasks, spec, settings, progress, on_event or (lambda event: None), cancel)
+        records = _execute(tasks, spec, settings, preset, progress, on_event or (lambda event: None), cancel)
     finally:
         ray.kill(progress)
 
@@ -105,7 +107,24 @@ def _job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings
     return type(settings).model_validate({**settings.model_dump(), **update}) if update else settings
 
 
-def _validated_tasks(spec: JobSpec, settings: PipelineSettings, store: ObjectStore, output_root: str) -> list[RowTask]:
+def model_preset(settings: PipelineSettings) -> Preset:
+    """The preset of the model the render actors load (the choice AvatarModel.load makes): a checkpoint's own,
+    read from its config.json without the weights; with no checkpoint, the bundled model's for `tiny`, else the
+    named preset's (a seeded random model). Rows are validated and their inputs decoded for this preset."""
+    from model.checkpoint import read_preset
+    from model.config import get_preset
+    from model.generator import BUNDLED_MODEL
+
+    if settings.checkpoint:
+        return read_preset(settings.checkpoint)
+    if settings.preset == "tiny" and (BUNDLED_MODEL / "config.json").exists():
+        return read_preset(BUNDLED_MODEL)
+    return get_preset(settings.preset)
+
+
+def _validated_tasks(
+    spec: JobSpec, settings: PipelineSettings, preset: Preset, store: ObjectStore, output_root: str
+) -> list[RowTask]:
     if (spec.manifest is None) == (spec.rows is None):
         raise ValueError("a job needs exactly one of `manifest` and `rows`")
     if spec.manifest is not None:
@@ -117,8 +136,8 @@ def _validated_tasks(spec: JobSpec, settings: PipelineSettings, store: ObjectSto
         output_root=output_root,
         base_uri=base,
         limits=settings.limits,
-        preset=settings.preset,
-        model_key=f"{settings.preset}:{settings.checkpoint}",
+        preset=preset,
+        model_key=f"{preset.name}:{settings.checkpoint}",
     )
 
 
@@ -132,7 +151,7 @@ def _connect_ray(settings: PipelineSettings) -> None:
     context.enable_progress_bars = False  # the caller shows its own progress (rows, video-seconds)
 
 
-def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
+def _execute(tasks, spec, settings, preset, progress, on_event, cancel) -> list:
     """Run the Ray Data stages in a worker thread; relay events and cancellation from this thread."""
     import ray
     import ray.data
@@ -162,7 +181,7 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
         )
     dataset = (
         ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per row: rows stream independently
-        .map(fetch_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
+        .map(fetch_row, fn_kwargs={**stage_args, "preset": preset}, num_cpus=settings.io_num_cpus)
         .map_batches(
             RenderActor,
             batch_size=1,

@@ -208,3 +208,34 @@ def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path
     reference_frames, _ = read_video(tmp_path / "out" / "reference.mp4")
     assert killed_frames.shape == reference_frames.shape == (50, 64, 64, 3)
     assert np.array_equal(killed_frames, reference_frames)  # identical on CPU: restore is bit-exact
+
+
+def test_a_checkpoint_brings_its_own_preset(ray_cluster, tmp_path):
+    """A checkpoint of another resolution, with the `preset` setting left at its default: the pipeline reads the
+    checkpoint's preset (config.json only) and decodes the portrait at its size, so the row renders at it."""
+    import shutil
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.generator import AvatarModel
+    from pipeline.job import model_preset
+
+    preset = get_preset("tiny").with_resolution(32, 48)
+    model = AvatarModel.random(preset, seed=1)
+    checkpoint = save_checkpoint(tmp_path / "model", preset, {"dit": model.dit, "vae": model.vae})
+    weightless = tmp_path / "config-only"
+    weightless.mkdir()
+    shutil.copy(checkpoint / "config.json", weightless)
+    assert model_preset(settings(checkpoint=str(weightless))) == preset  # no weights read
+
+    make_portrait(tmp_path / "face.png")
+    make_audio(tmp_path / "speech.wav", 1.0)
+    spec = JobSpec(
+        job_id="own-preset",
+        rows=[{"id": "small", "portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}],
+        output=str(tmp_path / "out"),
+    )
+    report = run_job(spec, settings(checkpoint=str(checkpoint)))
+    assert report.counts == {"succeeded": 1}, report.rows
+    frames, _ = read_video(tmp_path / "out" / "small.mp4")
+    assert frames.shape == (25, 32, 48, 3)

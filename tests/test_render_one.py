@@ -185,6 +185,15 @@ def test_cli_bad_input_is_one_error_line_naming_the_file(files, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
 
 
+def test_cli_bad_step_plan_is_one_error_line(files, tmp_path, capsys):
+    args = ["--portrait", files["png"], "--audio", files["wav"], "--out", str(tmp_path / "out.mp4")]
+    code = main(["render-one", *args, "--steps", "8,0"])
+    assert code == 2 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.strip() == (
+        "avatar-render render-one: error: --steps: bad step plan '8,0': want positive integers such as 8,6,4"
+    )
+
+
 def test_same_speech_in_every_format_gives_the_same_frame_count(tiny, files):
     portrait = np.zeros((64, 64, 3), np.uint8)
     counts = {}

@@ -29,7 +29,7 @@ import torch
 from model.deflicker import deflicker_video
 from model.eval import metrics, score
 from model.generator import AvatarModel, RenderSettings
-from model.scheduler import FlowMatchSchedule
+from model.scheduler import FlowMatchSchedule, StepPlan
 from model.synth import Clip, load_truth_phones
 from model.train.common import SinkDenoiser
 from model.train.data import DataConfig, eval_clip
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-references", action="store_true", help="skip the VAE-reconstruction and still rows")
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args(argv)
-    plan = tuple(int(s) for s in args.step_plan.split(",")) if args.step_plan else None
+    plan = StepPlan.parse(args.step_plan).plan if args.step_plan else None
     result = evaluate_checkpoint(
         args.checkpoint,
         args.clips,
