@@ -12,10 +12,6 @@ import ray
 from pipeline.events import Event
 
 
-def progress_actor_name(job_id: str) -> str:
-    return f"avatar-render-progress-{job_id}"
-
-
 @ray.remote(num_cpus=0, max_concurrency=1)
 class ProgressActor:
     def __init__(self, job_id: str):

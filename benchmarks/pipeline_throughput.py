@@ -18,6 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from actors import job_workers
 from model.media import save_wav
 from pipeline.events import BlockRendered, RowFinished, RowStarted
 from pipeline.job import JobSpec, run_job
@@ -46,6 +47,7 @@ def measure(rows: list[dict], actors: int, out: str, segment_blocks: int) -> dic
     report = run_job(
         JobSpec(job_id=f"bench-{actors}", rows=rows, output=out, force=True),
         settings,
+        job_workers(),
         on_event=lambda e: events.append((time.perf_counter(), e)),
     )
     wall = time.perf_counter() - start

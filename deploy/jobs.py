@@ -250,11 +250,16 @@ class JobManager:
         self.store.update(job_id, state="running", started=flight.started, attempts=job.attempts + 1, error=None)
         state, error = "succeeded", None
         try:
-            from pipeline.job import JobSpec, run_job  # heavy (Ray): imported when a job first runs
+            from actors import job_workers  # Ray: imported when a job first runs
+            from pipeline.job import JobSpec, run_job
 
             spec = JobSpec(job_id=job_id, **job.request)
             report = run_job(
-                spec, self.settings.pipeline, on_event=lambda e: self.handle_event(job_id, e), cancel=flight.cancel
+                spec,
+                self.settings.pipeline,
+                job_workers(),
+                on_event=lambda e: self.handle_event(job_id, e),
+                cancel=flight.cancel,
             )
             for row in report.rows:  # the events stored these already, but for a row the pipeline lost
                 self.store.put_row(job_id, row)

@@ -1,10 +1,14 @@
 """Run one job: manifest rows -> validate -> fetch -> render actors -> writers -> report.
 
-    report = run_job(JobSpec(job_id="j1", manifest="jobs/a.jsonl", output="s3://bucket/out"), settings)
+    from actors import job_workers
+    report = run_job(JobSpec(job_id="j1", manifest="jobs/a.jsonl", output="s3://bucket/out"), settings, job_workers())
 
 The stages run on Ray Data; the driver thread polls the job's progress actor, hands every event to
 `on_event` in order, and forwards `cancel`. A bad row becomes a failed row of the report, never an
 exception; only a job that cannot start (unreadable manifest, bad options) raises.
+
+The Ray workers (progress actor, render actor, writer) live in actors/, one layer up: they are built on this
+layer's records, so this module never imports them; the caller hands them in as `JobWorkers`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +35,21 @@ from pipeline.storage import ObjectStore, normalize_uri
 POLL_SECONDS = 0.2  # how often the driver reads new events
 EXISTS_CHECKS_IN_FLIGHT = 16  # concurrent existence checks of outputs (S3 HEAD requests)
 JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint"})  # settings a job may override
+
+
+@dataclass(frozen=True)
+class JobWorkers:
+    """The Ray workers a job runs on (actors.job_workers() builds them)."""
+
+    progress_actor: Any  # a @ray.remote class: (job_id), with push, events_since, cancel
+    render_actor: type  # a Ray Data callable class: (settings, job_id, progress), then batch -> batch
+    write_row: Callable[..., dict]  # a Ray Data map function: (row, *, settings, job_id, progress) -> row
+
+
+def progress_actor_name(job_id: str) -> str:
+    """The job's progress actor is named, so that a rerun with the same id finds a leftover and operators (and the
+    resume test) find the render actors registered with it."""
+    return f"avatar-render-progress-{job_id}"
 
 
 class JobSpec(BaseModel):
@@ -53,13 +73,12 @@ class JobReport(BaseModel):
 def run_job(
     spec: JobSpec,
     settings: PipelineSettings,
+    workers: JobWorkers,
     *,
     on_event: Callable[[Event], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> JobReport:
     import ray
-
-    from actors.progress import ProgressActor, progress_actor_name
 
     started = datetime.now(UTC)
     settings = _job_settings(spec, settings)
@@ -77,10 +96,10 @@ def run_job(
         ray.kill(ray.get_actor(name))  # left over from a crashed run with the same id
     except ValueError:
         pass
-    progress = ProgressActor.options(name=name).remote(spec.job_id)
+    progress = workers.progress_actor.options(name=name).remote(spec.job_id)
     ray.get(progress.push.remote([StageTimed(spec.job_id, "validate", validate_seconds)]))
     try:
-        records = _execute(tasks, spec, settings, preset, progress, on_event or (lambda event: None), cancel)
+        records = _execute(tasks, spec, settings, preset, workers, progress, on_event or (lambda event: None), cancel)
     finally:
         ray.kill(progress)
 
@@ -151,13 +170,11 @@ def _connect_ray(settings: PipelineSettings) -> None:
     context.enable_progress_bars = False  # the caller shows its own progress (rows, video-seconds)
 
 
-def _execute(tasks, spec, settings, preset, progress, on_event, cancel) -> list:
+def _execute(tasks, spec, settings, preset, workers, progress, on_event, cancel) -> list:
     """Run the Ray Data stages in a worker thread; relay events and cancellation from this thread."""
     import ray
     import ray.data
 
-    from actors.render import RenderActor
-    from actors.writer import write_row
     from pipeline.records import RowRecord, initial_record
     from pipeline.stages import fetch_row
 
@@ -183,7 +200,7 @@ def _execute(tasks, spec, settings, preset, progress, on_event, cancel) -> list:
         ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per row: rows stream independently
         .map(fetch_row, fn_kwargs={**stage_args, "preset": preset}, num_cpus=settings.io_num_cpus)
         .map_batches(
-            RenderActor,
+            workers.render_actor,
             batch_size=1,
             batch_format="pyarrow",
             fn_constructor_kwargs=stage_args,
@@ -194,7 +211,7 @@ def _execute(tasks, spec, settings, preset, progress, on_event, cancel) -> list:
             num_cpus=actor_cpus,
             num_gpus=1 if use_gpu else 0,
         )
-        .map(write_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
+        .map(workers.write_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
     )
 
     outcome: dict[str, Any] = {}

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli.main import main
 from model.generator import AvatarModel, RenderSettings
 from model.media import encode_audio, load_audio, measure_audio_duration, probe, save_wav
 from model.media._ffmpeg import ffmpeg_exe
 from model.render import render_to_mp4
 from model.synth.speech import formant_speech
-from pipeline.cli import main
 
 SPEECH_SECONDS = 1.3  # a few blocks: long enough for PSB's plan to reach its repeating step count
 CONSOLE_SCRIPT = str(Path(sys.executable).parent / "avatar-render")

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from actors import job_workers
     from pipeline.events import OK_STATUSES, BlockRendered, RowFinished
     from pipeline.job import JobSpec, run_job
     from pipeline.settings import PipelineSettings
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop at the next block
     try:
-        report = run_job(spec, PipelineSettings(), on_event=on_event, cancel=cancel)
+        report = run_job(spec, PipelineSettings(), job_workers(), on_event=on_event, cancel=cancel)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         rows.close()
