@@ -8,7 +8,7 @@ each segment is encoded to H.264 (no audio) and stored with the generator state 
 
 A row that finds stored segments restores the last state and renders only the blocks after it, so a
 render actor killed mid-row (Ray restarts it and retries the batch) loses at most one segment of work.
-Before every block the actor reports progress and learns whether the job was cancelled; a cancelled
+After every block the actor reports progress and learns whether the job was cancelled; a cancelled
 row keeps its segments and can resume in a later run.
 """
 
@@ -149,4 +149,3 @@ class RenderActor:
         self.store.put_file(segment_uri(task.segments, segment, MP4), writer.path)
         self.store.put_bytes(segment_uri(task.segments, segment, STATE), session.state().to_bytes())
         os.remove(writer.path)
-        ray.get(self.progress.segment_stored.remote(task.id, segment))

@@ -5,7 +5,7 @@
 Prints, per pool size: rows per hour, rendered video-seconds per actor-second, and pipeline efficiency
 (the share of actor time spent generating blocks rather than waiting for inputs, writers or startup).
 "Steady" numbers start at the first row's render and exclude Ray/actor startup (model loading).
-The model is the bundled default (the seeded random `tiny` until a trained one ships); 64x64 at 25 fps.
+The model is the bundled default, `model/weights/tiny`: 64x64 at 25 fps.
 """
 
 from __future__ import annotations

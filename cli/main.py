@@ -17,13 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-render", description="Batch renderer of talking-avatar videos.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"cli.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"cli.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"cli.commands.{name}").register(sub)
     return parser
 
 

@@ -2,8 +2,10 @@
 
 x_t = (1 - sigma) * x_0 + sigma * noise; the network predicts the velocity v = noise - x_0.
 PSB (Progressive Step Bootstrapping, DESIGN 3.3) lives here: a step plan gives each block its number of denoising
-steps, and every plan's timesteps are points of the same shifted schedule, so a block of 4 steps and a block of 8
-visit the same noise levels a distilled student was trained on.
+steps. Every plan's noise levels are the same shift applied to an even grid of its step count, so plans whose counts
+divide one another share levels: the 4 of a steady block (1, .938, .833, .625 at shift 5) are every other one of the
+8 of block 0. A 6-step block (block 1 of 8, 6, 4) shares only 1 and .833 with them; the student meets its levels
+because training rollouts run the same plan.
 """
 
 from __future__ import annotations
