@@ -20,7 +20,7 @@ from PIL import Image
 
 from actors import job_workers
 from model.media import save_wav
-from pipeline.events import BlockRendered, RowFinished, RowStarted
+from pipeline.events import BlockRendered, RowFinished, RowStarted, RowStatus
 from pipeline.job import JobSpec, run_job
 from pipeline.settings import PipelineSettings
 
@@ -51,7 +51,7 @@ def measure(rows: list[dict], actors: int, out: str, segment_blocks: int) -> dic
         on_event=lambda e: events.append((time.perf_counter(), e)),
     )
     wall = time.perf_counter() - start
-    if report.counts.get("succeeded", 0) != len(rows):
+    if report.counts.get(RowStatus.SUCCEEDED, 0) != len(rows):
         raise RuntimeError(f"benchmark rows failed: {[r.error for r in report.rows if r.error]}")
     first_start = min(t for t, e in events if isinstance(e, RowStarted))
     last_finish = max(t for t, e in events if isinstance(e, RowFinished))

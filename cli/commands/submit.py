@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if status.get("error"):
         print(f"error: {status['error']}", file=sys.stderr)
-    return 0 if status["state"] == "succeeded" and not status["counts"].get("failed") else 1
+    from pipeline.events import RowStatus
+
+    return 0 if status["state"] == "succeeded" and not status["counts"].get(RowStatus.FAILED) else 1
 
 
 def _follow(client, job_id: str, poll_seconds: float) -> dict:
