@@ -1,10 +1,10 @@
 """Job manifests: read JSONL, CSV or Parquet from any store, and validate each row on its own.
 
 Columns: `id`, `portrait`, `audio` (required); `prompt`, `output` and the per-row overrides `seed`,
-`steps` ("8,6,4", a list, or one int), `height`, `width` (optional), which validate into the generator's own
-`model.generator.RenderSettings`. Relative input paths resolve against
-the manifest's directory. A row's `output` must lie inside the job's output root (a relative path, or a
-URI under the root) and end in ".mp4"; by default it is `<output root>/<id>.mp4` (the id made safe).
+`steps` ("8,6,4", a list, or one int), `height`, `width` (optional), which validate into the generator's
+own `model.generator.RenderSettings`. Relative input paths resolve against the manifest's directory. A
+row's `output` must lie inside the job's output root (a relative path, or a URI under the root) and end
+in ".mp4"; by default it is `<output root>/<id>.mp4` (the id made safe).
 
 Validation never raises for a bad row: it returns the row with an error naming the row and the problem.
 Rules: a missing or empty id fails the row; of two rows with the same id (or output) the second fails;
