@@ -1,8 +1,11 @@
 """The per-job progress actor: an ordered log of `pipeline.events`, a cancel flag, and the render actors.
 
-Render UDFs and writer tasks push events with fire-and-forget calls; the driver polls `events_since` with
-a cursor and hands each event to its callback in arrival order. Render UDFs check `is_cancelled` before
-every block. Render actors register their handles so that operators (and the resume test) can find them.
+Stages push events with a blocking call (`ray.get`, one round trip): a stage returns only once its events are in
+the log, so when the dataset ends the driver's last poll sees every event, the rows' RowFinished included. The
+render actor pays that round trip once per block and gets the cancel flag back with it (`push_and_check`);
+fetch and write pay it once per row. The driver polls `events_since` with a cursor and hands each event to its
+callback in arrival order. Render actors register their handles so that operators (and the resume test) can find
+them.
 """
 
 from __future__ import annotations
@@ -12,10 +15,6 @@ import ray
 from pipeline.events import Event
 
 
-def progress_actor_name(job_id: str) -> str:
-    return f"avatar-render-progress-{job_id}"
-
-
 @ray.remote(num_cpus=0, max_concurrency=1)
 class ProgressActor:
     def __init__(self, job_id: str):
@@ -23,12 +22,12 @@ class ProgressActor:
         self.events: list[Event] = []
         self.cancelled = False
         self.render_actors: dict[str, ray.actor.ActorHandle] = {}
-        self.segments_stored: dict[str, int] = {}  # row id -> segments stored by this job
 
     def push(self, events: list[Event]) -> None:
         self.events.extend(events)
 
     def push_and_check(self, events: list[Event]) -> bool:
+        """Push, and answer whether the job was cancelled."""
         self.events.extend(events)
         return self.cancelled
 
@@ -38,17 +37,8 @@ class ProgressActor:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def is_cancelled(self) -> bool:
-        return self.cancelled
-
     def register_render_actor(self, actor_id: str, handle: ray.actor.ActorHandle) -> None:
         self.render_actors[actor_id] = handle
 
     def get_render_actors(self) -> dict[str, ray.actor.ActorHandle]:
         return dict(self.render_actors)
-
-    def segment_stored(self, row_id: str, segment_index: int) -> None:
-        self.segments_stored[row_id] = self.segments_stored.get(row_id, 0) + 1
-
-    def get_segments_stored(self) -> dict[str, int]:
-        return dict(self.segments_stored)

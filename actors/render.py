@@ -8,7 +8,7 @@ each segment is encoded to H.264 (no audio) and stored with the generator state 
 
 A row that finds stored segments restores the last state and renders only the blocks after it, so a
 render actor killed mid-row (Ray restarts it and retries the batch) loses at most one segment of work.
-Before every block the actor reports progress and learns whether the job was cancelled; a cancelled
+After every block the actor reports progress and learns whether the job was cancelled; a cancelled
 row keeps its segments and can resume in a later run.
 """
 
@@ -21,8 +21,8 @@ import time
 import pyarrow as pa
 import ray
 
-from pipeline.events import BlockRendered, RowStarted
-from pipeline.records import PENDING, RENDERED, RowRecord, array_from_bytes
+from pipeline.events import BlockRendered, RowStarted, RowStatus
+from pipeline.records import RowRecord, array_from_bytes
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
 
@@ -64,7 +64,7 @@ class RenderActor:
         return ray.get(self.progress.push_and_check.remote(events))
 
     def render(self, record: RowRecord) -> RowRecord:
-        if record.status != PENDING:
+        if record.status != RowStatus.PENDING:
             return record
         started = time.perf_counter()
         try:
@@ -76,14 +76,13 @@ class RenderActor:
         return record
 
     def _render_segments(self, record: RowRecord) -> None:
-        from model.generator import RenderSettings, RenderState
+        from model.generator import RenderState
         from model.media import VideoWriter
 
         task, blocks_per_segment = record.task, self.settings.segment_blocks
-        render_settings = RenderSettings(**task.render.model_dump())
         resume_from = last_complete_segment(self.store, task.segments)
         if resume_from is None:
-            session = self.model.open(array_from_bytes(record.portrait), task.prompt, render_settings)
+            session = self.model.open(array_from_bytes(record.portrait), task.prompt, task.render)
             segment = 0
         else:
             state = RenderState.from_bytes(self.store.get_bytes(segment_uri(task.segments, resume_from, STATE)))
@@ -123,7 +122,7 @@ class RenderActor:
             if cancelled:
                 if writer is not None:
                     writer.abort()  # an unfinished segment is re-rendered on resume
-                record.status, record.error_kind = "cancelled", "cancelled"
+                record.status, record.error_kind = RowStatus.CANCELLED, "cancelled"
                 record.error = f"cancelled after {session.blocks_done} blocks (segments kept for resume)"
                 return
             if writer is not None:
@@ -132,7 +131,7 @@ class RenderActor:
         if session.frames_done == 0:
             record.fail("input", f"{task.audio}: audio too short to render a single frame")
             return
-        record.status = RENDERED
+        record.status = RowStatus.RENDERED
         record.timings["generate"] = generate_seconds
         record.result = {
             "frames": session.frames_done,
@@ -150,4 +149,3 @@ class RenderActor:
         self.store.put_file(segment_uri(task.segments, segment, MP4), writer.path)
         self.store.put_bytes(segment_uri(task.segments, segment, STATE), session.state().to_bytes())
         os.remove(writer.path)
-        ray.get(self.progress.segment_stored.remote(task.id, segment))

@@ -16,8 +16,8 @@ import time
 import ray
 
 from actors.render import MP4
-from pipeline.events import RowFinished, StageTimed
-from pipeline.records import RENDERED, RowRecord
+from pipeline.events import RowFinished, RowStatus, StageTimed
+from pipeline.records import RowRecord
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
 
@@ -25,33 +25,18 @@ from pipeline.storage import ObjectStore
 def write_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -> dict:
     record = RowRecord.from_row(row)
     events = []
-    if record.status == RENDERED:
+    if record.status == RowStatus.RENDERED:
         started = time.perf_counter()
         try:
             _stitch_and_upload(record, ObjectStore(settings.storage), settings.metrics_max_seconds)
-            record.status = "succeeded"
+            record.status = RowStatus.SUCCEEDED
         except Exception as err:
             record.fail("write", f"{type(err).__name__}: {err}")
         record.timings["write"] = time.perf_counter() - started
         events.append(StageTimed(job_id, "write", record.timings["write"]))
-    events.append(row_finished(record, job_id))
+    events.append(RowFinished(job_id, record.to_result()))  # metrics, timings and duration included
     ray.get(progress.push.remote(events))
     return record.to_row()
-
-
-def row_finished(record: RowRecord, job_id: str) -> RowFinished:
-    """The event that closes a row, whatever its status."""
-    return RowFinished(
-        job_id=job_id,
-        row_id=record.task.id,
-        status=record.status,
-        output=record.task.output if record.status in ("succeeded", "skipped") else None,
-        error=record.error or None,
-        error_kind=record.error_kind or None,
-        frames=record.result.get("frames", 0),
-        video_seconds=record.result.get("video_seconds", 0.0),
-        timings=dict(record.timings),
-    )
 
 
 def _quality_metrics(video: str, portrait: str, audio: str) -> dict:

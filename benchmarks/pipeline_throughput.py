@@ -5,7 +5,7 @@
 Prints, per pool size: rows per hour, rendered video-seconds per actor-second, and pipeline efficiency
 (the share of actor time spent generating blocks rather than waiting for inputs, writers or startup).
 "Steady" numbers start at the first row's render and exclude Ray/actor startup (model loading).
-The model is the bundled default (the seeded random `tiny` until a trained one ships); 64x64 at 25 fps.
+The model is the bundled default, `model/weights/tiny`: 64x64 at 25 fps.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import time
 import numpy as np
 from PIL import Image
 
+from actors import job_workers
 from model.media import save_wav
-from pipeline.events import BlockRendered, RowFinished, RowStarted
+from pipeline.events import BlockRendered, RowFinished, RowStarted, RowStatus
 from pipeline.job import JobSpec, run_job
 from pipeline.settings import PipelineSettings
 
@@ -46,10 +47,11 @@ def measure(rows: list[dict], actors: int, out: str, segment_blocks: int) -> dic
     report = run_job(
         JobSpec(job_id=f"bench-{actors}", rows=rows, output=out, force=True),
         settings,
+        job_workers(),
         on_event=lambda e: events.append((time.perf_counter(), e)),
     )
     wall = time.perf_counter() - start
-    if report.counts.get("succeeded", 0) != len(rows):
+    if report.counts.get(RowStatus.SUCCEEDED, 0) != len(rows):
         raise RuntimeError(f"benchmark rows failed: {[r.error for r in report.rows if r.error]}")
     first_start = min(t for t, e in events if isinstance(e, RowStarted))
     last_finish = max(t for t, e in events if isinstance(e, RowFinished))

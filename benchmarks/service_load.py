@@ -62,9 +62,9 @@ def make_media(directory: Path) -> dict:
 
 def serve(port: int, state_dir: str, render: bool) -> None:
     """The service process (this script re-invoked with --serve-port); SIGTERM stops it cleanly."""
+    from cli.commands.serve import connect_ray, run_uvicorn
     from deploy.app import create_app
     from deploy.settings import ServiceSettings
-    from pipeline.commands.serve import connect_ray, run_uvicorn
 
     settings = ServiceSettings(host="127.0.0.1", port=port, state_dir=state_dir)
     if render:

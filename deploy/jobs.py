@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 from deploy.confine import confine, normalize_uri
 from deploy.metrics import ServiceMetrics
-from deploy.schemas import JobRequest, JobStatus, RowStatus
+from deploy.schemas import JobRequest, JobStatus
 from deploy.settings import ServiceSettings
 from deploy.store import JobRecord, JobStore
-from pipeline.events import BlockRendered, Event, RowFinished, RowStarted
+from pipeline.events import BlockRendered, Event, RowFinished, RowResult, RowStarted, RowStatus
 from pipeline.job import JOB_OPTIONS
 from pipeline.manifest import manifest_dir, read_manifest
 from pipeline.storage import ObjectStore
@@ -177,7 +177,7 @@ class JobManager:
     def list(self, *, state: str | None = None, limit: int = 100, offset: int = 0) -> list[JobStatus]:
         return [self._status(job) for job in self.store.list(state=state, limit=limit, offset=offset)]
 
-    def rows(self, job_id: str) -> list[RowStatus] | None:
+    def rows(self, job_id: str) -> list[RowResult] | None:
         if self.store.get(job_id) is None:
             return None
         finished = self.store.rows(job_id)
@@ -186,7 +186,7 @@ class JobManager:
             flight = self._running.get(job_id)
             live = dict(flight.rows) if flight else {}
         running = [
-            RowStatus(id=row_id, status="running", frames=frames, video_seconds=seconds)
+            RowResult(id=row_id, status=RowStatus.RUNNING, frames=frames, video_seconds=seconds)
             for row_id, (frames, seconds) in live.items()
             if row_id not in done
         ]
@@ -210,24 +210,11 @@ class JobManager:
                     so_far[0] += event.frames
                     so_far[1] += event.video_seconds
         elif isinstance(event, RowFinished):
-            self.store.put_row(
-                job_id,
-                RowStatus(
-                    id=event.row_id,
-                    status=event.status,
-                    output=event.output,
-                    error=event.error,
-                    error_kind=event.error_kind,
-                    frames=event.frames,
-                    video_seconds=event.video_seconds,
-                    timings=dict(event.timings),
-                    metrics=dict(event.metrics),
-                ),
-            )
+            self.store.put_row(job_id, event.row)
             with self._lock:
                 flight = self._running.get(job_id)
                 if flight is not None:
-                    flight.rows.pop(event.row_id, None)
+                    flight.rows.pop(event.row.id, None)
 
     # -- internals ----------------------------------------------------------------------------------------
 
@@ -263,14 +250,19 @@ class JobManager:
         self.store.update(job_id, state="running", started=flight.started, attempts=job.attempts + 1, error=None)
         state, error = "succeeded", None
         try:
-            from pipeline.job import JobSpec, run_job  # heavy (Ray): imported when a job first runs
+            from actors import job_workers  # Ray: imported when a job first runs
+            from pipeline.job import JobSpec, run_job
 
             spec = JobSpec(job_id=job_id, **job.request)
             report = run_job(
-                spec, self.settings.pipeline, on_event=lambda e: self.handle_event(job_id, e), cancel=flight.cancel
+                spec,
+                self.settings.pipeline,
+                job_workers(),
+                on_event=lambda e: self.handle_event(job_id, e),
+                cancel=flight.cancel,
             )
-            for row in report.rows:
-                self.store.put_row(job_id, RowStatus(**row.model_dump()))
+            for row in report.rows:  # the events stored these already, but for a row the pipeline lost
+                self.store.put_row(job_id, row)
             self.store.update(job_id, rows_total=max(len(report.rows), job.rows_total or 0))
         except Exception as err:
             log.exception("job %s failed", job_id)
@@ -296,13 +288,13 @@ class JobManager:
         frames += sum(f for f, _ in live)
         seconds += sum(s for _, s in live)
         if live:
-            counts["running"] = len(live)
+            counts[RowStatus.RUNNING.value] = len(live)
         progress = eta = None
         if job.rows_total:
             progress = min(1.0, finished_rows / job.rows_total)
             pending = job.rows_total - finished_rows - len(live)
             if pending > 0 and job.state in ("queued", "running"):
-                counts["pending"] = pending
+                counts[RowStatus.PENDING.value] = pending
             done_now = finished_rows - done_before
             if started is not None and done_now > 0:
                 eta = (time.time() - started) / done_now * max(0, job.rows_total - finished_rows)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.events import BlockRendered, Event, RowFinished, RowStarted, StageTimed
+from pipeline.events import BlockRendered, Event, RowFinished, RowStarted, RowStatus, StageTimed
 
 PREFIX = "avatar_render"
 # Stage latencies run from milliseconds (validate) to hours (rendering a long row).
@@ -94,9 +94,9 @@ class ServiceMetrics:
         elif isinstance(event, RowStarted):
             self.rows_started.labels(event.actor_id).inc()
         elif isinstance(event, RowFinished):
-            self.rows.labels(event.status).inc()
-            if event.status == "failed":
-                self.failures.labels(event.error_kind or "unknown").inc()
+            self.rows.labels(event.row.status.value).inc()
+            if event.row.status == RowStatus.FAILED:
+                self.failures.labels(event.row.error_kind or "unknown").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

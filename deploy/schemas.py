@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deploy.store import JobState, RowStatus  # noqa: F401  (RowStatus is part of this API)
+from deploy.store import JobState
+from pipeline.events import RowResult
 
 
 class JobRequest(BaseModel):
@@ -53,7 +54,7 @@ class JobList(BaseModel):
 
 class RowList(BaseModel):
     job_id: str
-    rows: list[RowStatus]
+    rows: list[RowResult] = Field(description="finished rows, then rows in flight (status 'running')")
 
 
 class FieldProblem(BaseModel):

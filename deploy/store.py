@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
+
+from pipeline.events import RowResult, RowStatus
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 UNFINISHED_STATES: tuple[JobState, ...] = ("queued", "running")
@@ -61,21 +63,6 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     attempts: int = 0  # how many times a worker began it (more than 1 after a restart)
     error: str | None = None
-
-
-class RowStatus(BaseModel):
-    """One row of a job as stored and as the API returns it (`GET /v1/jobs/{id}/rows`)."""
-
-    id: str
-    status: str
-    output: str | None = None
-    error: str | None = None
-    error_kind: str | None = None
-    frames: int = 0
-    video_seconds: float = 0.0
-    duration_s: float | None = None
-    timings: dict = Field(default_factory=dict)
-    metrics: dict = Field(default_factory=dict)
 
 
 _JOB_COLUMNS = "job_id, request, state, created, started, finished, rows_total, cancel_requested, attempts, error"
@@ -167,15 +154,15 @@ class JobStore:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         return {state: 0 for state in JOB_STATES} | dict(rows)
 
-    def put_row(self, job_id: str, row: RowStatus) -> None:
+    def put_row(self, job_id: str, row: RowResult) -> None:
         """Record a finished row. A row the pipeline skipped because an earlier attempt of this job already
         rendered it keeps its earlier record (a restart must not turn 'succeeded' into 'skipped')."""
         with self._lock:
-            if row.status == "skipped":
+            if row.status == RowStatus.SKIPPED:
                 prior = self._db.execute(
                     "SELECT status FROM rows WHERE job_id = ? AND row_id = ?", (job_id, row.id)
                 ).fetchone()
-                if prior and prior[0] == "succeeded":
+                if prior and prior[0] == RowStatus.SUCCEEDED:
                     return
             self._db.execute(
                 "INSERT OR REPLACE INTO rows (job_id, row_id, status, output, error, error_kind, frames, "
@@ -183,7 +170,7 @@ class JobStore:
                 (
                     job_id,
                     row.id,
-                    row.status,
+                    row.status.value,
                     row.output,
                     row.error,
                     row.error_kind,
@@ -195,7 +182,7 @@ class JobStore:
                 ),
             )
 
-    def rows(self, job_id: str) -> list[RowStatus]:
+    def rows(self, job_id: str) -> list[RowResult]:
         with self._lock:
             found = self._db.execute(
                 "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
@@ -203,7 +190,7 @@ class JobStore:
                 (job_id,),
             ).fetchall()
         return [
-            RowStatus(
+            RowResult(
                 id=r[0],
                 status=r[1],
                 output=r[2],

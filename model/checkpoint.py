@@ -273,6 +273,14 @@ def read_checkpoint(directory: str | Path) -> tuple[Preset, dict[str, dict[str, 
     return preset, modules, config
 
 
+def read_preset(directory: str | Path) -> Preset:
+    """The preset a checkpoint was saved with, from its config.json alone: no weights are read."""
+    config_path = Path(directory) / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: not an avatar-render checkpoint (no {CONFIG_FILE})")
+    return Preset.model_validate(json.loads(config_path.read_text())["preset"])
+
+
 def load_module_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(state))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -68,7 +68,7 @@ class RenderSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    step_plan: tuple[int, ...] | None = None
+    step_plan: tuple[int, ...] | None = None  # PSB; "8,6,4", [8, 6, 4] and 4 are read by StepPlan.parse
     t_mci: float | None = None
     height: int | None = None
     width: int | None = None
@@ -77,6 +77,11 @@ class RenderSettings(BaseModel):
     urcr: bool = True
     # Measurement only: False gives the decoder's frames without the preset's deflicker (generator.deflicker).
     deflicker: bool = True
+
+    @field_validator("step_plan", mode="before")
+    @classmethod
+    def _parse_step_plan(cls, value):
+        return None if value is None else StepPlan.parse(value).plan
 
 
 @dataclass

@@ -2,11 +2,16 @@
 
 x_t = (1 - sigma) * x_0 + sigma * noise; the network predicts the velocity v = noise - x_0.
 PSB (Progressive Step Bootstrapping, DESIGN 3.3) lives here: a step plan gives each block its number of denoising
-steps, and every plan's timesteps are points of the same shifted schedule, so a block of 4 steps and a block of 8
-visit the same noise levels a distilled student was trained on.
+steps. Every plan's noise levels are the same shift applied to an even grid of its step count, so plans whose counts
+divide one another share levels: the 4 of a steady block (1, .938, .833, .625 at shift 5) are every other one of the
+8 of block 0. A 6-step block (block 1 of 8, 6, 4) shares only 1 and .833 with them; the student meets its levels
+because training rollouts run the same plan.
 """
 
 from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -52,11 +57,20 @@ class StepPlan:
         return self.plan[min(block_index, len(self.plan) - 1)]
 
     @classmethod
-    def parse(cls, text: str) -> StepPlan:
+    def parse(cls, value: str | int | Sequence[int | str]) -> StepPlan:
+        """The one reader of a plan as people write it: "8,6,4", [8, 6, 4] or 4 (a CSV's "4.0" too)."""
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
         try:
-            return cls(tuple(int(s) for s in text.replace(" ", "").split(",") if s))
-        except ValueError:
-            raise ValueError(f"bad step plan {text!r}: want comma-separated positive integers such as 8,6,4") from None
+            return cls(tuple(_step_count(item) for item in items))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"bad step plan {value!r}: want positive integers such as 8,6,4") from None
 
     def __repr__(self) -> str:
         return f"StepPlan({list(self.plan)})"
+
+
+def _step_count(item: object) -> int:
+    number = float(item.strip()) if isinstance(item, str) else item
+    if isinstance(number, bool) or not isinstance(number, numbers.Real) or number != int(number):
+        raise ValueError(f"not a whole number: {item!r}")
+    return int(number)

@@ -1,15 +1,50 @@
-"""What a running job reports, as plain dataclasses.
+"""What a running job reports: the row status, the finished-row record, and the events.
 
-Render actors and pipeline stages emit these; the CLI turns them into progress bars, the HTTP service into job
+Render actors and pipeline stages emit the events; the CLI turns them into progress bars, the HTTP service into job
 status and Prometheus metrics. They cross process boundaries (Ray), so they hold only plain values.
+
+`RowResult` is the one description of a row's outcome: a line of report.jsonl, the payload of `RowFinished`, and
+an entry of the service's `GET /v1/jobs/{id}/rows`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from enum import StrEnum
 
-RowStatus = Literal["succeeded", "failed", "skipped", "cancelled"]
+from pydantic import BaseModel, Field
+
+
+class RowStatus(StrEnum):
+    """Where a row stands. Inside the pipeline a row is PENDING, then RENDERED; it ends in one of FINAL_STATUSES.
+    The service lists a row an actor is rendering now as RUNNING, and counts rows not yet started as PENDING."""
+
+    PENDING = "pending"  # validated, waiting for its inputs or a render actor
+    RENDERED = "rendered"  # segments stored, waiting for the writer
+    RUNNING = "running"  # started by a render actor, not finished (the service's live view)
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # its output already existed
+    CANCELLED = "cancelled"  # stopped at a block boundary; its segments are kept for a later run
+
+
+FINAL_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.FAILED, RowStatus.SKIPPED, RowStatus.CANCELLED})
+OK_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.SKIPPED})  # the row's output exists
+
+
+class RowResult(BaseModel):
+    """One row's outcome (or, in the service's live view, a RUNNING row's progress so far)."""
+
+    id: str
+    status: RowStatus
+    output: str | None = None  # the output URI, when it exists (OK_STATUSES)
+    error: str | None = None
+    error_kind: str | None = None  # validation | input | fetch | render | write | cancelled | internal
+    frames: int = 0
+    video_seconds: float = 0.0
+    duration_s: float | None = None  # wall seconds of the row's stages together; None while it runs
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage: fetch, render (generate inside), write
+    metrics: dict = Field(default_factory=dict)  # quality metrics (model.eval), where computed
 
 
 @dataclass(frozen=True)
@@ -40,16 +75,14 @@ class StageTimed:
 
 @dataclass(frozen=True)
 class RowFinished:
+    """A row reached a final status; `row` is what the report will say about it."""
+
     job_id: str
-    row_id: str
-    status: RowStatus
-    output: str | None = None
-    error: str | None = None
-    error_kind: str | None = None  # e.g. "input", "render", "storage", "cancelled"
-    frames: int = 0
-    video_seconds: float = 0.0
-    metrics: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
+    row: RowResult
+
+    @property
+    def row_id(self) -> str:  # as every row event has
+        return self.row.id
 
 
 Event = RowStarted | BlockRendered | StageTimed | RowFinished

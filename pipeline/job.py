@@ -1,10 +1,14 @@
 """Run one job: manifest rows -> validate -> fetch -> render actors -> writers -> report.
 
-    report = run_job(JobSpec(job_id="j1", manifest="jobs/a.jsonl", output="s3://bucket/out"), settings)
+    from actors import job_workers
+    report = run_job(JobSpec(job_id="j1", manifest="jobs/a.jsonl", output="s3://bucket/out"), settings, job_workers())
 
 The stages run on Ray Data; the driver thread polls the job's progress actor, hands every event to
 `on_event` in order, and forwards `cancel`. A bad row becomes a failed row of the report, never an
 exception; only a job that cannot start (unreadable manifest, bad options) raises.
+
+The Ray workers (progress actor, render actor, writer) live in actors/, one layer up: they are built on this
+layer's records, so this module never imports them; the caller hands them in as `JobWorkers`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.events import Event, StageTimed
+from model.config import Preset
+from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore, normalize_uri
@@ -29,6 +35,21 @@ from pipeline.storage import ObjectStore, normalize_uri
 POLL_SECONDS = 0.2  # how often the driver reads new events
 EXISTS_CHECKS_IN_FLIGHT = 16  # concurrent existence checks of outputs (S3 HEAD requests)
 JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint"})  # settings a job may override
+
+
+@dataclass(frozen=True)
+class JobWorkers:
+    """The Ray workers a job runs on (actors.job_workers() builds them)."""
+
+    progress_actor: Any  # a @ray.remote class: (job_id), with push, events_since, cancel
+    render_actor: type  # a Ray Data callable class: (settings, job_id, progress), then batch -> batch
+    write_row: Callable[..., dict]  # a Ray Data map function: (row, *, settings, job_id, progress) -> row
+
+
+def progress_actor_name(job_id: str) -> str:
+    """The job's progress actor is named, so that a rerun with the same id finds a leftover and operators (and the
+    resume test) find the render actors registered with it."""
+    return f"avatar-render-progress-{job_id}"
 
 
 class JobSpec(BaseModel):
@@ -41,23 +62,10 @@ class JobSpec(BaseModel):
     options: dict = Field(default_factory=dict)  # per-job overrides of JOB_OPTIONS settings
 
 
-class RowResult(BaseModel):
-    id: str
-    status: str  # succeeded | failed | skipped | cancelled
-    output: str | None = None
-    error: str | None = None
-    error_kind: str | None = None  # validation | input | fetch | render | write | cancelled
-    frames: int = 0
-    video_seconds: float = 0.0
-    duration_s: float = 0.0  # wall time of the row's stages together
-    timings: dict = Field(default_factory=dict)  # seconds per stage: fetch, render (generate inside), write
-    metrics: dict = Field(default_factory=dict)  # quality metrics, where computed
-
-
 class JobReport(BaseModel):
     job_id: str
     rows: list[RowResult]
-    counts: dict[str, int]  # rows by status
+    counts: dict[str, int]  # rows by status (RowStatus values)
     started: datetime
     finished: datetime
 
@@ -65,21 +73,21 @@ class JobReport(BaseModel):
 def run_job(
     spec: JobSpec,
     settings: PipelineSettings,
+    workers: JobWorkers,
     *,
     on_event: Callable[[Event], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> JobReport:
     import ray
 
-    from actors.progress import ProgressActor, progress_actor_name
-
     started = datetime.now(UTC)
     settings = _job_settings(spec, settings)
+    preset = model_preset(settings)
     store = ObjectStore(settings.storage)
     output_root = normalize_uri(spec.output).rstrip("/")
 
     tick = time.perf_counter()
-    tasks = _validated_tasks(spec, settings, store, output_root)
+    tasks = _validated_tasks(spec, settings, preset, store, output_root)
     validate_seconds = time.perf_counter() - tick
 
     _connect_ray(settings)
@@ -88,18 +96,18 @@ def run_job(
         ray.kill(ray.get_actor(name))  # left over from a crashed run with the same id
     except ValueError:
         pass
-    progress = ProgressActor.options(name=name).remote(spec.job_id)
+    progress = workers.progress_actor.options(name=name).remote(spec.job_id)
     ray.get(progress.push.remote([StageTimed(spec.job_id, "validate", validate_seconds)]))
     try:
-        records = _execute(tasks, spec, settings, progress, on_event or (lambda event: None), cancel)
+        records = _execute(tasks, spec, settings, preset, workers, progress, on_event or (lambda event: None), cancel)
     finally:
         ray.kill(progress)
 
     tick = time.perf_counter()
-    rows = [_row_result(record) for record in records]
+    rows = [record.to_result() for record in records]
     counts: dict[str, int] = {}
     for row in rows:
-        counts[row.status] = counts.get(row.status, 0) + 1
+        counts[row.status.value] = counts.get(row.status.value, 0) + 1
     report = JobReport(job_id=spec.job_id, rows=rows, counts=counts, started=started, finished=datetime.now(UTC))
     write_report(report, output_root, store)
     if on_event is not None:
@@ -118,7 +126,24 @@ def _job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings
     return type(settings).model_validate({**settings.model_dump(), **update}) if update else settings
 
 
-def _validated_tasks(spec: JobSpec, settings: PipelineSettings, store: ObjectStore, output_root: str) -> list[RowTask]:
+def model_preset(settings: PipelineSettings) -> Preset:
+    """The preset of the model the render actors load (the choice AvatarModel.load makes): a checkpoint's own,
+    read from its config.json without the weights; with no checkpoint, the bundled model's for `tiny`, else the
+    named preset's (a seeded random model). Rows are validated and their inputs decoded for this preset."""
+    from model.checkpoint import read_preset
+    from model.config import get_preset
+    from model.generator import BUNDLED_MODEL
+
+    if settings.checkpoint:
+        return read_preset(settings.checkpoint)
+    if settings.preset == "tiny" and (BUNDLED_MODEL / "config.json").exists():
+        return read_preset(BUNDLED_MODEL)
+    return get_preset(settings.preset)
+
+
+def _validated_tasks(
+    spec: JobSpec, settings: PipelineSettings, preset: Preset, store: ObjectStore, output_root: str
+) -> list[RowTask]:
     if (spec.manifest is None) == (spec.rows is None):
         raise ValueError("a job needs exactly one of `manifest` and `rows`")
     if spec.manifest is not None:
@@ -130,8 +155,8 @@ def _validated_tasks(spec: JobSpec, settings: PipelineSettings, store: ObjectSto
         output_root=output_root,
         base_uri=base,
         limits=settings.limits,
-        preset=settings.preset,
-        model_key=f"{settings.preset}:{settings.checkpoint}",
+        preset=preset,
+        model_key=f"{preset.name}:{settings.checkpoint}",
     )
 
 
@@ -145,21 +170,20 @@ def _connect_ray(settings: PipelineSettings) -> None:
     context.enable_progress_bars = False  # the caller shows its own progress (rows, video-seconds)
 
 
-def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
+def _execute(tasks, spec, settings, preset, workers, progress, on_event, cancel) -> list:
     """Run the Ray Data stages in a worker thread; relay events and cancellation from this thread."""
     import ray
     import ray.data
 
-    from actors.render import RenderActor
-    from actors.writer import row_finished, write_row
-    from pipeline.records import PENDING, RowRecord, initial_record
+    from pipeline.records import RowRecord, initial_record
     from pipeline.stages import fetch_row
 
     records = [initial_record(task) for task in tasks]
     _skip_finished(records, ObjectStore(settings.storage), spec.force)
     # Rows already decided (invalid, skipped) never enter the dataset: the driver closes them here.
-    ray.get(progress.push.remote([row_finished(r, spec.job_id) for r in records if r.status != PENDING]))
-    rows = [r.to_row() for r in records if r.status == PENDING]
+    pending = RowStatus.PENDING
+    ray.get(progress.push.remote([RowFinished(spec.job_id, r.to_result()) for r in records if r.status != pending]))
+    rows = [r.to_row() for r in records if r.status == pending]
     if not rows:
         _relay_events(progress, on_event)
         return records
@@ -174,9 +198,9 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
         )
     dataset = (
         ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per row: rows stream independently
-        .map(fetch_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
+        .map(fetch_row, fn_kwargs={**stage_args, "preset": preset}, num_cpus=settings.io_num_cpus)
         .map_batches(
-            RenderActor,
+            workers.render_actor,
             batch_size=1,
             batch_format="pyarrow",
             fn_constructor_kwargs=stage_args,
@@ -187,7 +211,7 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
             num_cpus=actor_cpus,
             num_gpus=1 if use_gpu else 0,
         )
-        .map(write_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
+        .map(workers.write_row, fn_kwargs=stage_args, num_cpus=settings.io_num_cpus)
     )
 
     outcome: dict[str, Any] = {}
@@ -215,7 +239,7 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
     done = {record.task.index: record for record in map(RowRecord.from_row, outcome["rows"])}
     records = [done.get(record.task.index, record) for record in records]
     for record in records:
-        if record.status == PENDING:  # cannot happen unless Ray Data dropped a row; never report "pending"
+        if record.status == RowStatus.PENDING:  # cannot happen unless Ray Data dropped a row; never report it
             record.fail("internal", "the pipeline returned no result for this row")
     return records
 
@@ -223,13 +247,13 @@ def _execute(tasks, spec, settings, progress, on_event, cancel) -> list:
 def _skip_finished(records: list, store: ObjectStore, force: bool) -> None:
     """Idempotency: a pending row whose output exists is skipped, unless forced (outputs appear atomically,
     so an existing output is a complete one)."""
-    pending = [r for r in records if r.status == "pending"]
+    pending = [r for r in records if r.status == RowStatus.PENDING]
     if force or not pending:
         return
     with ThreadPoolExecutor(max_workers=EXISTS_CHECKS_IN_FLIGHT) as pool:
         for record, exists in zip(pending, pool.map(lambda r: store.exists(r.task.output), pending)):
             if exists:
-                record.status = "skipped"
+                record.status = RowStatus.SKIPPED
 
 
 def _relay_events(progress, on_event, cursor: int = 0) -> int:
@@ -242,23 +266,6 @@ def _relay_events(progress, on_event, cursor: int = 0) -> int:
     return cursor
 
 
-def _row_result(record) -> RowResult:
-    result, timings = record.result, record.timings
-    ok = record.status in ("succeeded", "skipped")
-    return RowResult(
-        id=record.task.id,
-        status=record.status,
-        output=record.task.output if ok else None,
-        error=record.error or None,
-        error_kind=record.error_kind or None,
-        frames=result.get("frames", 0),
-        video_seconds=result.get("video_seconds", 0.0),
-        duration_s=sum(v for k, v in timings.items() if k != "generate"),
-        timings=timings,
-        metrics=result.get("metrics", {}),
-    )
-
-
 REPORT_COLUMNS = ("id", "status", "output", "error", "error_kind", "frames", "video_seconds", "duration_s")
 
 
@@ -267,11 +274,12 @@ def write_report(report: JobReport, output_root: str, store: ObjectStore) -> Non
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    lines = [json.dumps({"job_id": report.job_id, **row.model_dump()}) for row in report.rows]
+    rows = [row.model_dump(mode="json") for row in report.rows]
+    lines = [json.dumps({"job_id": report.job_id, **row}) for row in rows]
     store.put_bytes(f"{output_root}/report.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"")
-    columns = {c: [getattr(row, c) for row in report.rows] for c in REPORT_COLUMNS}
-    columns["timings"] = [json.dumps(row.timings) for row in report.rows]
-    columns["metrics"] = [json.dumps(row.metrics) for row in report.rows]
+    columns = {c: [row[c] for row in rows] for c in REPORT_COLUMNS}
+    columns["timings"] = [json.dumps(row["timings"]) for row in rows]
+    columns["metrics"] = [json.dumps(row["metrics"]) for row in rows]
     schema = pa.schema(
         [
             ("id", pa.string()),

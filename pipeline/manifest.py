@@ -1,9 +1,10 @@
 """Job manifests: read JSONL, CSV or Parquet from any store, and validate each row on its own.
 
 Columns: `id`, `portrait`, `audio` (required); `prompt`, `output` and the per-row overrides `seed`,
-`steps` ("8,6,4", a list, or one int), `height`, `width` (optional). Relative input paths resolve against
-the manifest's directory. A row's `output` must lie inside the job's output root (a relative path, or a
-URI under the root) and end in ".mp4"; by default it is `<output root>/<id>.mp4` (the id made safe).
+`steps` ("8,6,4", a list, or one int), `height`, `width` (optional), which validate into the generator's
+own `model.generator.RenderSettings`. Relative input paths resolve against the manifest's directory. A
+row's `output` must lie inside the job's output root (a relative path, or a URI under the root) and end
+in ".mp4"; by default it is `<output root>/<id>.mp4` (the id made safe).
 
 Validation never raises for a bad row: it returns the row with an error naming the row and the problem.
 Rules: a missing or empty id fails the row; of two rows with the same id (or output) the second fails;
@@ -22,9 +23,10 @@ import math
 import posixpath
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from model.config import get_preset
+from model.config import Preset
+from model.generator import RenderSettings
 from pipeline.settings import LimitSettings
 from pipeline.storage import ObjectStore, confined_uri, is_under, normalize_uri, parent_uri, safe_name
 
@@ -32,15 +34,6 @@ REQUIRED = ("id", "portrait", "audio")
 OPTIONAL = ("prompt", "output", "seed", "steps", "height", "width")
 KNOWN_COLUMNS = frozenset(REQUIRED + OPTIONAL)
 SEGMENTS_DIR = ".segments"  # under the output root: one folder per row in progress
-
-
-class RenderOverrides(BaseModel):
-    """Per-row settings for the generator; None keeps the preset's value."""
-
-    seed: int = 0
-    step_plan: tuple[int, ...] | None = None
-    height: int | None = None
-    width: int | None = None
 
 
 class RowTask(BaseModel):
@@ -52,7 +45,7 @@ class RowTask(BaseModel):
     audio: str = ""
     prompt: str | None = None
     output: str = ""
-    render: RenderOverrides = RenderOverrides()
+    render: RenderSettings = RenderSettings()  # the row's overrides; the rest keep the model's values
     segments: str = ""  # URI prefix of this row's stored segments
     error: str | None = None
 
@@ -102,10 +95,11 @@ def validate_rows(
     output_root: str,
     base_uri: str,
     limits: LimitSettings,
-    preset: str,
+    preset: Preset,
     model_key: str = "",
 ) -> list[RowTask]:
-    """Validate every row; `base_uri` is the directory relative inputs resolve against.
+    """Validate every row; `base_uri` is the directory relative inputs resolve against, `preset` the one of the
+    model that will render the rows (a row's resolution is checked against it).
 
     `model_key` (preset + checkpoint) goes into each row's segment folder name, so a changed model or
     changed inputs never resume from another render's segments.
@@ -142,7 +136,7 @@ def validate_rows(
     return tasks
 
 
-def _validate(index, row_id, row, output_root, base_uri, limits, preset_name, model_key) -> RowTask:
+def _validate(index, row_id, row, output_root, base_uri, limits, preset, model_key) -> RowTask:
     unknown = sorted(k for k, v in row.items() if k not in KNOWN_COLUMNS and v is not None)
     if unknown:
         raise ValueError(
@@ -158,15 +152,9 @@ def _validate(index, row_id, row, output_root, base_uri, limits, preset_name, mo
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"prompt must be text, got {prompt!r}")
 
-    render = RenderOverrides(
-        seed=_int(row, "seed", 0, 2**63 - 1) if row.get("seed") is not None else 0,
-        step_plan=_steps(row.get("steps"), limits.max_steps),
-        height=_int(row, "height", 1, limits.max_height),
-        width=_int(row, "width", 1, limits.max_width),
-    )
+    render = _render_settings(row, limits)
     if render.height is not None or render.width is not None:
-        video = get_preset(preset_name).video
-        get_preset(preset_name).with_resolution(render.height or video.height, render.width or video.width)
+        preset.with_resolution(render.height or preset.video.height, render.width or preset.video.width)
 
     output = _output_uri(row.get("output"), row_id, output_root)
     fingerprint = json.dumps([inputs, prompt, render.model_dump(), output, model_key], sort_keys=True)
@@ -237,22 +225,27 @@ def _as_int(value: Any) -> int:
     return int(value)
 
 
-def _steps(value: Any, max_steps: int) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        items: list[Any] = [v for v in value.replace(" ", "").split(",")]
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = [value]
+def _render_settings(row: dict, limits: LimitSettings) -> RenderSettings:
+    """The row's overrides as RenderSettings (which reads the step plan), within the job's limits."""
+    overrides = {
+        "seed": _int(row, "seed", 0, 2**63 - 1),
+        "step_plan": row.get("steps"),
+        "height": _int(row, "height", 1, limits.max_height),
+        "width": _int(row, "width", 1, limits.max_width),
+    }
     try:
-        plan = tuple(_as_int(v) for v in items)
-    except (TypeError, ValueError):
-        raise ValueError(f"steps must be positive integers like '8,6,4', got {value!r}") from None
-    if not plan or min(plan) < 1 or max(plan) > max_steps:
-        raise ValueError(f"steps must be integers in [1, {max_steps}], got {value!r}")
-    return plan
+        render = RenderSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        column = {"step_plan": "steps"}
+        raise ValueError(
+            "; ".join(
+                f"{column.get(str(e['loc'][0]), e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}"
+                for e in err.errors()
+            )
+        ) from None
+    if render.step_plan and max(render.step_plan) > limits.max_steps:
+        raise ValueError(f"steps: at most {limits.max_steps} per block, got {row.get('steps')!r}")
+    return render
 
 
 def manifest_dir(uri: str) -> str:

@@ -1,8 +1,9 @@
 """The row record every Ray Data stage receives and returns.
 
 Its columns have fixed types (text, bytes, int) whatever happened to the row, so Arrow blocks from
-different stages and rows always share one schema. A failed row flows on as a record with `status`
-"failed" and its error; stages pass such records through untouched.
+different stages and rows always share one schema. A failed row flows on as a record with status
+FAILED and its error; stages pass such records through untouched. `to_result` gives the row's outcome
+as the report, the events and the service show it.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.events import OK_STATUSES, RowResult, RowStatus
 from pipeline.manifest import RowTask
-
-# Statuses between stages; the final ones are pipeline.events.RowStatus.
-PENDING = "pending"  # validated, waiting for its inputs / render
-RENDERED = "rendered"  # segments stored, waiting for the writer
 
 
 @dataclass
 class RowRecord:
     task: RowTask
-    status: str = PENDING
+    status: RowStatus = RowStatus.PENDING
     error: str = ""
     error_kind: str = ""
     portrait: bytes = b""  # .npy of the decoded portrait (uint8 H, W, 3), dropped after render
@@ -32,7 +30,7 @@ class RowRecord:
     timings: dict = field(default_factory=dict)  # seconds per stage
 
     def fail(self, kind: str, error: str) -> RowRecord:
-        self.status, self.error_kind, self.error = "failed", kind, error
+        self.status, self.error_kind, self.error = RowStatus.FAILED, kind, error
         self.portrait = self.audio = b""
         return self
 
@@ -40,7 +38,7 @@ class RowRecord:
         return {
             "index": self.task.index,
             "task": self.task.model_dump_json(),
-            "status": self.status,
+            "status": str(self.status),
             "error": self.error,
             "error_kind": self.error_kind,
             "portrait": self.portrait,
@@ -49,11 +47,25 @@ class RowRecord:
             "timings": json.dumps(self.timings),
         }
 
+    def to_result(self) -> RowResult:
+        return RowResult(
+            id=self.task.id,
+            status=self.status,
+            output=self.task.output if self.status in OK_STATUSES else None,
+            error=self.error or None,
+            error_kind=self.error_kind or None,
+            frames=self.result.get("frames", 0),
+            video_seconds=self.result.get("video_seconds", 0.0),
+            duration_s=sum(seconds for stage, seconds in self.timings.items() if stage != "generate"),  # inside render
+            timings=dict(self.timings),
+            metrics=dict(self.result.get("metrics", {})),
+        )
+
     @classmethod
     def from_row(cls, row: dict) -> RowRecord:
         return cls(
             task=RowTask.model_validate_json(row["task"]),
-            status=row["status"],
+            status=RowStatus(row["status"]),
             error=row["error"],
             error_kind=row["error_kind"],
             portrait=bytes(row["portrait"]),

@@ -53,7 +53,7 @@ class PipelineSettings(BaseSettings):
     io_num_cpus: float = Field(default=0.25, gt=0)  # CPUs reserved per fetch/write task (they mostly wait)
     segment_blocks: int = Field(default=8, ge=1)  # K: blocks per stored segment (the unit of resume)
     checkpoint: str | None = None  # None: the bundled default model
-    preset: str = "tiny"
+    preset: str = "tiny"  # names the model only when no checkpoint is given: a checkpoint brings its own
     device: Literal["cpu", "cuda"] = "cpu"  # "cuda": one GPU per render actor
     # Quality metrics (model.eval: lip-sync vs. the speech envelope, identity, seams) for the report; they decode the
     # whole output, so rows longer than this many seconds skip them (0 turns them off).

@@ -11,24 +11,24 @@ import time
 
 import ray
 
-from model.config import get_preset
+from model.config import Preset
 from model.errors import InputError
-from pipeline.events import StageTimed
-from pipeline.records import PENDING, RowRecord, array_to_bytes
+from pipeline.events import RowStatus, StageTimed
+from pipeline.records import RowRecord, array_to_bytes
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
 
 
-def fetch_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -> dict:
-    """Download and decode the row's portrait and audio; a bad input fails the row (kind "input")."""
+def fetch_row(row: dict, *, settings: PipelineSettings, preset: Preset, job_id: str, progress) -> dict:
+    """Download and decode the row's portrait and audio for the model's `preset` (pipeline.job.model_preset: the
+    checkpoint's own); a bad input fails the row (kind "input")."""
     record = RowRecord.from_row(row)
-    if record.status != PENDING:
+    if record.status != RowStatus.PENDING:
         return record.to_row()
     started = time.perf_counter()
     store = ObjectStore(settings.storage)
     task = record.task
     try:
-        preset = get_preset(settings.preset)
         height = task.render.height or preset.video.height
         width = task.render.width or preset.video.width
         record.portrait = array_to_bytes(_decode(store, task.portrait, "portrait", height, width))

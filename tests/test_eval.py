@@ -104,8 +104,8 @@ def test_identity_error_grows_for_another_face(long_clip):
 
 
 def test_eval_command_json(tmp_path, capsys):
+    from cli.main import main
     from model.synth import write_dataset
-    from pipeline.cli import main
 
     write_dataset(tmp_path, 1, 10.0, seed=5, speech="espeak")
     clip = tmp_path / "clip_00000"

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.app import create_app
 from deploy.settings import ServiceSettings
-from pipeline.events import BlockRendered, RowFinished, RowStarted, StageTimed
+from pipeline.events import BlockRendered, RowFinished, RowResult, RowStarted, RowStatus, StageTimed
 
 
 def feed_job_events(manager, job_id: str) -> None:
@@ -22,9 +22,22 @@ def feed_job_events(manager, job_id: str) -> None:
         StageTimed(job_id, "render", 1.5),
         StageTimed(job_id, "write", 0.05),
         RowFinished(
-            job_id, "a", "succeeded", output="file:///out/a.mp4", frames=21, video_seconds=0.84, timings={"render": 1.5}
+            job_id,
+            RowResult(
+                id="a",
+                status=RowStatus.SUCCEEDED,
+                output="file:///out/a.mp4",
+                frames=21,
+                video_seconds=0.84,
+                duration_s=1.5,
+                timings={"render": 1.5},
+                metrics={"lipsync_r": 0.5},
+            ),
         ),
-        RowFinished(job_id, "b", "failed", error="b.wav: cannot decode audio", error_kind="input"),
+        RowFinished(
+            job_id,
+            RowResult(id="b", status=RowStatus.FAILED, error="b.wav: cannot decode audio", error_kind="input"),
+        ),
     ]
     for event in events:
         manager.handle_event(job_id, event)
@@ -67,6 +80,7 @@ def test_events_drive_metrics_and_row_records(tmp_path):
         assert status["frames"] == 21 and abs(status["progress"] - 2 / 3) < 1e-9
         listed = {r["id"]: r for r in c.get(f"/v1/jobs/{job_id}/rows").json()["rows"]}
         assert listed["a"]["output"] == "file:///out/a.mp4" and listed["a"]["timings"] == {"render": 1.5}
+        assert listed["a"]["metrics"] == {"lipsync_r": 0.5} and listed["a"]["duration_s"] == 1.5
         assert listed["b"]["error_kind"] == "input" and "b.wav" in listed["b"]["error"]
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from test_service_jobs import FPS, ServiceThread, free_port, make_inputs, service_settings, wait_for
 
+from cli.main import main
 from deploy.app import create_app
-from pipeline.cli import main
 
 
 def service_output_root(tmp_path) -> str:

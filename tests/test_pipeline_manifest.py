@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from model.config import get_preset
 from pipeline.manifest import read_manifest, validate_rows
 from pipeline.settings import LimitSettings
 from pipeline.storage import ObjectStore, normalize_uri
@@ -24,7 +25,7 @@ ROWS = [
 
 
 def _validate(rows, root="file:///out", base="file:///jobs"):
-    return validate_rows(rows, output_root=root, base_uri=base, limits=LimitSettings(), preset="tiny")
+    return validate_rows(rows, output_root=root, base_uri=base, limits=LimitSettings(), preset=get_preset("tiny"))
 
 
 def _write(tmp_path, fmt: str) -> str:
@@ -79,6 +80,7 @@ def test_bad_rows_fail_alone_with_a_clear_error():
         {"id": "same-output", **good, "output": "ok.mp4"},
         "line 15: not valid JSON (Expecting value)",
         {"id": 42, **good},  # numeric ids are fine
+        {"id": "many", **good, "steps": "8,65"},  # over LimitSettings.max_steps
     ]
     tasks = _validate(rows)
     errors = {t.index: t.error for t in tasks}
@@ -88,8 +90,8 @@ def test_bad_rows_fail_alone_with_a_clear_error():
         1: "row 2: missing id",
         2: "duplicate id (first used by row 1)",
         3: "unknown column(s) 'seeed'",
-        5: "steps must be positive integers",
-        6: "steps must be integers in [1,",
+        5: "steps: bad step plan '8,x': want positive integers",
+        6: "steps: bad step plan [4, 0]",
         7: "must be a multiple of",
         8: "seed must be an integer",
         9: "missing audio",
@@ -98,6 +100,7 @@ def test_bad_rows_fail_alone_with_a_clear_error():
         12: "must end in .mp4",
         13: "also the output of id 'ok'",
         14: "not valid JSON",
+        16: "steps: at most 64 per block, got '8,65'",
     }
     for index, text in expected.items():
         assert errors[index] is not None and text in errors[index], (index, errors[index])

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 from PIL import Image
 
+from actors import job_workers
 from model.media import read_video, save_wav
 from pipeline.events import BlockRendered, RowFinished, RowStarted
 from pipeline.job import JobSpec, run_job
@@ -19,6 +20,7 @@ from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
 
 SAMPLE_RATE = 16000
+WORKERS = job_workers()
 SEGMENT_BLOCKS = 2  # K: small, so a 1-2 s row has several segments
 
 
@@ -38,7 +40,7 @@ def settings(**update) -> PipelineSettings:
 
 
 def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkeypatch, capsys):
-    from pipeline.cli import main
+    from cli.main import main
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -100,7 +102,7 @@ def test_s3_job_is_idempotent_and_force_rerenders(ray_cluster, s3_server, s3_buc
     job_settings = settings(storage=s3_server)
     events = []
 
-    first = run_job(spec, job_settings, on_event=events.append)
+    first = run_job(spec, job_settings, WORKERS, on_event=events.append)
     assert first.counts == {"succeeded": 1}, first.rows
     row = first.rows[0]
     assert row.output == f"{s3_bucket}/out/clip.mp4" and row.frames == 25
@@ -118,11 +120,11 @@ def test_s3_job_is_idempotent_and_force_rerenders(ray_cluster, s3_server, s3_buc
         "out/report.parquet",
     }
 
-    second = run_job(spec, job_settings)
+    second = run_job(spec, job_settings, WORKERS)
     assert second.counts == {"skipped": 1}
     assert second.rows[0].output == row.output
 
-    forced = run_job(spec.model_copy(update={"force": True}), job_settings)
+    forced = run_job(spec.model_copy(update={"force": True}), job_settings, WORKERS)
     assert forced.counts == {"succeeded": 1}
 
     import io
@@ -148,13 +150,13 @@ def test_cancel_keeps_segments_and_the_next_run_resumes(ray_cluster, tmp_path):
         if isinstance(event, BlockRendered) and event.block_index >= SEGMENT_BLOCKS - 1:
             cancel.set()
 
-    report = run_job(spec, settings(), on_event=on_event, cancel=cancel)
+    report = run_job(spec, settings(), WORKERS, on_event=on_event, cancel=cancel)
     assert report.rows[0].status == "cancelled" and report.rows[0].error_kind == "cancelled"
     assert not (tmp_path / "out" / "long.mp4").exists()
     assert os.listdir(tmp_path / "out" / ".segments")
 
     events = []
-    report = run_job(spec.model_copy(update={"job_id": "cancel-job-2"}), settings(), on_event=events.append)
+    report = run_job(spec.model_copy(update={"job_id": "cancel-job-2"}), settings(), WORKERS, on_event=events.append)
     assert report.rows[0].status == "succeeded" and report.rows[0].frames == 50
     (started,) = [e for e in events if isinstance(e, RowStarted)]
     assert started.resumed_from_block >= SEGMENT_BLOCKS
@@ -165,7 +167,7 @@ def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path
     each finished segment once, and its frames equal those of an uninterrupted render of the same inputs."""
     import ray
 
-    from actors.progress import progress_actor_name
+    from pipeline.job import progress_actor_name
 
     make_portrait(tmp_path / "face.png")
     make_audio(tmp_path / "speech.wav", 2.0)
@@ -188,7 +190,7 @@ def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path
             ray.kill(actor, no_restart=False)
             killed.append(event.actor_id)
 
-    report = run_job(spec, settings(), on_event=on_event)
+    report = run_job(spec, settings(), WORKERS, on_event=on_event)
     assert killed, "the render actor was never killed"
     assert report.counts == {"succeeded": 2}, report.rows
     starts = [e for e in events if isinstance(e, RowStarted) and e.row_id == "killed"]
@@ -208,3 +210,34 @@ def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path
     reference_frames, _ = read_video(tmp_path / "out" / "reference.mp4")
     assert killed_frames.shape == reference_frames.shape == (50, 64, 64, 3)
     assert np.array_equal(killed_frames, reference_frames)  # identical on CPU: restore is bit-exact
+
+
+def test_a_checkpoint_brings_its_own_preset(ray_cluster, tmp_path):
+    """A checkpoint of another resolution, with the `preset` setting left at its default: the pipeline reads the
+    checkpoint's preset (config.json only) and decodes the portrait at its size, so the row renders at it."""
+    import shutil
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.generator import AvatarModel
+    from pipeline.job import model_preset
+
+    preset = get_preset("tiny").with_resolution(32, 48)
+    model = AvatarModel.random(preset, seed=1)
+    checkpoint = save_checkpoint(tmp_path / "model", preset, {"dit": model.dit, "vae": model.vae})
+    weightless = tmp_path / "config-only"
+    weightless.mkdir()
+    shutil.copy(checkpoint / "config.json", weightless)
+    assert model_preset(settings(checkpoint=str(weightless))) == preset  # no weights read
+
+    make_portrait(tmp_path / "face.png")
+    make_audio(tmp_path / "speech.wav", 1.0)
+    spec = JobSpec(
+        job_id="own-preset",
+        rows=[{"id": "small", "portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}],
+        output=str(tmp_path / "out"),
+    )
+    report = run_job(spec, settings(checkpoint=str(checkpoint)), WORKERS)
+    assert report.counts == {"succeeded": 1}, report.rows
+    frames, _ = read_video(tmp_path / "out" / "small.mp4")
+    assert frames.shape == (25, 32, 48, 3)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli.main import main
 from model.generator import AvatarModel, RenderSettings
 from model.media import encode_audio, load_audio, measure_audio_duration, probe, save_wav
 from model.media._ffmpeg import ffmpeg_exe
 from model.render import render_to_mp4
 from model.synth.speech import formant_speech
-from pipeline.cli import main
 
 SPEECH_SECONDS = 1.3  # a few blocks: long enough for PSB's plan to reach its repeating step count
 CONSOLE_SCRIPT = str(Path(sys.executable).parent / "avatar-render")
@@ -183,6 +183,15 @@ def test_cli_bad_input_is_one_error_line_naming_the_file(files, tmp_path, capsys
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f": error: {files[bad]}: " in lines[0] and problem in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+def test_cli_bad_step_plan_is_one_error_line(files, tmp_path, capsys):
+    args = ["--portrait", files["png"], "--audio", files["wav"], "--out", str(tmp_path / "out.mp4")]
+    code = main(["render-one", *args, "--steps", "8,0"])
+    assert code == 2 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.strip() == (
+        "avatar-render render-one: error: --steps: bad step plan '8,0': want positive integers such as 8,6,4"
+    )
 
 
 def test_same_speech_in_every_format_gives_the_same_frame_count(tiny, files):

@@ -40,7 +40,7 @@ def test_token_required_unless_loopback(tmp_path):
 
 
 def test_serve_command_refuses_public_host_without_token(tmp_path, monkeypatch):
-    from pipeline.cli import main
+    from cli.main import main
 
     monkeypatch.delenv("AVATAR_RENDER_AUTH_TOKEN", raising=False)
     with pytest.raises(SystemExit, match="requires a bearer token"):

@@ -3,11 +3,13 @@ resumes from its stored segments; a running job is cancelled at the next block."
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -15,7 +17,7 @@ from deploy.app import create_app
 from deploy.settings import ServiceSettings
 from deploy.store import JobStore
 from model.media import probe, save_wav
-from pipeline.events import RowStarted
+from pipeline.events import RowFinished, RowStarted
 from pipeline.settings import PipelineSettings
 
 SAMPLE_RATE = 16000
@@ -117,6 +119,45 @@ def test_cancel_stops_a_running_job_at_the_next_block(ray_cluster, tmp_path):
     assert row["status"] == "cancelled" and row["output"] is None
     assert 'avatar_render_rows_total{status="cancelled"} 1.0' in metrics
     assert 'avatar_render_jobs{state="cancelled"} 1.0' in metrics
+
+
+def test_a_finished_row_shows_its_metrics_timings_and_duration_while_the_job_runs(ray_cluster, tmp_path):
+    """GET /v1/jobs/{id}/rows, asked over HTTP the moment the row's RowFinished event is handled (the job is still
+    running, its report not written): the row already carries what report.jsonl will say."""
+    import httpx
+
+    seconds = 2.0
+    media = make_inputs(tmp_path / "in", seconds)
+    app = create_app(service_settings(tmp_path))
+    manager, seen = app.state.manager, []
+    handle = manager.handle_event
+
+    def handle_and_look(job_id, event):
+        handle(job_id, event)
+        if isinstance(event, RowFinished):
+            job = httpx.get(f"{service.url}/v1/jobs/{job_id}", timeout=10).json()
+            rows = httpx.get(f"{service.url}/v1/jobs/{job_id}/rows", timeout=10).json()["rows"]
+            seen.append((job["state"], rows))
+
+    manager.handle_event = handle_and_look
+    with ServiceThread(app, free_port()) as service:
+        job_id = httpx.post(f"{service.url}/v1/jobs", json={"rows": [{"id": "talk", **media}]}).json()["job_id"]
+        get_status = lambda: httpx.get(f"{service.url}/v1/jobs/{job_id}", timeout=10).json()  # noqa: E731
+        done = wait_for(get_status, lambda s: s["state"] in TERMINAL, "the end")
+        (final,) = httpx.get(f"{service.url}/v1/jobs/{job_id}/rows", timeout=10).json()["rows"]
+    assert done["state"] == "succeeded", done
+
+    ((state, (live,)),) = seen
+    assert state == "running"
+    assert live["status"] == "succeeded" and live["frames"] == int(seconds * FPS)
+    assert {"fetch", "render", "generate", "write"} <= set(live["timings"]), live
+    assert live["duration_s"] == pytest.approx(sum(v for k, v in live["timings"].items() if k != "generate"))
+    assert live["duration_s"] > 0
+    assert {"lipsync_r", "identity_error", "boundary_jitter"} <= set(live["metrics"]), live
+    # The report, stored again when the job ended, says the same.
+    with open(done["output"].removeprefix("file://").rstrip("/") + "/report.jsonl") as f:
+        report = json.loads(f.read())
+    assert final == live and {k: report[k] for k in live} == live
 
 
 # -- helpers shared with the Prometheus test ---------------------------------------------------------------

@@ -103,8 +103,8 @@ def test_espeak_speaks_sentences_with_phone_timings():
 
 
 def test_synth_command_writes_a_manifest_that_parses(tmp_path, capsys):
+    from cli.main import main
     from model.media.video import probe
-    from pipeline.cli import main
 
     out = tmp_path / "synthtalk"
     assert main(["synth", "--out", str(out), "--clips", "2", "--seconds", "2", "--seed", "4"]) == 0

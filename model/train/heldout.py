@@ -9,7 +9,7 @@ Per clip it renders with the real generator (any step plan / t_mci override, URC
 scores the video with `model.eval.score` against the truth phones, and scores two references on the same clip: the
 VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait repeated
 (what "no model" would give).
-The per-30-second windows of every clip are compared with its first window (`drift_check`, issue 5's 10-minute test).
+The per-30-second windows of every clip are compared with its first window (`drift_check`, the drift test).
 `--teacher-steps` samples a bidirectional teacher instead: independent windows of the length it was trained on, each
 integrated with that many Euler steps (a teacher cannot stream, so there is no cache and no context between windows).
 """
@@ -29,7 +29,7 @@ import torch
 from model.deflicker import deflicker_video
 from model.eval import metrics, score
 from model.generator import AvatarModel, RenderSettings
-from model.scheduler import FlowMatchSchedule
+from model.scheduler import FlowMatchSchedule, StepPlan
 from model.synth import Clip, load_truth_phones
 from model.train.common import SinkDenoiser
 from model.train.data import DataConfig, eval_clip
@@ -39,7 +39,7 @@ from model.vae import frames_to_tensor, tensor_to_frames
 
 KEYS = ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")
 ROW_KEYS = KEYS + ("latent_seam_jitter",)
-DRIFT_TOLERANCE = 0.10  # a window may be at most 10% worse than the first (issue 5)
+DRIFT_TOLERANCE = 0.10  # a window may be at most 10% worse than the first (the drift target)
 
 
 def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.ndarray:
@@ -105,7 +105,7 @@ def window_is_worse(metric: str, first: float | None, value: float | None, toler
     """Whether a window's metric is more than `tolerance` worse than the first window's.
 
     lipsync_r worse = lower; identity_error and boundary_jitter worse = higher; av_offset_frames is an integer count
-    of frames, worse when |offset| exceeds both 1 frame (issue 5's own bound) and (1 + tolerance) x the first |offset|.
+    of frames, worse when |offset| exceeds both 1 frame (the target's bound) and (1 + tolerance) x the first |offset|.
     """
     if first is None or value is None:
         return False
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-references", action="store_true", help="skip the VAE-reconstruction and still rows")
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args(argv)
-    plan = tuple(int(s) for s in args.step_plan.split(",")) if args.step_plan else None
+    plan = StepPlan.parse(args.step_plan).plan if args.step_plan else None
     result = evaluate_checkpoint(
         args.checkpoint,
         args.clips,

@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if status.get("error"):
         print(f"error: {status['error']}", file=sys.stderr)
-    return 0 if status["state"] == "succeeded" and not status["counts"].get("failed") else 1
+    from pipeline.events import RowStatus
+
+    return 0 if status["state"] == "succeeded" and not status["counts"].get(RowStatus.FAILED) else 1
 
 
 def _follow(client, job_id: str, poll_seconds: float) -> dict:
@@ -70,12 +72,14 @@ def _follow(client, job_id: str, poll_seconds: float) -> dict:
 
     from tqdm import tqdm
 
+    from pipeline.events import FINAL_STATUSES
+
     with tqdm(desc=job_id, unit="row") as bar:
         while True:
             response = client.get(f"/v1/jobs/{job_id}")
             response.raise_for_status()
             status = response.json()
-            finished = sum(n for state, n in status["counts"].items() if state not in ("running", "pending"))
+            finished = sum(n for state, n in status["counts"].items() if state in FINAL_STATUSES)
             if status["rows_total"] is not None:
                 bar.total = status["rows_total"]
             bar.n = finished

@@ -6,17 +6,6 @@ import argparse
 import sys
 
 
-def step_plan(text: str) -> tuple[int, ...]:
-    """ "8,6,4" -> (8, 6, 4): PSB steps of block 0, 1, ...; the last repeats."""
-    try:
-        plan = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not plan or min(plan) < 1:
-        raise argparse.ArgumentTypeError(f"steps must be positive integers, got {text!r}")
-    return plan
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     from model.config import PRESETS  # pydantic only: --help stays instant
 
@@ -33,26 +22,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     model.add_argument("--checkpoint", help="avatar-render checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=step_plan, help="PSB step plan, e.g. 8,6,4 (default: the model's)")
+    p.add_argument("--steps", help="PSB step plan: steps of block 0, 1, ..., the last repeats, e.g. 8,6,4")
     p.add_argument("--prompt", help="optional text prompt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from model.errors import InputError
+    from model.generator import RenderSettings
 
     try:
-        return _render(args)
+        settings = RenderSettings(seed=args.seed, step_plan=args.steps)
+    except ValidationError as err:
+        problem = err.errors()[0]["msg"].removeprefix("Value error, ")
+        print(f"avatar-render render-one: error: --steps: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return _render(args, settings)
     except (InputError, FileNotFoundError) as err:  # the user's files: one line naming the file and the problem
         print(f"avatar-render render-one: error: {err}", file=sys.stderr)
         return 2
 
 
-def _render(args: argparse.Namespace) -> int:
+def _render(args: argparse.Namespace, settings) -> int:
     from tqdm import tqdm
 
-    from model.generator import AvatarModel, RenderSettings
+    from model.generator import AvatarModel
     from model.render import render_to_mp4
 
     model = AvatarModel.load(args.checkpoint, preset=args.preset)
@@ -62,8 +60,6 @@ def _render(args: argparse.Namespace) -> int:
             "note: no trained model ships yet, so a seeded random stand-in renders this video: "
             "expect moving noise, not a talking face"
         )
-    settings = RenderSettings(seed=args.seed, step_plan=args.steps)
-
     bar = None
 
     def progress(done: int, total: int) -> None:

@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pipeline.events import BlockRendered, RowFinished
+    from actors import job_workers
+    from pipeline.events import OK_STATUSES, BlockRendered, RowFinished
     from pipeline.job import JobSpec, run_job
     from pipeline.settings import PipelineSettings
 
@@ -52,17 +53,17 @@ def run(args: argparse.Namespace) -> int:
     cancel = threading.Event()
     previous_handler = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C: stop at the next block
     try:
-        report = run_job(spec, PipelineSettings(), on_event=on_event, cancel=cancel)
+        report = run_job(spec, PipelineSettings(), job_workers(), on_event=on_event, cancel=cancel)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         rows.close()
 
     for row in report.rows:
-        if row.status not in ("succeeded", "skipped"):
+        if row.status not in OK_STATUSES:
             print(f"{row.status}: {row.id}: {row.error}", file=sys.stderr)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(report.counts.items()))
     print(f"{len(report.rows)} rows: {summary}; report at {spec.output.rstrip('/')}/report.jsonl")
-    return 0 if all(row.status in ("succeeded", "skipped") for row in report.rows) else 1
+    return 0 if all(row.status in OK_STATUSES for row in report.rows) else 1
 
 
 def _count_rows(manifest: str) -> int | None:

@@ -1,4 +1,4 @@
-"""`avatar-render`: one console script, one module per subcommand under `pipeline/commands/`.
+"""`avatar-render`: one console script, one module per subcommand under `cli/commands/`.
 
 Each command module defines `register(subparsers)`, which adds its parser and sets `func` to the function
 that runs it. Modules import their heavy dependencies (torch, ray) inside `func`, so `--help` is instant.
@@ -17,13 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-render", description="Batch renderer of talking-avatar videos.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"pipeline.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"pipeline.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"cli.commands.{name}").register(sub)
     return parser
 
 
