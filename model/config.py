@@ -7,9 +7,11 @@ code at a size that trains and renders on a 2-core CPU.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -186,6 +188,47 @@ class GeneratorConfig(_Frozen):
         if self.horizon_frames < need:
             raise ValueError(f"horizon_frames {self.horizon_frames} < sink + reset context + block = {need}")
         return self
+
+
+def parse_step_plan(value: str | int | Sequence[int | str]) -> tuple[int, ...]:
+    """The one reader of a PSB step plan as people write it: "8,6,4", [8, 6, 4] or 4 (a CSV's "4.0" too)."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        plan = tuple(_step_count(item) for item in items)
+    except (TypeError, ValueError, OverflowError):
+        plan = ()
+    if not plan or min(plan) < 1:
+        raise ValueError(f"bad step plan {value!r}: want positive integers such as 8,6,4")
+    return plan
+
+
+def _step_count(item: object) -> int:
+    number = float(item.strip()) if isinstance(item, str) else item
+    if isinstance(number, bool) or not isinstance(number, numbers.Real) or number != int(number):
+        raise ValueError(f"not a whole number: {item!r}")
+    return int(number)
+
+
+class RenderSettings(BaseModel):
+    """Per-render overrides of the preset's generator settings (a manifest row's `render` options validate into it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    step_plan: tuple[int, ...] | None = None  # PSB; "8,6,4", [8, 6, 4] and 4 are read by parse_step_plan
+    t_mci: float | None = None
+    height: int | None = None
+    width: int | None = None
+    # Ablation only: False lets temporal positions grow past the trained horizon, up to the end of the RoPE table
+    # (`rope_max_positions`), where a reset is still forced because no later position exists.
+    urcr: bool = True
+    # Measurement only: False gives the decoder's frames without the preset's deflicker (generator.deflicker).
+    deflicker: bool = True
+
+    @field_validator("step_plan", mode="before")
+    @classmethod
+    def _parse_step_plan(cls, value):
+        return None if value is None else parse_step_plan(value)
 
 
 class Preset(_Frozen):

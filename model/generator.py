@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from model.audio_features import FrameFeatures, build_featurizer, num_latent_frames
 from model.checkpoint import load_module_strict, read_checkpoint
-from model.config import Preset, get_preset
+from model.config import Preset, RenderSettings, get_preset
 from model.dit import CausalWanDiT
 from model.engine import BlockPasses, Pass, run_block
 from model.errors import ModelComponentError
@@ -60,28 +59,6 @@ RANDOM_MODEL_SEED = 0
 
 # Draws the next noise tensor of a shape (float32, CPU). Default: the render's seeded generator.
 NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
-
-
-class RenderSettings(BaseModel):
-    """Per-render overrides of the preset's generator settings."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = 0
-    step_plan: tuple[int, ...] | None = None  # PSB; "8,6,4", [8, 6, 4] and 4 are read by StepPlan.parse
-    t_mci: float | None = None
-    height: int | None = None
-    width: int | None = None
-    # Ablation only: False lets temporal positions grow past the trained horizon, up to the end of the RoPE table
-    # (`rope_max_positions`), where a reset is still forced because no later position exists.
-    urcr: bool = True
-    # Measurement only: False gives the decoder's frames without the preset's deflicker (generator.deflicker).
-    deflicker: bool = True
-
-    @field_validator("step_plan", mode="before")
-    @classmethod
-    def _parse_step_plan(cls, value):
-        return None if value is None else StepPlan.parse(value).plan
 
 
 @dataclass

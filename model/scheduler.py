@@ -10,10 +10,9 @@ because training rollouts run the same plan.
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
-
 import torch
+
+from model.config import parse_step_plan
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -57,20 +56,9 @@ class StepPlan:
         return self.plan[min(block_index, len(self.plan) - 1)]
 
     @classmethod
-    def parse(cls, value: str | int | Sequence[int | str]) -> StepPlan:
-        """The one reader of a plan as people write it: "8,6,4", [8, 6, 4] or 4 (a CSV's "4.0" too)."""
-        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
-        try:
-            return cls(tuple(_step_count(item) for item in items))
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"bad step plan {value!r}: want positive integers such as 8,6,4") from None
+    def parse(cls, value) -> StepPlan:
+        """A plan as people write it ("8,6,4", [8, 6, 4], 4): `model.config.parse_step_plan`."""
+        return cls(parse_step_plan(value))
 
     def __repr__(self) -> str:
         return f"StepPlan({list(self.plan)})"
-
-
-def _step_count(item: object) -> int:
-    number = float(item.strip()) if isinstance(item, str) else item
-    if isinstance(number, bool) or not isinstance(number, numbers.Real) or number != int(number):
-        raise ValueError(f"not a whole number: {item!r}")
-    return int(number)

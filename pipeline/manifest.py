@@ -25,8 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from model.config import Preset
-from model.generator import RenderSettings
+from model.config import Preset, RenderSettings
 from pipeline.settings import LimitSettings
 from pipeline.storage import ObjectStore, confined_uri, is_under, normalize_uri, parent_uri, safe_name
 
