@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.events import BlockRendered, RowStarted, RowStatus
+from pipeline.model_cache import local_checkpoint
 from pipeline.records import RowRecord, array_from_bytes
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
@@ -49,7 +50,11 @@ class RenderActor:
             torch.set_num_threads(max(1, round(settings.actor_num_cpus)))
         self.settings, self.job_id, self.progress = settings, job_id, progress
         self.store = ObjectStore(settings.storage)
-        self.model = AvatarModel.load(settings.checkpoint, preset=settings.preset, device=settings.device)
+        # An s3:// checkpoint is downloaded once per node (verified), not once per actor.
+        checkpoint = local_checkpoint(settings.checkpoint, self.store) if settings.checkpoint else None
+        self.model = AvatarModel.load(
+            checkpoint, preset=settings.preset, device=settings.device, dtype=settings.torch_dtype()
+        )
         context = ray.get_runtime_context()
         self.actor_id = context.get_actor_id() or f"local-{os.getpid()}"
         if context.current_actor is not None:

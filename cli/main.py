@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("model_info", "render_one", "synth", "eval", "run", "serve", "submit")
+COMMANDS = ("model_info", "render_one", "import_weights", "synth", "eval", "run", "serve", "submit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -277,8 +277,18 @@ def read_preset(directory: str | Path) -> Preset:
     """The preset a checkpoint was saved with, from its config.json alone: no weights are read."""
     config_path = Path(directory) / CONFIG_FILE
     if not config_path.exists():
-        raise CheckpointError(f"{directory}: not an avatar-render checkpoint (no {CONFIG_FILE})")
-    return Preset.model_validate(json.loads(config_path.read_text())["preset"])
+        raise ModelComponentError(f"{directory}: not an avatar-render checkpoint directory (no {CONFIG_FILE})")
+    return preset_from_config(config_path.read_text(), str(config_path))
+
+
+def preset_from_config(text: str, source: str) -> Preset:
+    """The Preset inside a checkpoint's config.json text; a clear error naming `source` if it is not one."""
+    try:
+        return Preset.model_validate(json.loads(text)["preset"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelComponentError(
+            f"{source}: not a valid avatar-render config ({err}); re-import the checkpoint"
+        ) from None
 
 
 def load_module_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -367,7 +377,7 @@ def verify_checkpoint(directory: str | Path, *, hashes: bool = False) -> None:
 
 @dataclass
 class Components:
-    """Where a checkpoint directory keeps the encoders its preset needs (None: the preset needs none)."""
+    """Where a checkpoint directory keeps the encoders its preset needs (None: not there, or not needed)."""
 
     audio_dir: Path | None
     text_dir: Path | None
@@ -375,21 +385,13 @@ class Components:
 
 
 def checkpoint_components(directory: str | Path, preset: Preset) -> Components:
-    """The encoder directories of a checkpoint, or one error naming what is missing and how to get it."""
+    """The encoder directories a checkpoint holds for its preset."""
     directory = Path(directory)
 
-    def need(name: str, what: str) -> Path:
-        path = directory / name
-        if not (path / "config.json").exists() and name != TOKENIZER_DIR:
-            raise ModelComponentError(
-                f"{path}: missing ({what}, which preset {preset.name!r} needs); build the checkpoint with "
-                "`avatar-render import livetalk ...` (docs/models.md)"
-            )
-        return path
+    def present(name: str) -> Path | None:
+        return directory / name if (directory / name / "config.json").exists() else None
 
-    audio = need(AUDIO_ENCODER_DIR, "the wav2vec2 audio encoder") if preset.audio.encoder != "logmel" else None
-    text = tokenizer = None
-    if preset.text.encoder == "umt5":
-        text = need(TEXT_ENCODER_DIR, "the umT5 text encoder")
-        tokenizer = directory / TOKENIZER_DIR if (directory / TOKENIZER_DIR).is_dir() else text
+    audio = present(AUDIO_ENCODER_DIR) if preset.audio.encoder != "logmel" else None
+    text = present(TEXT_ENCODER_DIR) if preset.text.encoder == "umt5" else None
+    tokenizer = directory / TOKENIZER_DIR if text and (directory / TOKENIZER_DIR).is_dir() else text
     return Components(audio, text, tokenizer)

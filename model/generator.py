@@ -15,17 +15,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from model.audio_features import FrameFeatures, build_featurizer, num_latent_frames
-from model.checkpoint import load_module_strict, read_checkpoint
+from model.checkpoint import (
+    AUDIO_ENCODER_DIR,
+    CONFIG_FILE,
+    TEXT_ENCODER_DIR,
+    WEIGHTS_FILE,
+    CheckpointError,
+    checkpoint_components,
+    load_module_strict,
+    read_checkpoint,
+    verify_checkpoint,
+)
 from model.config import Preset, RenderSettings, get_preset
 from model.dit import CausalWanDiT
 from model.engine import BlockPasses, Pass, run_block
@@ -174,8 +186,9 @@ class AvatarModel:
         vae: WanVAE,
         *,
         description: str,
-        audio_model_dir: str | None = None,
-        text_model_dir: str | None = None,
+        audio_model_dir: str | os.PathLike | None = None,
+        text_model_dir: str | os.PathLike | None = None,
+        tokenizer_dir: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
@@ -191,14 +204,14 @@ class AvatarModel:
             None if needs_audio_dir and audio_model_dir is None else build_featurizer(preset, audio_model_dir)
         )
         self.text_encoder: TextEncoder | NullTextEncoder | None
-        if preset.text.encoder == "umt5":
-            self.text_encoder = (
-                None
-                if text_model_dir is None
-                else TextEncoder(text_model_dir, preset.text.max_length, device=self.device)
-            )
-        else:
+        if preset.text.encoder != "umt5":
             self.text_encoder = NullTextEncoder(preset.dit.text_dim, preset.text.max_length)
+        elif text_model_dir is None:
+            self.text_encoder = None
+        else:
+            self.text_encoder = TextEncoder(
+                text_model_dir, preset.text.max_length, device=self.device, tokenizer_dir=tokenizer_dir
+            )
         self.description = description
         self.schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
 
@@ -213,34 +226,58 @@ class AvatarModel:
         audio_model_dir: str | None = None,
         text_model_dir: str | None = None,
     ) -> AvatarModel:
-        """Our checkpoint directory; None -> the bundled trained model, or a seeded random one if none ships."""
+        """A checkpoint directory (trained here, or built by `avatar-render import` with its encoders inside);
+        None -> the bundled trained model for `tiny`, or a seeded random model of `preset` whose encoders come from
+        the `*_dir` arguments. The model can render from speech and prompts, or this raises one
+        `ModelComponentError` naming the missing or corrupt file and what to do."""
         path = Path(checkpoint) if checkpoint else BUNDLED_MODEL if preset == "tiny" else None
-        if path is not None and (path / "config.json").exists():
+        if path is None:
+            model = cls.random(preset, seed=RANDOM_MODEL_SEED, device=device, dtype=dtype,
+                               audio_model_dir=audio_model_dir, text_model_dir=text_model_dir)  # fmt: skip
+            model.require_encoders(f"preset {preset!r} (random weights)")
+            return model
+        if not (path / CONFIG_FILE).exists():
+            raise ModelComponentError(f"{path}: not an avatar-render checkpoint directory (no {CONFIG_FILE})")
+        verify_checkpoint(path)
+        try:
             loaded_preset, modules, _ = read_checkpoint(path)
             dit, vae = CausalWanDiT(loaded_preset.dit), WanVAE(loaded_preset.vae)
-            load_module_strict(dit, modules["dit"], f"{path} (dit)")
-            load_module_strict(vae, modules["vae"], f"{path} (vae)")
-            description = "bundled tiny model" if path == BUNDLED_MODEL else f"checkpoint {path}"
-            return cls(
-                loaded_preset,
-                dit,
-                vae,
-                description=description,
-                audio_model_dir=audio_model_dir,
-                text_model_dir=text_model_dir,
-                device=device,
-                dtype=dtype,
-            )
-        if checkpoint:
-            raise FileNotFoundError(f"{checkpoint}: no avatar-render checkpoint there (config.json missing)")
-        return cls.random(
-            preset,
-            seed=RANDOM_MODEL_SEED,
+            load_module_strict(dit, modules["dit"], f"{path / WEIGHTS_FILE} (dit)")
+            load_module_strict(vae, modules["vae"], f"{path / WEIGHTS_FILE} (vae)")
+        except KeyError as err:
+            raise ModelComponentError(
+                f"{path / WEIGHTS_FILE}: has no {err} weights; re-import the checkpoint"
+            ) from None
+        except (CheckpointError, OSError, safetensors.SafetensorError) as err:
+            raise ModelComponentError(f"{err}") from None
+        parts = checkpoint_components(path, loaded_preset)
+        model = cls(
+            loaded_preset,
+            dit,
+            vae,
+            description="bundled tiny model" if path == BUNDLED_MODEL else f"checkpoint {path}",
+            audio_model_dir=audio_model_dir or parts.audio_dir,
+            text_model_dir=text_model_dir or parts.text_dir,
+            tokenizer_dir=None if text_model_dir else parts.tokenizer_dir,
             device=device,
             dtype=dtype,
-            audio_model_dir=audio_model_dir,
-            text_model_dir=text_model_dir,
         )
+        model.require_encoders(str(path))
+        return model
+
+    def require_encoders(self, where: str) -> None:
+        """Raise `ModelComponentError` unless this model can read speech and prompts itself."""
+        name = self.preset.name
+        if self.featurizer is None:
+            raise ModelComponentError(
+                f"{where}: no wav2vec2 audio encoder ({AUDIO_ENCODER_DIR}/), which preset {name!r} reads speech with; "
+                "build a checkpoint with `avatar-render import livetalk ...` (docs/models.md) or pass audio_model_dir"
+            )
+        if self.text_encoder is None:
+            raise ModelComponentError(
+                f"{where}: no umT5 text encoder ({TEXT_ENCODER_DIR}/), which preset {name!r} encodes prompts with; "
+                "build a checkpoint with `avatar-render import livetalk ...` (docs/models.md) or pass text_model_dir"
+            )
 
     @classmethod
     def random(cls, preset: str | Preset = "tiny", *, seed: int = 0, **kwargs) -> AvatarModel:

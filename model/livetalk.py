@@ -24,6 +24,7 @@ from model.config import (
 _KNOWN_KWARGS = {
     "dim", "in_dim", "ffn_dim", "out_dim", "text_dim", "freq_dim", "eps", "patch_size", "num_heads", "num_layers",
     "has_image_input", "use_audio", "audio_hidden_size", "local_attn_size", "sink_size", "model_type",
+    "audio_feature_dim",  # ours, not LiveTalk's: its AudioPack reads OMNIAVATAR_AUDIO_FEATURE_DIM-wide features
 }  # fmt: skip
 OMNIAVATAR_AUDIO_FEATURE_DIM = 10752  # hard-wired in OmniAvatar's AudioPack (wav2vec2-base: 14 x 768)
 ROPE_TABLE = 1024  # LiveTalk's precomputed RoPE table: positions 0 .. 1023 on every axis
@@ -56,7 +57,7 @@ def dit_config(model_kwargs: dict) -> DiTConfig:
         reference_channels=reference,
         audio_encoder="pack",
         audio_layers=(2, layers // 2 + 1),
-        audio_feature_dim=OMNIAVATAR_AUDIO_FEATURE_DIM,
+        audio_feature_dim=model_kwargs.get("audio_feature_dim", OMNIAVATAR_AUDIO_FEATURE_DIM),
         audio_window=4,  # AudioPack's patch: the 4 video frames of one latent frame
         audio_hidden=model_kwargs["audio_hidden_size"],
     )

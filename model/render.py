@@ -44,7 +44,7 @@ def render_to_mp4(
     timings = {"inputs": 0.0, "generate": 0.0, "encode": 0.0}
 
     started = time.perf_counter()
-    portrait = load_portrait(portrait_path, height, width)
+    portrait = load_portrait(portrait_path, height, width, video.portrait_fit)
     samples = load_audio(audio_path, sample_rate)
     session = model.open(portrait, prompt, settings)
     total_frames = -(-samples.size * video.fps // sample_rate)  # what the session will produce: ceil

@@ -132,8 +132,19 @@ def model_preset(settings: PipelineSettings) -> Preset:
     named preset's (a seeded random model). Rows are validated and their inputs decoded for this preset."""
     from model.checkpoint import read_preset
     from model.config import get_preset
+    from model.errors import ModelComponentError
     from model.generator import BUNDLED_MODEL
 
+    if settings.checkpoint and settings.checkpoint.startswith("s3://"):
+        from model.checkpoint import CONFIG_FILE, preset_from_config
+
+        uri = f"{settings.checkpoint.rstrip('/')}/{CONFIG_FILE}"
+        try:
+            return preset_from_config(ObjectStore(settings.storage).get_bytes(uri).decode(), uri)
+        except FileNotFoundError:
+            raise ModelComponentError(
+                f"{uri}: missing; the checkpoint must be a directory `avatar-render import` built"
+            ) from None
     if settings.checkpoint:
         return read_preset(settings.checkpoint)
     if settings.preset == "tiny" and (BUNDLED_MODEL / "config.json").exists():

@@ -55,6 +55,14 @@ class PipelineSettings(BaseSettings):
     checkpoint: str | None = None  # None: the bundled default model
     preset: str = "tiny"  # names the model only when no checkpoint is given: a checkpoint brings its own
     device: Literal["cpu", "cuda"] = "cpu"  # "cuda": one GPU per render actor
+    # The DiT's dtype: "auto" is bfloat16 on a GPU (as LiveTalk renders), float32 on a CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Quality metrics (model.eval: lip-sync vs. the speech envelope, identity, seams) for the report; they decode the
     # whole output, so rows longer than this many seconds skip them (0 turns them off).
     metrics_max_seconds: float = Field(default=600.0, ge=0)
+
+    def torch_dtype(self):
+        import torch
+
+        name = ("bfloat16" if self.device == "cuda" else "float32") if self.dtype == "auto" else self.dtype
+        return getattr(torch, name)

@@ -31,7 +31,8 @@ def fetch_row(row: dict, *, settings: PipelineSettings, preset: Preset, job_id: 
     try:
         height = task.render.height or preset.video.height
         width = task.render.width or preset.video.width
-        record.portrait = array_to_bytes(_decode(store, task.portrait, "portrait", height, width))
+        fit = preset.video.portrait_fit
+        record.portrait = array_to_bytes(_decode(store, task.portrait, "portrait", height, width, fit))
         audio = _decode(store, task.audio, "audio", preset.audio.sample_rate)
         seconds = len(audio) / preset.audio.sample_rate
         if seconds > settings.limits.max_audio_seconds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_parts import save_tiny_tokenizer, save_tiny_umt5
 
 from model.config import get_preset
 from model.text_encoder import NullTextEncoder, TextEncoder, build_text_encoder
@@ -14,34 +15,9 @@ D_MODEL = 32
 
 @pytest.fixture(scope="module")
 def umt5_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = ["a person talks to the camera", "a woman smiles and speaks slowly", "an old man reads a story"]
-    words.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
-    # T5 tokenizers end every sequence with </s>.
-    words.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", words.token_to_id("</s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    config = UMT5Config(
-        vocab_size=tokenizer.vocab_size,
-        d_model=D_MODEL,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("umt5")
-    tokenizer.save_pretrained(path)
-    UMT5EncoderModel(config).save_pretrained(path)
+    tokenizer = save_tiny_tokenizer(path)
+    save_tiny_umt5(path, tokenizer.vocab_size, D_MODEL)
     return str(path)
 
 

@@ -20,7 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=sorted(PRESETS),
         help="model preset when no checkpoint is given (default: tiny)",
     )
-    model.add_argument("--checkpoint", help="avatar-render checkpoint directory")
+    model.add_argument(
+        "--checkpoint", help="checkpoint directory (trained here, or built by `avatar-render import`), or its s3:// URI"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="the DiT's dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", help="PSB step plan: steps of block 0, 1, ..., the last repeats, e.g. 8,6,4")
     p.add_argument("--prompt", help="optional text prompt")
@@ -31,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from model.errors import InputError
+    from model.checkpoint import CheckpointError
+    from model.errors import InputError, ModelComponentError
     from model.generator import RenderSettings
 
     try:
@@ -42,18 +52,30 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return _render(args, settings)
-    except (InputError, FileNotFoundError) as err:  # the user's files: one line naming the file and the problem
+    # The user's files and the model's: one line naming the file and the problem, never a traceback.
+    except (InputError, ModelComponentError, CheckpointError, FileNotFoundError) as err:
         print(f"avatar-render render-one: error: {err}", file=sys.stderr)
         return 2
 
 
 def _render(args: argparse.Namespace, settings) -> int:
+    import torch
     from tqdm import tqdm
 
     from model.generator import AvatarModel
     from model.render import render_to_mp4
 
-    model = AvatarModel.load(args.checkpoint, preset=args.preset)
+    checkpoint = args.checkpoint
+    if checkpoint and checkpoint.startswith("s3://"):
+        from pipeline.model_cache import local_checkpoint
+        from pipeline.settings import PipelineSettings
+        from pipeline.storage import ObjectStore
+
+        checkpoint = local_checkpoint(checkpoint, ObjectStore(PipelineSettings().storage))
+    dtype = getattr(
+        torch, ("bfloat16" if args.device.startswith("cuda") else "float32") if args.dtype == "auto" else args.dtype
+    )
+    model = AvatarModel.load(checkpoint, preset=args.preset, device=args.device, dtype=dtype)
     print(f"model: {model.description}")
     if model.description.startswith("random"):
         print(

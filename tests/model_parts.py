@@ -1,0 +1,63 @@
+"""Small encoders of the real classes, saved in their real formats, for tests that need a whole model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+UMT5_WIDTH = 32
+
+
+def save_tiny_tokenizer(path: Path):
+    """A word-level tokenizer in transformers' format (T5-style: every sequence ends with </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["a person talks to the camera", "a woman smiles and speaks slowly", "an old man reads a story"]
+    words.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    words.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", words.token_to_id("</s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def save_tiny_umt5(path: Path, vocab_size: int, d_model: int = UMT5_WIDTH) -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    UMT5EncoderModel(config).save_pretrained(path)
+
+
+def save_tiny_wav2vec2(path: Path, hidden_size: int = 32, layers: int = 2) -> int:
+    """A random wav2vec2 in transformers' format; returns the width of its OmniAvatar features."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    config = Wav2Vec2Config(
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    torch.manual_seed(0)
+    Wav2Vec2Model(config).save_pretrained(path)
+    return hidden_size * (layers + 2)
