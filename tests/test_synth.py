@@ -118,3 +118,31 @@ def test_synth_command_writes_a_manifest_that_parses(tmp_path, capsys):
         assert info["frames"] == 50 and info["has_audio"] and (info["width"], info["height"]) == (64, 64)
         truth = json.loads((out / row["truth"]).read_text())
         assert truth["num_frames"] == 50 and len(truth["frames"]["opening"]) == 50
+
+
+def test_faces_carry_photo_textures_that_move_with_the_head():
+    """Skin, hair and clothes are sampled from skimage photographs in face units; the background stays put."""
+    from model.synth import render
+    from model.synth.texture import SCENES, photograph
+
+    identity = Identity.from_seed(7)
+    assert identity.background_photo.name in SCENES and "astronaut" not in SCENES
+    with pytest.raises(ValueError, match="held out"):
+        photograph("astronaut")
+    rest = np.array([[0.0, 0.0, 0.0, 1.0]], np.float32)
+    mouth = np.array([[0.0, 0.5, 0.0]], np.float32)
+    still = render(identity, rest, mouth, np.zeros(1, np.float32), 128)[0].astype(np.float32)
+    # Texture: the clothes and the background are not flat colours.
+    assert still[120:, 40:88].std(axis=(0, 1)).max() > 4 and still[:12, :12].std(axis=(0, 1)).max() > 0.5
+    # A head moved right by 4 pixels: its clothes' pattern moves with it, the background's corner does not.
+    moved = rest.copy()
+    moved[0, 0] = 4 / 128
+    shifted = render(identity, moved, mouth, np.zeros(1, np.float32), 128)[0].astype(np.float32)
+    assert np.abs(shifted[120:, 44:84] - still[120:, 40:80]).mean() < 0.5 * np.abs(shifted - still)[120:, 44:84].mean()
+    assert np.array_equal(shifted[:12, :12], still[:12, :12])
+    # The open mouth shows the teeth: bright pixels inside it, none when closed.
+    open_mouth = render(identity, rest, np.array([[1.0, 0.5, 0.0]], np.float32), np.zeros(1, np.float32), 128)[0]
+    lips = slice(int(0.55 * 128), int(0.8 * 128)), slice(48, 80)
+    teeth = np.asarray(identity.teeth) * 255
+    near_teeth = lambda image: (np.abs(image[lips].astype(np.float32) - teeth).max(axis=-1) < 20).sum()  # noqa: E731
+    assert near_teeth(open_mouth) > 10 and near_teeth(still.astype(np.uint8)) == 0

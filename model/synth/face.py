@@ -4,6 +4,11 @@ All geometry lives in "face units": lengths are fractions of the image height, s
 identically (up to resolution) at any size. Every shape is an anti-aliased (super)ellipse: coverage of a
 pixel is its approximate signed distance to the shape's edge, clipped to one pixel, so the mouth's pixel
 area changes continuously with its opening even at 64x64. Frames are rendered as one batch of arrays.
+
+Surfaces carry natural-image texture (`model.synth.texture`, photographs from `skimage.data`): a defocused photo
+behind the head, fabric or a print on the clothes, fine grain on the skin, strands in the hair (whose edge is
+wispy). Face-attached textures are sampled in face units, so they move with the head. The open mouth shows the
+upper teeth over the top quarter of its gap, and each pupil a catchlight.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from model.synth.texture import FABRICS, FINE, SCENES, STRANDS, Texture
 
 _IDENTITY_STREAM = 10
 _MOTION_STREAM = 11
@@ -33,6 +40,7 @@ _IRIS_COLOURS = np.array([[0.25, 0.15, 0.08], [0.20, 0.35, 0.55], [0.25, 0.45, 0
 _MOUTH_INSIDE = np.array([0.12, 0.03, 0.04])  # near-black: the metric finds the open mouth by darkness
 _EYE_WHITE = np.array([0.95, 0.95, 0.93])
 _PUPIL = np.array([0.03, 0.03, 0.03])
+_TEETH_FRACTION = 0.25  # of the mouth's gap, from its top
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,19 @@ class Identity:
     clothes: tuple[float, float, float]
     background: tuple[tuple[float, float, float], tuple[float, float, float]]
     background_angle: float
+    # Natural-image texture (drawn after everything above, so a seed's geometry and colours are unchanged by it).
+    background_photo: Texture  # in image units, centred
+    background_mix: float  # how much of the background is the photo (the rest: the gradient)
+    background_blur: float  # defocus, Gaussian std in face units
+    clothes_texture: Texture
+    clothes_print: bool  # a colour print on the clothes (else a grey fabric pattern tinting `clothes`)
+    clothes_contrast: float
+    skin_texture: Texture
+    skin_contrast: float
+    hair_texture: Texture  # strands: stretched along v
+    hair_contrast: float
+    hair_wisp: float  # relative depth of the hair edge's irregularity
+    teeth: tuple[float, float, float]
 
     @classmethod
     def from_seed(cls, seed: int) -> Identity:
@@ -98,10 +119,32 @@ class Identity:
             clothes=tuple(rng.uniform(0.1, 0.9, 3)),
             background=(tuple(bg[0]), tuple(bg[1])),
             background_angle=u(0, 2 * np.pi),
+            **_texture_fields(rng),
         )
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _texture_fields(rng: np.random.Generator) -> dict:
+    """The texture half of an identity. Scales are photo pixels per face unit (the image height): at 128x128 one
+    image pixel spans 1.2-4 photo pixels, so patterns are a few pixels across."""
+    u = rng.uniform
+    clothes_print = bool(rng.random() < 0.3)
+    return dict(
+        background_photo=Texture.draw(rng, SCENES, (150.0, 450.0)),
+        background_mix=u(0.6, 1.0),
+        background_blur=u(0.004, 0.02),
+        clothes_texture=Texture.draw(rng, SCENES if clothes_print else FABRICS, (200.0, 500.0)),
+        clothes_print=clothes_print,
+        clothes_contrast=u(0.15, 0.45),
+        skin_texture=Texture.draw(rng, FINE, (400.0, 700.0)),
+        skin_contrast=u(0.01, 0.03),
+        hair_texture=Texture.draw(rng, STRANDS, (400.0, 700.0), stretch=u(0.15, 0.35)),
+        hair_contrast=u(0.1, 0.25),
+        hair_wisp=u(0.01, 0.04),
+        teeth=tuple(np.clip(np.array([0.93, 0.91, 0.84]) * u(0.85, 1.0), 0, 1)),
+    )
 
 
 def idle_motion(seed: int, num_frames: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -189,17 +232,31 @@ class _Canvas:
         target = self.image[:, rows, cols]
         target += alpha[..., None] * (np.asarray(colour, dtype=np.float32) - target)
 
-    def shape(self, cx, cy, ha, hb, colour, power=2.0):
+    def shape(self, cx, cy, ha, hb, colour, power=2.0, texture=None, contrast=0.0):
+        """A shape in a plain colour, or modulated by a texture's grey detail: colour * (1 + contrast * detail)."""
         box = self.box(cx, cy, ha, hb)
+        if texture is not None:
+            colour = self.textured(colour, texture, contrast, box)
         self.paint(self.cover(cx, cy, ha, hb, box, power), colour, box)
+
+    def textured(self, colour, texture, contrast, box):
+        """(N, rows, cols, 3): `colour` modulated by the texture's detail at the box's face-unit coordinates."""
+        rows, cols = box
+        detail = texture.detail(self.u[:, rows, cols], self.v[:, rows, cols], self.pixel)
+        return np.asarray(colour, dtype=np.float32) * (1.0 + contrast * detail)
 
 
 def _background(identity: Identity, height: int, width: int) -> np.ndarray:
+    """A two-colour gradient mixed with a defocused photo, kept in [0.3, 0.95]: brighter than the open mouth, so the
+    mouth's darkness is its own."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     direction = np.cos(identity.background_angle) * x / width + np.sin(identity.background_angle) * y / height
     ramp = (direction - direction.min()) / (np.ptp(direction) + 1e-6)
     c0, c1 = (np.array(c, dtype=np.float32) for c in identity.background)
-    return c0 + ramp[..., None] * (c1 - c0)
+    gradient = c0 + ramp[..., None] * (c1 - c0)
+    u, v = (x + 0.5) / height - 0.5 * width / height, (y + 0.5) / height - 0.5
+    photo = 0.3 + 0.65 * identity.background_photo.sample(u, v, 1.0 / height, blur=identity.background_blur)
+    return gradient + identity.background_mix * (photo - gradient)
 
 
 def render(
@@ -217,19 +274,18 @@ def render(
     skin = np.array(identity.skin)
     a, b = identity.face_half
 
-    canvas.shape(0, b * 1.55, a * 1.9, b * 0.6, identity.clothes)
-    canvas.shape(0, b * 0.8, a * 0.45, b * 0.6, skin * 0.85, power=4.0)  # neck
+    _clothes(canvas, identity, a, b)
+    skin_grain = dict(texture=identity.skin_texture, contrast=identity.skin_contrast)
+    canvas.shape(0, b * 0.8, a * 0.45, b * 0.6, skin * 0.85, power=4.0, **skin_grain)  # neck
     hair_a, hair_b = a * identity.hair_scale[0], b * identity.hair_scale[1]
     bald = identity.hairline <= -1.0
     if not bald:
-        canvas.shape(0, -b * 0.12, hair_a, hair_b, identity.hair)
+        _hair(canvas, identity, hair_a, hair_b)
     for side in (-1, 1):  # ears
-        canvas.shape(side * a * 0.98, identity.eye_y + b * 0.1, a * 0.14, b * 0.2, skin * 0.9)
-    canvas.shape(0, 0, a, b, skin, power=identity.face_power)
+        canvas.shape(side * a * 0.98, identity.eye_y + b * 0.1, a * 0.14, b * 0.2, skin * 0.9, **skin_grain)
+    canvas.shape(0, 0, a, b, skin, power=identity.face_power, **skin_grain)
     if not bald:  # fringe: the hair cap over the forehead, above the hairline
-        box = canvas.box(0, -b * 0.12, hair_a, hair_b)
-        above = np.clip(0.5 - (canvas.v[:, box[0], box[1]] - identity.hairline) / canvas.pixel, 0, 1)
-        canvas.paint(canvas.cover(0, -b * 0.12, hair_a, hair_b, box) * above, identity.hair, box)
+        _hair(canvas, identity, hair_a, hair_b, fringe=True)
 
     eh_w, eh_h = identity.eye_half
     closed = col(blink)
@@ -241,6 +297,8 @@ def render(
         canvas.paint(white, _EYE_WHITE, box)
         canvas.paint(white * canvas.cover(ex, ey, eh_h * 0.8, eh_h * 0.8, box), identity.iris, box)
         canvas.paint(white * canvas.cover(ex, ey, eh_h * 0.35, eh_h * 0.35, box), _PUPIL, box)
+        glint = canvas.cover(ex - eh_h * 0.18, ey - eh_h * 0.2, eh_h * 0.13, eh_h * 0.13, box)
+        canvas.paint(white * glint, _EYE_WHITE, box)  # the catchlight
         lid = closed * canvas.cover(ex, ey, eh_w, canvas.pixel * 0.6, box)  # the closed lid's line
         canvas.paint(lid, np.array(identity.hair) * 0.6, box)
 
@@ -255,7 +313,41 @@ def render(
     canvas.paint(canvas.cover(0, mouth_cy, half_width, gap / 2 + identity.lip_thickness, box), identity.lip, box)
     inside = canvas.cover(0, mouth_cy, half_width * 0.85, np.maximum(gap / 2, 1e-6), box)
     canvas.paint(inside, _MOUTH_INSIDE, box)
+    # The upper teeth: a band over the top quarter of the gap, only where the mouth is open (the metric reads the
+    # dark extent below them, which stays proportional to the opening).
+    teeth_half = np.maximum(gap * _TEETH_FRACTION / 2, 1e-6)
+    teeth = inside * canvas.cover(0, identity.mouth_y + teeth_half, half_width * 0.6, teeth_half, box, power=4.0)
+    canvas.paint(teeth, identity.teeth, box)
     return (np.clip(canvas.image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _clothes(canvas: _Canvas, identity: Identity, a: float, b: float) -> None:
+    cx, cy, ha, hb = 0, b * 1.55, a * 1.9, b * 0.6
+    box = canvas.box(cx, cy, ha, hb)
+    rows, cols = box
+    if identity.clothes_print:
+        photo = identity.clothes_texture.sample(canvas.u[:, rows, cols], canvas.v[:, rows, cols], canvas.pixel)
+        colour = np.asarray(identity.clothes, dtype=np.float32) + 2 * identity.clothes_contrast * (
+            photo - np.asarray(identity.clothes, dtype=np.float32)
+        )
+    else:
+        colour = canvas.textured(identity.clothes, identity.clothes_texture, identity.clothes_contrast, box)
+    canvas.paint(canvas.cover(cx, cy, ha, hb, box), colour, box)
+
+
+def _hair(canvas: _Canvas, identity: Identity, hair_a: float, hair_b: float, fringe: bool = False) -> None:
+    """The hair cap (or, with `fringe`, its part above the hairline, painted over the face): strand texture, and an
+    edge pushed in and out by the same strands, so it is wispy rather than a clean ellipse."""
+    cy = -identity.face_half[1] * 0.12
+    box = canvas.box(0, cy, hair_a * (1 + identity.hair_wisp), hair_b * (1 + identity.hair_wisp))
+    rows, cols = box
+    strands = identity.hair_texture.detail(canvas.u[:, rows, cols], canvas.v[:, rows, cols], canvas.pixel)[..., 0]
+    edge = 1 + identity.hair_wisp * np.clip(strands, -2, 2) / 2
+    alpha = canvas.cover(0, cy, hair_a * edge, hair_b * edge, box)
+    if fringe:
+        alpha = alpha * np.clip(0.5 - (canvas.v[:, rows, cols] - identity.hairline) / canvas.pixel, 0, 1)
+    colour = np.asarray(identity.hair, dtype=np.float32) * (1 + identity.hair_contrast * strands[..., None])
+    canvas.paint(alpha, colour, box)
 
 
 def render_portrait(identity: Identity, height: int = 64, width: int | None = None) -> np.ndarray:
