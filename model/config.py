@@ -273,9 +273,8 @@ class Preset(_Frozen):
 
 def _tiny() -> Preset:
     audio = AudioConfig(encoder="logmel", n_mels=40, context_frames=4)
-    vae = VAEConfig(
-        base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1
-    )  # decode of 12 frames ~0.15 s on 2 cores
+    # base_dim 16 at 128x128: 2.6M parameters, decode ~0.1 s a frame on one core (docs/results.md)
+    vae = VAEConfig(base_dim=16, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
     dit = DiTConfig(
         dim=192,
         ffn_dim=768,
@@ -294,7 +293,7 @@ def _tiny() -> Preset:
         vae=vae,
         audio=audio,
         text=TextConfig(encoder="none", max_length=1),
-        video=VideoConfig(height=64, width=64, fps=25),
+        video=VideoConfig(height=128, width=128, fps=25),
         generator=GeneratorConfig(
             step_plan=(8, 6, 4),
             window_frames=6,

@@ -13,7 +13,7 @@ from model.config import DeflickerConfig, DiTConfig, GeneratorConfig, Preset, VA
 from model.dit import CausalWanDiT
 from model.eval.heldout import HELD_OUT, drift_check, window_is_worse
 from model.generator import AvatarModel, RenderSettings
-from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
+from model.train.data import VALIDATION, DataConfig, LatentDataset, encode_clip, training_clips
 from model.train.distill import DistillConfig, DistillStage
 from model.train.loop import run_stage
 from model.train.recipe import RecipeConfig, run_recipe
@@ -84,6 +84,8 @@ def test_data_matches_the_generators_audio_and_shapes(setup):
     assert HELD_OUT.identity_base > default.identity_base + default.num_identities
     assert HELD_OUT.speaker_base > default.speaker_base + default.num_speakers
     assert HELD_OUT.content_base > default.data_seed * 100_000 + default.num_clips
+    # ...nor the validation seeds (every choice made in training is made on those).
+    assert all(getattr(HELD_OUT, k) >= v + 100_000 for k, v in VALIDATION.items())
 
 
 def test_teacher_and_student_learn_and_resume(setup, tmp_path):

@@ -77,8 +77,10 @@ def make_clip(
     speaker_seed: int | None = None,
     clip_id: str | None = None,
     freeze_mouth: bool = False,
+    head_motion: float = 1.0,
 ) -> Clip:
-    """One clip. `freeze_mouth` keeps the mouth at rest whatever is said (a lip-sync negative control)."""
+    """One clip. `freeze_mouth` keeps the mouth at rest whatever is said (a lip-sync negative control);
+    `head_motion` scales the idle head motion (0: the head stays at the portrait's pose; blinks are unchanged)."""
     identity_seed = seed if identity_seed is None else identity_seed
     speaker_seed = seed if speaker_seed is None else speaker_seed
     num_frames = int(round(seconds * FPS))
@@ -88,6 +90,7 @@ def make_clip(
     if freeze_mouth:
         mouth[:] = mouth_track([], 1, FPS)[0]
     pose, blink = idle_motion(seed, num_frames, FPS)
+    pose = np.concatenate([pose[:, :3] * head_motion, 1 + (pose[:, 3:] - 1) * head_motion], axis=1).astype(np.float32)
     frames = np.concatenate(
         [
             render(
@@ -108,6 +111,7 @@ def make_clip(
         "speaker_seed": speaker_seed,
         "speech": speech,
         "frozen_mouth": freeze_mouth,
+        "head_motion": head_motion,
     }
     return Clip(
         id=clip_id or f"clip-{identity_seed}-{speaker_seed}-{seed}",

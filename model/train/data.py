@@ -32,6 +32,14 @@ class DataConfig(BaseModel):
     num_speakers: int = 64
     identity_base: int = 1000  # held-out faces and voices (model.eval.heldout.HeldOutSet) are far from these
     speaker_base: int = 5000
+    # Scale of the idle head motion (SynthTalk's random sway, which nothing in a render's inputs predicts); 0: the
+    # head stays at the portrait's pose and only the mouth and the eyes move.
+    head_motion: float = 1.0
+
+
+# Validation clips: faces, voices and content of their own, for every choice made while training (the recipe's VAE
+# gate); the held-out set judges the result and is never used to choose anything.
+VALIDATION = {"identity_base": 90_000, "speaker_base": 95_000, "content_base": 10_000_000}
 
 
 def training_clips(data: DataConfig, size: int) -> list[Clip]:
@@ -41,9 +49,30 @@ def training_clips(data: DataConfig, size: int) -> list[Clip]:
         identity = data.identity_base + i % data.num_identities
         speaker = data.speaker_base + (i // data.num_identities + i) % data.num_speakers
         clips.append(
-            make_clip(data.data_seed * 100_000 + i, data.seconds, size, identity_seed=identity, speaker_seed=speaker)
+            make_clip(
+                data.data_seed * 100_000 + i,
+                data.seconds,
+                size,
+                identity_seed=identity,
+                speaker_seed=speaker,
+                head_motion=data.head_motion,
+            )
         )
     return clips
+
+
+def validation_clips(count: int, seconds: float, size: int) -> list[Clip]:
+    """Clip i of the validation set (`VALIDATION`): never trained on, and not the held-out set either."""
+    return [
+        make_clip(
+            VALIDATION["content_base"] + i,
+            seconds,
+            size,
+            identity_seed=VALIDATION["identity_base"] + i,
+            speaker_seed=VALIDATION["speaker_base"] + i,
+        )
+        for i in range(count)
+    ]
 
 
 def usable_frames(num_frames: int, temporal_stride: int) -> int:

@@ -31,7 +31,7 @@ from model.eval.heldout import HELD_OUT
 from model.eval.vae_report import vae_report
 from model.generator import BUNDLED_MODEL, AvatarModel
 from model.train.calibrate_deflicker import THRESHOLDS, calibrate
-from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
+from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips, validation_clips
 from model.train.distill import DistillConfig, DistillStage, distilled_preset
 from model.train.loop import run_stage
 from model.train.student import StudentStage, student_from_teacher
@@ -50,18 +50,21 @@ STAGE_SHARE = {"vae": 0.25, "teacher": 0.4, "student": 0.15, "distill": 0.2}
 class RecipeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: DataConfig = Field(default_factory=DataConfig)
+    # The DiT stages learn from steady heads (see docs/results.md: a sway the inputs cannot predict only moves a
+    # render away from the truth); the VAE learns from the full SynthTalk motion (`vae_head_motion`).
+    data: DataConfig = Field(default_factory=lambda: DataConfig(head_motion=0.0))
+    vae_head_motion: float = 1.0
     vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
     dit: DiTTrainConfig = Field(default_factory=DiTTrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     # The step counts of the run that produced the bundled model (docs/results.md), so the default retraces it.
     max_steps: dict[str, int] = Field(
-        default_factory=lambda: {"vae": 3400, "teacher": 3800, "student": 1200, "distill": 480}
+        default_factory=lambda: {"vae": 3000, "teacher": 3800, "student": 1200, "distill": 480}
     )
     checkpoint_every: int = 50
     seed: int = 0
     # The VAE must draw the mouth before anything downstream can move it in sync: below this lip-sync of its own
-    # reconstruction (held-out clips), the recipe stops after the VAE instead of spending hours on the DiT stages.
+    # reconstruction (validation clips), the recipe stops after the VAE instead of spending hours on the DiT stages.
     vae_gate_lipsync_r: float | None = 0.8
     # The deflicker threshold of the shipped model (when its preset has the deflicker on) is chosen on this many
     # training clips of this length among these thresholds (`model.train.calibrate_deflicker`); 0 clips: keep the
@@ -79,7 +82,10 @@ def run_recipe(
     ship_to: str | Path | None = None,
     command: str = "",
     log=print,
+    stop_after: str | None = None,
 ) -> dict:
+    """Train every stage (resuming what `out` holds) and ship; `stop_after` ("vae", "data", "teacher", "student")
+    returns early with the summaries so far, nothing shipped."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(
@@ -92,31 +98,34 @@ def run_recipe(
     torch.manual_seed(cfg.seed)
     summaries: dict[str, dict] = {}
 
+    size = preset.video.height
     log(f"data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s (data seed {cfg.data.data_seed})")
-    clips = training_clips(cfg.data, preset.video.height)
-
     vae = WanVAE(preset.vae)
-    summaries["vae"] = run_stage(
-        VAEStage(vae, clips, cfg.vae, cfg.seed), out, cfg.max_steps["vae"], budget["vae"], cfg.checkpoint_every, log
-    )
+    vae_clips = training_clips(cfg.data.model_copy(update={"head_motion": cfg.vae_head_motion}), size)
+    vae_stage = VAEStage(vae, vae_clips, cfg.vae, cfg.seed, total_steps=cfg.max_steps["vae"])
+    summaries["vae"] = run_stage(vae_stage, out, cfg.max_steps["vae"], budget["vae"], cfg.checkpoint_every, log)
+    del vae_stage, vae_clips
     vae.eval().requires_grad_(False)
+    clips = training_clips(cfg.data, size)
     # Fix the latent normalisation from the training clips (deterministic, so a resumed run gets the same numbers).
     vae_config = vae.set_latent_normalization(*latent_statistics(vae, clips, preset.vae.temporal_stride))
     preset = preset.model_copy(update={"vae": vae_config})
     log(f"latent normalisation: std {[round(v, 2) for v in vae_config.latents_std]}")
     if cfg.vae_gate_lipsync_r is not None:
-        report = vae_report(vae, [HELD_OUT.clip(i, 8.0, preset.video.height) for i in range(2)])
+        report = vae_report(vae, validation_clips(2, 8.0, size))
         log(
-            f"VAE on held-out clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
+            f"VAE on validation clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
             f"{report['recon_lipsync_r']:.3f}"
         )
         if report["recon_lipsync_r"] < cfg.vae_gate_lipsync_r:
             raise VAEGateError(
-                f"the VAE reconstructs held-out clips with lipsync_r {report['recon_lipsync_r']:.3f} < "
+                f"the VAE reconstructs validation clips with lipsync_r {report['recon_lipsync_r']:.3f} < "
                 f"{cfg.vae_gate_lipsync_r}: it cannot draw the mouth yet. Train it longer (e.g. --max-steps "
                 f"vae={2 * summaries['vae']['steps']}; delete {out / 'vae' / 'done.json'} to resume it)."
             )
 
+    if stop_after == "vae":
+        return {"stages": summaries}
     latents_path = out / "data" / "latents.pt"
     if latents_path.exists():
         dataset = LatentDataset.load(latents_path)
@@ -126,6 +135,8 @@ def run_recipe(
         dataset = LatentDataset([encode_clip(c, vae, preset, featurizer) for c in clips])
         dataset.save(latents_path)
 
+    if stop_after == "data":
+        return {"stages": summaries}
     teacher = CausalWanDiT(preset.dit)
     summaries["teacher"] = run_stage(
         TeacherStage(teacher, dataset, preset, cfg.dit, cfg.seed),
@@ -139,6 +150,8 @@ def run_recipe(
     # The bidirectional teacher as a checkpoint of its own: the many-step reference row of docs/results.md.
     save_checkpoint(out / "teacher_model", preset, {"dit": teacher, "vae": vae}, {"stage": "bidirectional teacher"})
 
+    if stop_after == "teacher":
+        return {"stages": summaries}
     student = student_from_teacher(teacher)
     summaries["student"] = run_stage(
         StudentStage(student, dataset, preset, cfg.dit, cfg.seed),
@@ -151,6 +164,8 @@ def run_recipe(
     # The causal student before distillation, sampled with many Euler steps: the "no distillation" reference.
     save_checkpoint(out / "student_model", preset, {"dit": student, "vae": vae}, {"stage": "causal student"})
 
+    if stop_after == "student":
+        return {"stages": summaries}
     summaries["distill"] = run_stage(
         DistillStage(student, teacher, vae, clips, preset, cfg.distill, cfg.seed),
         out,
@@ -285,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
         help="ablation: clean context in training (t_mci_max = 0) and t_mci = 0 at inference",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--stop-after",
+        choices=["vae", "data", "teacher", "student"],
+        default=None,
+        help="stop after this stage (resume later without it); nothing is shipped",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
         reuse_stages(Path(args.reuse), Path(args.out), ("vae", "teacher", "data"))
     command = "python -m model.train.recipe " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        run_recipe(args.out, preset, cfg, args.budget_minutes, args.ship_to or None, command)
+        run_recipe(
+            args.out, preset, cfg, args.budget_minutes, args.ship_to or None, command, stop_after=args.stop_after
+        )
     except VAEGateError as err:
         raise SystemExit(f"stopped after the VAE stage: {err}") from None
 

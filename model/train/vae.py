@@ -1,19 +1,23 @@
-"""Stage 1: the tiny VAE (DESIGN 3.4.1). Reconstruction L1 + L2 and a small KL, in three phases.
+"""Stage 1: the tiny VAE (DESIGN 3.4.1). Reconstruction L1 + L2 + an edge term and a small KL, in phases.
 
 1. `image_steps` on single frames: a causal video VAE encodes the first frame of a clip on its own, and that spatial
    path learns several times faster per second of CPU on frames than on windows.
-2. `causal_steps` on windows of `causal_latent_frames` with full causal 3D convs.
+2. `causal_steps` on windows of `causal_latent_frames` with full causal 3D convs (0 by default: see below).
 3. The rest on windows of `latent_frames` with the residual blocks' causal convs *frame-local* (their temporal taps
    held at zero); only the resamplers' time convs mix frames.
 
 Why phase 3: stacked causal convs make the encoder and the decoder recurrences whose reach (up to ~30 latent frames
-here, see `decoder_context_frames`) is far longer than any window a CPU can train on. After phase 2 the VAE decoded
-its first chunks well (MAE 12/255) and then degraded chunk by chunk past the window (55/255 by the 5th), in the
-encoder as well as the decoder. Frame-local residual blocks bound the reach to 1 latent frame back in the encoder and
-3 in the decoder, which a 4-latent-frame window covers, so any length decodes like the trained window. The weights
-keep Wan2.1's shapes and checkpoint format; the taps are simply zero. Phase 2 stays because the shipped VAE was
-trained through it (the fix came mid-run) and `make train-tiny` retraces that schedule; `causal_steps=0` is the
-cleaner schedule for a new run.
+here, see `decoder_context_frames`) is far longer than any window a CPU can train on. A VAE trained with full taps
+(the 64x64 model's, `runs/tiny2`) decoded its first chunks well (MAE 12/255) and then degraded chunk by chunk past the
+window (55/255 by the 5th), in the encoder as well as the decoder. Frame-local residual blocks bound the reach to 1
+latent frame back in the encoder and 3 in the decoder, which a 4-latent-frame window covers, so any length decodes
+like the trained window. The weights keep Wan2.1's shapes and checkpoint format; the taps are simply zero.
+
+The VAE is fully convolutional (its one attention is over the lowest-resolution grid), so it trains on random
+`crop` x `crop` patches of the frames: a quarter of the pixels of a 128x128 frame per sample, the same weights.
+The edge term (L1 between the horizontal and vertical pixel differences of the reconstruction and of the truth)
+keeps the small high-contrast parts a plain L1/L2 blurs first: eyes, hair edges, teeth. The learning rate follows a
+cosine from `lr` down to `lr * final_lr_fraction` over the stage's step cap (`total_steps`).
 """
 
 from __future__ import annotations
@@ -33,21 +37,35 @@ class VAETrainConfig(BaseModel):
     batch: int = 4
     latent_frames: int = 4  # phase 3 windows of 1 + s*(n-1) video frames: they cover the frame-local VAE's reach
     causal_latent_frames: int = 3  # phase 2 windows
-    image_steps: int = 700  # phases, see the module docstring
-    causal_steps: int = 1051
+    image_steps: int = 1500  # phases, see the module docstring
+    causal_steps: int = 0
     image_batch: int = 16
+    crop: int | None = 64  # square training patches of the image steps (pixels); None: whole frames
+    window_crop: int | None = 48  # of the window steps (13 frames a sample: smaller patches keep a step affordable)
     lr: float = 2e-3  # image steps; windows train at half of it
+    final_lr_fraction: float = 0.05
     kl_weight: float = 1e-4
+    edge_weight: float = 1.0
+
+
+def edge_l1(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """L1 between the horizontal and vertical neighbour differences of two (B, C, T, H, W) videos."""
+    dx = lambda x: x[..., :, 1:] - x[..., :, :-1]  # noqa: E731
+    dy = lambda x: x[..., 1:, :] - x[..., :-1, :]  # noqa: E731
+    return 0.5 * ((dx(recon) - dx(video)).abs().mean() + (dy(recon) - dy(video)).abs().mean())
 
 
 class VAEStage:
     name = "vae"
 
-    def __init__(self, vae: WanVAE, clips: list[Clip], cfg: VAETrainConfig, seed: int = 0):
+    def __init__(
+        self, vae: WanVAE, clips: list[Clip], cfg: VAETrainConfig, seed: int = 0, total_steps: int | None = None
+    ):
         self.vae, self.cfg = vae.train().requires_grad_(True), cfg
         self.frames = [c.frames for c in clips]  # uint8, converted per batch
         self.window = vae.num_video_frames(cfg.latent_frames)
         self.causal_window = vae.num_video_frames(cfg.causal_latent_frames)
+        self.total_steps = total_steps
         self.rng = np.random.default_rng(seed)
         self.opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
 
@@ -58,18 +76,29 @@ class VAEStage:
         return {"vae": self.opt}
 
     def sample(self, batch: int, window: int) -> torch.Tensor:
+        size = self.cfg.crop if window == 1 else self.cfg.window_crop
         videos = []
         for _ in range(batch):
             frames = self.frames[int(self.rng.integers(len(self.frames)))]
             start = int(self.rng.integers(len(frames) - window + 1))
-            videos.append(frames_to_tensor(frames[start : start + window]))
+            h, w = frames.shape[1:3]
+            crop = min(size or h, h, w)
+            y, x = int(self.rng.integers(h - crop + 1)), int(self.rng.integers(w - crop + 1))
+            videos.append(frames_to_tensor(frames[start : start + window, y : y + crop, x : x + crop]))
         return torch.cat(videos)
+
+    def learning_rate(self, index: int) -> float:
+        lr = self.cfg.lr if index < self.cfg.image_steps else 0.5 * self.cfg.lr
+        if self.total_steps:
+            progress = min(index / self.total_steps, 1.0)
+            lr *= self.cfg.final_lr_fraction + (1 - self.cfg.final_lr_fraction) * 0.5 * (1 + np.cos(np.pi * progress))
+        return float(lr)
 
     def step(self, index: int) -> dict[str, float]:
         images = index < self.cfg.image_steps
         local = index >= self.cfg.image_steps + self.cfg.causal_steps
         for group in self.opt.param_groups:
-            group["lr"] = self.cfg.lr if images else 0.5 * self.cfg.lr
+            group["lr"] = self.learning_rate(index)
         if images:
             video = self.sample(self.cfg.image_batch, 1)
         else:
@@ -80,15 +109,16 @@ class VAEStage:
         recon = self.vae.model.decode(posterior.sample()).sample
         l1 = (recon - video).abs().mean()
         l2 = (recon - video).pow(2).mean()
+        edge = edge_l1(recon, video)
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
-        loss = l1 + l2 + self.cfg.kl_weight * kl
+        loss = l1 + l2 + self.cfg.edge_weight * edge + self.cfg.kl_weight * kl
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
         self.opt.step()
         if local:
             zero_temporal_taps(self.vae)  # projected: Adam's momentum must not revive them
-        return {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+        return {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "kl": kl.item()}
 
 
 def residual_temporal_convs(vae: WanVAE) -> list[torch.nn.Conv3d]:
@@ -110,10 +140,14 @@ def zero_temporal_taps(vae: WanVAE) -> None:
 
 
 @torch.no_grad()
-def latent_statistics(vae: WanVAE, clips: list[Clip], temporal_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the raw posterior means over the clips: the VAE's latent normalisation."""
+def latent_statistics(
+    vae: WanVAE, clips: list[Clip], temporal_stride: int, max_clips: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the raw posterior means over the first `max_clips` clips: the VAE's latent
+    normalisation (a few clips pin the statistics of a few hundred frames; deterministic, so a resumed run agrees)."""
     was_training = vae.training
     vae.eval()
+    clips = clips[:max_clips]
     z = torch.cat([vae.posterior(clip_video(c, temporal_stride)).mean.transpose(0, 1).flatten(1) for c in clips], dim=1)
     vae.train(was_training)
     return z.mean(dim=1), z.std(dim=1)
