@@ -47,7 +47,7 @@ def _quality_metrics(video: str, portrait: str, audio: str) -> dict:
         scores = evaluate(video, portrait, audio)
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"}
-    keys = ("lipsync_r", "lipsync_reference", "av_offset_frames", "identity_error", "boundary_jitter")
+    keys = ("lipsync_r", "lipsync_reference", "av_offset_frames", "identity_error", "portrait_psnr", "boundary_jitter")
     return {k: scores[k] for k in keys if k in scores}
 
 

@@ -41,8 +41,9 @@ def test_ground_truth_video_scores_as_perfect(long_clip):
     assert result["frames"] == int(LONG_SECONDS * FPS)
     assert len(result["windows"]) == 2 and all(w["lipsync_r"] >= 0.95 for w in result["windows"])
     assert set(result["drift"]) == {
-        f"{m}_per_min" for m in ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")
+        f"{m}_per_min" for m in ("lipsync_r", "av_offset_frames", "identity_error", "portrait_psnr", "boundary_jitter")
     }
+    assert 25 < result["portrait_psnr"] < 60  # the head sways: close to the portrait, not a copy of it
     assert abs(result["drift"]["lipsync_r_per_min"]) < 0.05  # ground truth does not drift
 
 
@@ -137,32 +138,54 @@ def test_eval_command_json(tmp_path, capsys):
     assert result["lipsync_r"] >= 0.95 and result["av_offset_frames"] == 0 and result["frames"] == 250
 
 
-def _astronaut_opening_mouth(steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """skimage's astronaut with her mouth opened by a warp, wider every frame: the jaw drops and the gap is dark."""
-    import skimage.data
+def warp_mouth_open(image: np.ndarray, openings: np.ndarray) -> np.ndarray:
+    """Frames of a real face whose mouth is opened by a warp, one frame per opening in [0, 1] (of 1.2x the mouth's
+    half width): the jaw drops and the gap is dark. The face mesh finds the mouth on `image`."""
     from scipy.ndimage import map_coordinates
 
     from model.eval.facemesh import FaceMesh
 
-    image = skimage.data.astronaut()
     with FaceMesh() as mesh:
         points = mesh.landmarks(image)
-    assert points is not None, "the face mesh finds the astronaut's face"
+    assert points is not None, "the face mesh finds the face"
     mx = (points[61, 0] + points[291, 0]) / 2  # mouth corners
     my = (points[13, 1] + points[14, 1]) / 2  # between the inner lips
     half = (points[291, 0] - points[61, 0]) / 2
     yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]].astype(np.float32)
     along = np.exp(-0.5 * ((xx - mx) / (1.6 * half)) ** 2)
     below = np.clip((yy - my) / 4 + 0.5, 0, 1) * np.exp(-np.clip(yy - my - 2 * half, 0, None) / (1.5 * half))
-    gaps = np.linspace(0, 1.2 * half, steps)
     frames = []
-    for gap in gaps:
+    for gap in 1.2 * half * np.asarray(openings, dtype=np.float32):
         src = [yy - gap * along * below, xx]
         warped = np.stack([map_coordinates(image[..., ch].astype(np.float32), src, order=1) for ch in range(3)], -1)
         inside = ((xx - mx) / (0.8 * half)) ** 2 + ((yy - my - gap / 2) / (gap / 2 + 1e-3)) ** 2 < 1
         warped[inside] = (40, 15, 20)
         frames.append(np.clip(warped, 0, 255).astype(np.uint8))
-    return np.stack(frames), gaps
+    return np.stack(frames)
+
+
+def _astronaut_opening_mouth(steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """skimage's astronaut with her mouth opened wider every frame."""
+    import skimage.data
+
+    openings = np.linspace(0, 1, steps)
+    return warp_mouth_open(skimage.data.astronaut(), openings), openings
+
+
+def test_psnr_from_squared_errors_per_frame_and_outside_a_mask():
+    from model.eval.metrics import psnr, squared_errors
+
+    reference = np.full((8, 8, 3), 100, np.uint8)
+    frames = np.stack([reference, reference + 10, reference])
+    frames[2, :2] = 255  # a bright band on the last frame...
+    mask = np.ones((8, 8), bool)
+    mask[:2] = False  # ...that the mask leaves out
+    assert squared_errors(frames, reference).tolist() == pytest.approx([0.0, 100.0, 155**2 / 4])
+    assert squared_errors(frames, reference, mask).tolist() == pytest.approx([0.0, 100.0, 0.0])
+    assert squared_errors(frames, frames).tolist() == [0.0, 0.0, 0.0]  # one reference frame per frame
+    assert psnr(100.0) == pytest.approx(10 * np.log10(255**2 / 100))  # 28.13 dB
+    assert psnr(0.0) == pytest.approx(100.0)  # an exact copy reads 100 dB, not infinity
+    assert psnr(squared_errors(frames[:2], reference).mean()) == pytest.approx(psnr(50.0))  # the clip's mean MSE
 
 
 def test_facemesh_finds_and_tracks_the_astronauts_mouth():

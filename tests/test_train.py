@@ -350,9 +350,20 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
         "lipsync_r",
         "av_offset_frames",
         "identity_error",
+        "portrait_psnr",
         "boundary_jitter",
         "latent_seam_jitter",
+        "truth_psnr",
+        "truth_psnr_frame0",
     }
+    # The still portrait against the same truth, and the per-clip targets that compare the two.
+    still, clip = result["still_portrait"], result["per_clip"][0]
+    assert 5 < still["truth_psnr"] < 100 and still["portrait_psnr"] == 100.0
+    assert "truth_psnr" in result["windows"][0][0] and "truth_psnr" in result["drift_check"][0]
+    check = result["targets"]["per_clip"][0]
+    assert check["psnr_over_still_db"] == pytest.approx(clip["truth_psnr"] - still["truth_psnr"], abs=1e-3)
+    assert check["truth_psnr"] == (check["psnr_over_still_db"] >= 0.5)
+    assert set(result["targets"]["met"]) == {"lipsync_r", "av_offset_frames", "truth_psnr", "truth_psnr_frame0"}
     assert list(result["startup_excess_error"]) == ["frame 0", "latent frame 1", "rest of block 0", "block 1", "later"]
     out = tmp_path / "teacher.json"
     teacher_main(
@@ -362,6 +373,34 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
     teacher = json.loads(out.read_text())
     assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None
     assert teacher["command"].startswith("python -m model.train.teacher --checkpoint")
+
+
+def test_a_real_photo_is_scored_against_itself_with_the_face_mesh(tmp_path):
+    """--photo: the astronaut driven by a held-out voice; here a "render" that keeps the photo and opens its mouth
+    with the speech stands in for a model, so the numbers are known: high portrait_psnr, lip-sync read by the mesh."""
+    from test_eval import warp_mouth_open
+
+    from model.checkpoint import save_checkpoint
+    from model.eval.heldout import evaluate_checkpoint
+    from model.media.image import load_portrait
+    from model.synth import load_truth_phones, mouth_track
+
+    preset = small_preset().with_resolution(128, 128)
+    save_checkpoint(tmp_path / "m", preset, {"dit": CausalWanDiT(preset.dit), "vae": WanVAE(preset.vae)}, {})
+    photo = load_portrait("examples/astronaut.jpg", 128, 128)
+
+    def speaking_photo(model, clip, index):
+        opening = mouth_track(load_truth_phones(clip.truth), len(clip.audio) * 25 // 16000, 25)[:, 0]
+        return warp_mouth_open(photo, opening)
+
+    result = evaluate_checkpoint(
+        str(tmp_path / "m"), clips=1, seconds=4.0, render=speaking_photo, photo="examples/astronaut.jpg"
+    )
+    row, check = result["per_clip"][0], result["targets"]["per_clip"][0]
+    assert result["vae_reconstruction"] is None and "truth_psnr" not in row  # no ground-truth video
+    assert row["portrait_psnr"] > 30 and check["portrait_psnr"]
+    assert row["lipsync_r"] > 0.6 and abs(row["av_offset_frames"]) <= 1
+    assert set(result["targets"]["met"]) == {"lipsync_r", "av_offset_frames", "portrait_psnr"}
 
 
 def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model.eval.heldout import DRIFT_TOLERANCE, KEYS
+from model.eval.heldout import DRIFT_KEYS, DRIFT_TOLERANCE, HIGHER_IS_BETTER
 
 
 def plot_drift(results: list[dict], labels: list[str], out: str | Path, title: str = "") -> None:
@@ -21,24 +21,25 @@ def plot_drift(results: list[dict], labels: list[str], out: str | Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(KEYS), 1, figsize=(7, 2.1 * len(KEYS)), sharex=True)
+    keys = [k for k in DRIFT_KEYS if any(k in r["windows"][0][0] for r in results)]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.1 * len(keys)), sharex=True)
     for result, label in zip(results, labels):
         windows = result["windows"][0]
         minutes = [(w["start_s"] + w["end_s"]) / 120.0 for w in windows]
-        for ax, key in zip(axes, KEYS):
+        for ax, key in zip(axes, keys):
             (line,) = ax.plot(
                 minutes,
-                [w[key] if w[key] is not None else float("nan") for w in windows],
+                [w[key] if w.get(key) is not None else float("nan") for w in windows],
                 marker="o",
                 ms=3,
                 lw=1,
                 label=label,
             )
-            first = windows[0][key]
+            first = windows[0].get(key)
             if first is not None and key != "av_offset_frames":
-                sign = -1 if key == "lipsync_r" else 1  # the direction in which the metric gets worse
+                sign = -1 if key in HIGHER_IS_BETTER else 1  # the direction in which the metric gets worse
                 ax.axhline(first + sign * DRIFT_TOLERANCE * abs(first), color=line.get_color(), ls=":", lw=0.8)
-    for ax, key in zip(axes, KEYS):
+    for ax, key in zip(axes, keys):
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

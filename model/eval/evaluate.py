@@ -19,7 +19,7 @@ MouthMethod = Literal["auto", "synth", "facemesh"]
 WINDOW_SECONDS = 30.0
 SAMPLE_RATE = 16000
 _SMALL_PORTRAIT = 128  # at or below this size a face mesh is unreliable: read the mouth from pixels
-METRICS = ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")
+METRICS = ("lipsync_r", "av_offset_frames", "identity_error", "portrait_psnr", "boundary_jitter")
 
 
 def _pick_method(method: MouthMethod, portrait: np.ndarray, has_truth: bool) -> str:
@@ -84,6 +84,7 @@ def score(
         reference, reference_name = metrics.speech_envelope(audio, sample_rate, num_frames, fps), "envelope"
     changes = metrics.frame_changes(frames)
     identity = metrics.identity_errors(frames, portrait, mouth_mask)
+    portrait_errors = metrics.squared_errors(frames, portrait, ~mouth_mask)  # per frame, outside the mouth
     boundaries = metrics.block_boundaries(num_frames, block_frames, first_block_frames)
 
     def window(start: int, end: int) -> dict:
@@ -96,6 +97,7 @@ def score(
             "lipsync_r": metrics.lipsync_r(measured[start:end], reference[start:end]),
             "av_offset_frames": metrics.av_offset_frames(measured[start:end], reference[start:end]),
             "identity_error": float(identity[start:end].mean()),
+            "portrait_psnr": metrics.psnr(portrait_errors[start:end].mean()),
             "boundary_jitter": metrics.boundary_jitter(changes, inside),
         }
 

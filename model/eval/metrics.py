@@ -143,3 +143,24 @@ def latent_seam_jitter(
     latent_starts = np.arange(1 + temporal_stride, len(frames), temporal_stride)  # frame 1 + s*k starts latent k+1
     inside = np.setdiff1d(latent_starts, block_boundaries(len(frames), block_frames, first_block_frames))
     return boundary_jitter(frame_changes(frames), inside)
+
+
+def squared_errors(frames: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,) mean squared error (0-255 units) of each uint8 frame (N, H, W, 3) against a reference image (H, W, 3)
+    or one reference frame each (N, H, W, 3), over the pixels where `mask` (H, W) is True (all without one).
+    One frame at a time, so a long video costs one float per frame."""
+    reference = np.asarray(reference)
+    per_frame = reference.ndim == 4
+    if per_frame and len(reference) < len(frames):
+        raise ValueError(f"{len(frames)} frames but {len(reference)} reference frames")
+    out = np.empty(len(frames))
+    for i, frame in enumerate(frames):
+        diff = frame.astype(np.float32) - (reference[i] if per_frame else reference).astype(np.float32)
+        out[i] = float((diff[mask] if mask is not None else diff).astype(np.float64).__pow__(2).mean())
+    return out
+
+
+def psnr(mean_squared_error: float) -> float:
+    """Peak signal-to-noise ratio (dB, peak 255) of a mean squared error: over a clip, of the clip's mean MSE (frames
+    weigh equally; one identical frame does not make it infinite). An exact match reads 100 dB, not infinity."""
+    return float(10.0 * np.log10(255.0**2 / max(float(mean_squared_error), 255.0**2 * 1e-10)))

@@ -16,20 +16,28 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _pair(a, b, digits: int = 2) -> str:
+    return f"{_fmt(a, digits)} / {_fmt(b, digits)}"
+
+
 def table(results: list[tuple[str, dict]]) -> str:
+    """One row per result: the render's metrics; PSNR against the truth next to the still portrait's and the VAE
+    reconstruction's (the baseline and the ceiling), over the clip and at frame 0."""
     lines = [
-        "| row | lipsync_r | av_offset_frames | identity_error | VAE recon identity_error | ratio | "
-        "boundary_jitter | latent seams inside blocks (model / VAE recon) | clips x s | command |",
-        "|---" * 10 + "|",
+        "| row | lipsync_r | av_offset_frames | PSNR vs truth, dB: render / still / VAE recon | frame 0: render / "
+        "still | portrait_psnr | identity_error | boundary_jitter | latent seams (model / VAE recon) | clips x s | "
+        "command |",
+        "|---" * 11 + "|",
     ]
     for name, r in results:
-        m, v = r["model_metrics"], r.get("vae_reconstruction") or {}
-        ratio = (m["identity_error"] / v["identity_error"]) if v.get("identity_error") else None
+        m, v, s = r["model_metrics"], r.get("vae_reconstruction") or {}, r.get("still_portrait") or {}
         lines.append(
             f"| {name} | {_fmt(m['lipsync_r'])} | {_fmt(m['av_offset_frames'], 2)} | "
-            f"{_fmt(m['identity_error'], 4)} | {_fmt(v.get('identity_error'), 4)} | {_fmt(ratio, 2)} | "
-            f"{_fmt(m['boundary_jitter'])} | {_fmt(m.get('latent_seam_jitter'), 2)} / "
-            f"{_fmt(v.get('latent_seam_jitter'), 2)} | {r['clips']} x {r['seconds']:g} | `{r['command']}` |"
+            f"{_fmt(m.get('truth_psnr'), 2)} / {_fmt(s.get('truth_psnr'), 2)} / {_fmt(v.get('truth_psnr'), 2)} | "
+            f"{_pair(m.get('truth_psnr_frame0'), s.get('truth_psnr_frame0'))} | {_fmt(m.get('portrait_psnr'), 2)} | "
+            f"{_fmt(m['identity_error'], 4)} | {_fmt(m['boundary_jitter'])} | "
+            f"{_pair(m.get('latent_seam_jitter'), v.get('latent_seam_jitter'))} | {r['clips']} x {r['seconds']:g} | "
+            f"`{r['command']}` |"
         )
     return "\n".join(lines)
 
