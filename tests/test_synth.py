@@ -146,3 +146,23 @@ def test_faces_carry_photo_textures_that_move_with_the_head():
     teeth = np.asarray(identity.teeth) * 255
     near_teeth = lambda image: (np.abs(image[lips].astype(np.float32) - teeth).max(axis=-1) < 20).sum()  # noqa: E731
     assert near_teeth(open_mouth) > 10 and near_teeth(still.astype(np.uint8)) == 0
+
+
+def test_framing_moves_and_scales_the_head_not_the_background():
+    from model.synth import Framing
+
+    identity = Identity.from_seed(3)
+    default = render_portrait(identity, 128).astype(np.float32)
+    small_high = render_portrait(identity, 128, framing=Framing(zoom=0.5, dx=0.0, dy=-0.2)).astype(np.float32)
+    assert np.array_equal(render_portrait(identity, 128, framing=Framing()), default.astype(np.uint8))
+
+    def eyes(image):  # (row, column distance between the two eyes) of the eye whites
+        white = np.abs(image - 0.95 * 255).max(axis=-1) < 12
+        rows, cols = np.nonzero(white)
+        left, right = cols[cols < cols.mean()], cols[cols >= cols.mean()]
+        return rows.mean(), right.mean() - left.mean()
+
+    (row, spacing), (row2, spacing2) = eyes(default), eyes(small_high)
+    assert spacing2 / spacing == pytest.approx(0.5, abs=0.08)  # half the size
+    assert row2 < row - 0.15 * 128  # higher up
+    assert np.array_equal(small_high[:6, :6], default[:6, :6])  # the background stays

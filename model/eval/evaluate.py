@@ -33,7 +33,9 @@ def _pick_method(method: MouthMethod, portrait: np.ndarray, has_truth: bool) -> 
         return "facemesh" if mesh.landmarks(portrait) is not None else "synth"
 
 
-def _mouth(frames: np.ndarray, portrait: np.ndarray, method: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+def _mouth(
+    frames: np.ndarray, portrait: np.ndarray, method: str, source: str, faceless: str = "error"
+) -> tuple[np.ndarray, np.ndarray]:
     """Opening per frame and the bool (H, W) mouth region left out of identity comparisons."""
     height, width = portrait.shape[:2]
     if method == "synth":
@@ -47,7 +49,9 @@ def _mouth(frames: np.ndarray, portrait: np.ndarray, method: str, source: str) -
         mask[rows, cols] = True
         opening = facemesh_opening(frames)
         if np.isnan(opening).all():
-            raise InputError(source, "no face found by the face mesh in any frame")
+            if faceless != "closed":
+                raise InputError(source, "no face found by the face mesh in any frame")
+            opening = np.zeros(len(frames))  # no face, no mouth movement: lip-sync 0
         return opening, mask
     raise ValueError(f"mouth method must be auto, synth or facemesh, got {method!r}")
 
@@ -64,10 +68,13 @@ def score(
     mouth: MouthMethod = "auto",
     window_seconds: float = WINDOW_SECONDS,
     source: str = "portrait",
+    faceless: Literal["error", "closed"] = "error",
 ) -> dict:
     """All metrics for frames uint8 (N, H, W, 3) and a portrait uint8 (H, W, 3) of the same size.
 
     `phones` (list of PhoneTiming) gives the lip-sync reference; without it the speech envelope does.
+    `faceless`: when the face mesh finds no face in any frame, raise an InputError ("error") or score the mouth as
+    closed throughout ("closed": lip-sync 0), so a render that lost the face still gets its other numbers.
     """
     if frames.ndim != 4 or len(frames) < 2:
         raise InputError(source, f"need a video of at least 2 frames, got shape {frames.shape}")
@@ -75,7 +82,7 @@ def score(
         raise InputError(source, f"portrait is {portrait.shape}, video frames are {frames.shape[1:]}")
     num_frames = len(frames)
     method = _pick_method(mouth, portrait, phones is not None)
-    measured, mouth_mask = _mouth(frames, portrait, method, source)
+    measured, mouth_mask = _mouth(frames, portrait, method, source, faceless)
     if phones is not None:
         from model.synth.articulation import mouth_track
 

@@ -12,6 +12,7 @@ from model.errors import InputError
 
 UPPER_INNER_LIP, LOWER_INNER_LIP = 13, 14
 EYE_OUTER = (33, 263)
+MIN_SIDE = 256  # smaller images are upscaled for the mesh (it finds no face in a 64x64 astronaut scaled to 128)
 # Outer lip contour (mediapipe FACEMESH_LIPS): bounds the mouth region left out of identity comparisons.
 LIP_CONTOUR = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 185, 40, 39, 37, 0, 267, 269, 270, 409)
 
@@ -27,11 +28,17 @@ class FaceMesh:
         )
 
     def landmarks(self, image: np.ndarray) -> np.ndarray | None:
-        """(468, 2) pixel (x, y) landmarks of the most prominent face in uint8 RGB (H, W, 3), or None."""
+        """(468, 2) pixel (x, y) landmarks of the most prominent face in uint8 RGB (H, W, 3), or None. An image
+        smaller than `MIN_SIDE` is upscaled for the mesh; the landmarks are in the image's own pixels."""
+        height, width = image.shape[:2]
+        factor = int(np.ceil(MIN_SIDE / min(height, width)))
+        if factor > 1:
+            from PIL import Image
+
+            image = np.asarray(Image.fromarray(image).resize((width * factor, height * factor), Image.BICUBIC))
         result = self._mesh.process(np.ascontiguousarray(image))
         if not result.multi_face_landmarks:
             return None
-        height, width = image.shape[:2]
         points = result.multi_face_landmarks[0].landmark
         return np.array([(p.x * width, p.y * height) for p in points], dtype=np.float32)
 

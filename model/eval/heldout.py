@@ -273,6 +273,7 @@ def evaluate_checkpoint(
             phones=phones,
             window_seconds=window_seconds,
             mouth=mouth,
+            faceless="closed",
             **layout,
         )
         rendered.append(_metrics(result, frames, stride, layout, truth))

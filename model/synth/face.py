@@ -187,22 +187,37 @@ def _coverage(u, v, cx, cy, a, b, pixel, power=2.0):
     return np.clip(0.5 - distance / pixel, 0.0, 1.0) * thin
 
 
+@dataclass(frozen=True)
+class Framing:
+    """Where the camera puts the head: `zoom` scales it about its centre, (dx, dy) moves it (fractions of the image
+    height). The default frames every identity as its seed says; other framings (a small face high in the picture,
+    as in many photos) are for training data, the background does not move with them."""
+
+    zoom: float = 1.0
+    dx: float = 0.0
+    dy: float = 0.0
+
+
+DEFAULT_FRAMING = Framing()
+
+
 class _Canvas:
     """A batch of frames plus the face-local coordinates of their pixels; shapes paint only their bounding box."""
 
-    def __init__(self, identity: Identity, pose: np.ndarray, height: int, width: int):
+    def __init__(self, identity: Identity, pose: np.ndarray, height: int, width: int, framing: Framing):
         self.height, self.width = height, width
         col = lambda values: np.asarray(values, dtype=np.float32)[:, None, None]  # noqa: E731  (N,) -> (N,1,1)
         dx, dy, roll, scale = (col(pose[:, j]) for j in range(4))
-        # Face-local coordinates: undo the head's translation, roll and scale for every pixel centre.
-        self.origin = (identity.centre[0] * width / height, identity.centre[1])
+        # Face-local coordinates: undo the camera, then the head's translation, roll and scale for every pixel centre.
+        self.zoom = framing.zoom
+        self.origin = (identity.centre[0] * width / height + framing.dx, identity.centre[1] + framing.dy)
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-        px = ((xs + 0.5) / height - self.origin[0])[None] - dx
-        py = ((ys + 0.5) / height - self.origin[1])[None] - dy
+        px = ((xs + 0.5) / height - self.origin[0])[None] / self.zoom - dx
+        py = ((ys + 0.5) / height - self.origin[1])[None] / self.zoom - dy
         cos, sin = np.cos(-roll), np.sin(-roll)
         self.u = (cos * px - sin * py) / scale
         self.v = (sin * px + cos * py) / scale
-        self.pixel = 1.0 / height / float(np.mean(pose[:, 3]))
+        self.pixel = 1.0 / height / self.zoom / float(np.mean(pose[:, 3]))
         self.shift = float(np.abs(pose[:, :2]).max())
         self.turn = float(np.abs(pose[:, 2]).max()) + float(np.abs(pose[:, 3] - 1).max())
         background = _background(identity, height, width)
@@ -213,13 +228,13 @@ class _Canvas:
         ha, hb = float(np.max(ha)), float(np.max(hb))
         cy_lo, cy_hi = float(np.min(cy)), float(np.max(cy))
         reach = (
-            self.shift + self.turn * float(np.hypot(abs(cx) + ha, max(abs(cy_lo), abs(cy_hi)) + hb)) + 2 / self.height
+            self.shift
+            + self.turn * float(np.hypot(abs(cx) + ha, max(abs(cy_lo), abs(cy_hi)) + hb))
+            + 2 / self.height / self.zoom
         )
-        rows = (
-            (self.origin[1] + cy_lo - hb - reach) * self.height,
-            (self.origin[1] + cy_hi + hb + reach) * self.height,
-        )
-        cols = ((self.origin[0] + cx - ha - reach) * self.height, (self.origin[0] + cx + ha + reach) * self.height)
+        z, h = self.zoom, self.height
+        rows = ((self.origin[1] + z * (cy_lo - hb - reach)) * h, (self.origin[1] + z * (cy_hi + hb + reach)) * h)
+        cols = ((self.origin[0] + z * (cx - ha - reach)) * h, (self.origin[0] + z * (cx + ha + reach)) * h)
         clamp = lambda lo, hi, n: slice(int(np.clip(np.floor(lo), 0, n)), int(np.clip(np.ceil(hi), 0, n)))  # noqa: E731
         return clamp(*rows, self.height), clamp(*cols, self.width)
 
@@ -266,10 +281,11 @@ def render(
     blink: np.ndarray,
     height: int = 64,
     width: int | None = None,
+    framing: Framing = DEFAULT_FRAMING,
 ) -> np.ndarray:
     """Frames uint8 (N, H, W, 3) for per-frame pose (N, 4), mouth (N, 3: opening, width, rounding), blink (N,)."""
     width = height if width is None else width
-    canvas = _Canvas(identity, pose, height, width)
+    canvas = _Canvas(identity, pose, height, width, framing)
     col = lambda values: np.asarray(values, dtype=np.float32)[:, None, None]  # noqa: E731  (N,) -> (N,1,1)
     skin = np.array(identity.skin)
     a, b = identity.face_half
@@ -322,7 +338,9 @@ def render(
 
 
 def _clothes(canvas: _Canvas, identity: Identity, a: float, b: float) -> None:
-    cx, cy, ha, hb = 0, b * 1.55, a * 1.9, b * 0.6
+    # The shoulders' top and width as a bust of b * 0.6 half height centred at b * 1.55 had, continued down as a
+    # torso far enough to leave the picture in any framing.
+    cx, cy, ha, hb = 0, b * 3.55, a * 1.9, b * 2.6
     box = canvas.box(cx, cy, ha, hb)
     rows, cols = box
     if identity.clothes_print:
@@ -332,7 +350,7 @@ def _clothes(canvas: _Canvas, identity: Identity, a: float, b: float) -> None:
         )
     else:
         colour = canvas.textured(identity.clothes, identity.clothes_texture, identity.clothes_contrast, box)
-    canvas.paint(canvas.cover(cx, cy, ha, hb, box), colour, box)
+    canvas.paint(canvas.cover(cx, cy, ha, hb, box, power=3.0), colour, box)
 
 
 def _hair(canvas: _Canvas, identity: Identity, hair_a: float, hair_b: float, fringe: bool = False) -> None:
@@ -350,10 +368,12 @@ def _hair(canvas: _Canvas, identity: Identity, hair_a: float, hair_b: float, fri
     canvas.paint(alpha, colour, box)
 
 
-def render_portrait(identity: Identity, height: int = 64, width: int | None = None) -> np.ndarray:
+def render_portrait(
+    identity: Identity, height: int = 64, width: int | None = None, framing: Framing = DEFAULT_FRAMING
+) -> np.ndarray:
     """The face at rest (no motion, eyes open, mouth closed): uint8 (H, W, 3)."""
     from model.synth.phones import REST
 
     pose = np.array([[0.0, 0.0, 0.0, 1.0]], dtype=np.float32)
     mouth = np.array([[REST.opening, REST.width, REST.rounding]], dtype=np.float32)
-    return render(identity, pose, mouth, np.zeros(1, dtype=np.float32), height, width)[0]
+    return render(identity, pose, mouth, np.zeros(1, dtype=np.float32), height, width, framing)[0]

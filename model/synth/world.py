@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from model.synth.articulation import MOUTH_PARAMS, mouth_track
-from model.synth.face import POSE_PARAMS, Identity, idle_motion, render, render_portrait
+from model.synth.face import DEFAULT_FRAMING, POSE_PARAMS, Framing, Identity, idle_motion, render, render_portrait
 from model.synth.phones import PhoneTiming
 from model.synth.speech import SAMPLE_RATE, Speech, formant_speech
 
@@ -78,9 +78,11 @@ def make_clip(
     clip_id: str | None = None,
     freeze_mouth: bool = False,
     head_motion: float = 1.0,
+    framing: Framing = DEFAULT_FRAMING,
 ) -> Clip:
     """One clip. `freeze_mouth` keeps the mouth at rest whatever is said (a lip-sync negative control);
-    `head_motion` scales the idle head motion (0: the head stays at the portrait's pose; blinks are unchanged)."""
+    `head_motion` scales the idle head motion (0: the head stays at the portrait's pose; blinks are unchanged);
+    `framing` places the head in the picture (portrait and frames alike)."""
     identity_seed = seed if identity_seed is None else identity_seed
     speaker_seed = seed if speaker_seed is None else speaker_seed
     num_frames = int(round(seconds * FPS))
@@ -94,7 +96,12 @@ def make_clip(
     frames = np.concatenate(
         [
             render(
-                identity, pose[i : i + _RENDER_CHUNK], mouth[i : i + _RENDER_CHUNK], blink[i : i + _RENDER_CHUNK], size
+                identity,
+                pose[i : i + _RENDER_CHUNK],
+                mouth[i : i + _RENDER_CHUNK],
+                blink[i : i + _RENDER_CHUNK],
+                size,
+                framing=framing,
             )
             for i in range(0, num_frames, _RENDER_CHUNK)
         ]
@@ -112,10 +119,11 @@ def make_clip(
         "speech": speech,
         "frozen_mouth": freeze_mouth,
         "head_motion": head_motion,
+        "framing": asdict(framing),
     }
     return Clip(
         id=clip_id or f"clip-{identity_seed}-{speaker_seed}-{seed}",
-        portrait=render_portrait(identity, size),
+        portrait=render_portrait(identity, size, framing=framing),
         audio=voice.samples,
         frames=frames,
         truth=truth_dict(voice.phones, mouth, pose, blink, meta),

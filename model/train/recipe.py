@@ -51,8 +51,9 @@ class RecipeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # The DiT stages learn from steady heads (see docs/results.md: a sway the inputs cannot predict only moves a
-    # render away from the truth); the VAE learns from the full SynthTalk motion (`vae_head_motion`).
-    data: DataConfig = Field(default_factory=lambda: DataConfig(head_motion=0.0))
+    # render away from the truth), half of them framed as photos are; the VAE learns from the full SynthTalk motion
+    # (`vae_head_motion`).
+    data: DataConfig = Field(default_factory=lambda: DataConfig(head_motion=0.0, framed_fraction=0.5))
     vae_head_motion: float = 1.0
     vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
     dit: DiTTrainConfig = Field(default_factory=DiTTrainConfig)
@@ -101,7 +102,8 @@ def run_recipe(
     size = preset.video.height
     log(f"data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s (data seed {cfg.data.data_seed})")
     vae = WanVAE(preset.vae)
-    vae_clips = training_clips(cfg.data.model_copy(update={"head_motion": cfg.vae_head_motion}), size)
+    vae_data = cfg.data.model_copy(update={"head_motion": cfg.vae_head_motion, "framed_fraction": 0.0})
+    vae_clips = training_clips(vae_data, size)
     vae_stage = VAEStage(vae, vae_clips, cfg.vae, cfg.seed, total_steps=cfg.max_steps["vae"])
     summaries["vae"] = run_stage(vae_stage, out, cfg.max_steps["vae"], budget["vae"], cfg.checkpoint_every, log)
     del vae_stage, vae_clips
