@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 
+import types
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.config import DeflickerConfig, VAEConfig
@@ -57,6 +60,32 @@ def _diffusers_kwargs(config: VAEConfig) -> dict:
     return kwargs
 
 
+def residual_temporal_convs(model: nn.Module) -> list[nn.Conv3d]:
+    """The causal 3D convs of an AutoencoderKLWan other than the resamplers' time convs: the ones the tiny VAE keeps
+    frame-local (`model.train.vae.zero_temporal_taps`)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1 and "time_conv" not in name
+    ]
+
+
+def _causal_conv_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    """WanCausalConv3d.forward, as a 2D conv of every frame on its own whenever that is exactly the same: a single
+    frame with no cache (causal padding puts zeros before it), or past taps that are all zero (the frame-local tiny
+    VAE). A third of the arithmetic of the 3D conv; any other case runs the 3D conv."""
+    past = self.weight[:, :, :-1]
+    if (cache_x is None and x.shape[2] == 1) or not torch.count_nonzero(past):
+        b, c, t, h, w = x.shape
+        pad_w, pad_h = self._padding[0], self._padding[2]
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        y = F.conv2d(frames, self.weight[:, :, -1], self.bias, padding=(pad_h, pad_w))
+        return y.reshape(b, t, -1, h, w).transpose(1, 2)
+    return type(self).forward(self, x, cache_x)
+
+
 class WanVAE(nn.Module):
     """AutoencoderKLWan built from a VAEConfig; encode -> normalised posterior mean, decode -> video."""
 
@@ -70,6 +99,8 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents_mean/std must have z_dim = {config.z_dim} entries")
         self.config = config
         self.model = AutoencoderKLWan(**_diffusers_kwargs(config))
+        for conv in residual_temporal_convs(self.model):  # same weights and results, less arithmetic when it can
+            conv.forward = types.MethodType(_causal_conv_forward, conv)
         normalised = config.latents_mean is not None
         mean = torch.tensor(config.latents_mean) if normalised else torch.zeros(config.z_dim)
         std = torch.tensor(config.latents_std) if normalised else torch.ones(config.z_dim)

@@ -19,8 +19,8 @@ from model.train.loop import run_stage
 from model.train.recipe import RecipeConfig, run_recipe
 from model.train.student import StudentStage, student_from_teacher
 from model.train.teacher import DiTTrainConfig, TeacherStage, sample_teacher
-from model.train.vae import VAEStage, VAETrainConfig, latent_statistics, residual_temporal_convs
-from model.vae import WanVAE
+from model.train.vae import VAEStage, VAETrainConfig, latent_statistics
+from model.vae import WanVAE, residual_temporal_convs
 
 SIZE = 16
 

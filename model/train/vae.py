@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from model.synth import Clip
 from model.train.data import clip_video
-from model.vae import WanVAE, frames_to_tensor
+from model.vae import WanVAE, frames_to_tensor, residual_temporal_convs
 
 
 class VAETrainConfig(BaseModel):
@@ -123,21 +123,10 @@ class VAEStage:
         return {"l1": l1.item(), "l2": l2.item(), "edge": edge.item(), "kl": kl.item()}
 
 
-def residual_temporal_convs(vae: WanVAE) -> list[torch.nn.Conv3d]:
-    """The causal 3D convs other than the resamplers' time convs: the ones kept frame-local."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    return [
-        m
-        for name, m in vae.model.named_modules()
-        if isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1 and "time_conv" not in name
-    ]
-
-
 @torch.no_grad()
 def zero_temporal_taps(vae: WanVAE) -> None:
     """Keep only each conv's current-frame tap (the last along time: causal padding puts the past first)."""
-    for conv in residual_temporal_convs(vae):
+    for conv in residual_temporal_convs(vae.model):
         conv.weight[:, :, :-1].zero_()
 
 
