@@ -60,7 +60,7 @@ class RecipeConfig(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     # The step counts of the run that produced the bundled model (docs/results.md), so the default retraces it.
     max_steps: dict[str, int] = Field(
-        default_factory=lambda: {"vae": 4000, "teacher": 3800, "student": 1200, "distill": 480}
+        default_factory=lambda: {"vae": 13_000, "teacher": 3800, "student": 1200, "distill": 480}
     )
     checkpoint_every: int = 50
     seed: int = 0
