@@ -11,6 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from model.config import get_preset
 from model.media.audio import save_wav
 from model.synth import make_clip
 from model.synth.world import make_speech
@@ -23,7 +24,8 @@ SEED = 2026
 def main() -> None:
     rows = []
     for i in range(3):
-        clip = make_clip(SEED + i, SECONDS, size=64, identity_seed=900_000 + i, speaker_seed=900_000 + i)
+        size = get_preset("tiny").video.height  # the bundled model's resolution
+        clip = make_clip(SEED + i, SECONDS, size=size, identity_seed=900_000 + i, speaker_seed=900_000 + i)
         name = f"synth-{i}"
         Image.fromarray(clip.portrait).save(HERE / f"{name}.png")
         save_wav(HERE / f"{name}.wav", clip.audio, clip.sample_rate)
