@@ -133,14 +133,16 @@ class LatentDataset:
             raise ValueError("no clips")
         self.clips = clips
 
-    def sample(self, batch: int, frames: int, rng: np.random.Generator) -> Batch:
+    def sample(self, batch: int, frames: int, rng: np.random.Generator, from_start: bool = False) -> Batch:
+        """`batch` windows of `frames` latent frames, each from a random clip at a random start (`from_start`: at the
+        clip's first latent frame, the one the VAE encodes from a single video frame, as a render's first block)."""
         picks = []
         for _ in range(batch):
             clip = self.clips[int(rng.integers(len(self.clips)))]
             total = clip.latents.shape[1]
             if frames > total:
                 raise ValueError(f"window of {frames} latent frames > clip of {total}")
-            start = int(rng.integers(total - frames + 1))
+            start = 0 if from_start else int(rng.integers(total - frames + 1))
             picks.append((clip.latents[:, start : start + frames], clip.reference, clip.audio[start : start + frames]))
         latents, reference, audio = (torch.stack(x) for x in zip(*picks))
         return Batch(latents, reference, audio)

@@ -14,7 +14,7 @@ import torch
 
 from model.dit import CausalWanDiT
 from model.train.common import flow_matching_loss, sample_sigmas
-from model.train.teacher import DiTStage, random_first_position
+from model.train.teacher import DiTStage, sample_windows
 
 
 def student_from_teacher(teacher: CausalWanDiT) -> CausalWanDiT:
@@ -29,7 +29,7 @@ class StudentStage(DiTStage):
         n = gen.frames_per_block
         context_blocks = int(self.rng.integers(gen.window_frames // n + 1))
         frames = (context_blocks + 1) * n
-        batch = self.data.sample(self.cfg.batch, frames, self.rng)
+        batch, first_position = sample_windows(self, frames)
         b = self.cfg.batch
         t_max = self.cfg.t_mci_max / gen.num_train_timesteps
         context = torch.rand(b, context_blocks) * t_max  # MCI: one corruption level per context block
@@ -44,7 +44,7 @@ class StudentStage(DiTStage):
             sigmas,
             batch.reference,
             batch.audio,
-            random_first_position(self.rng, frames, self.preset),
+            first_position,
             attention="block_causal",
             frame_groups=[n] * (context_blocks + 1),
             weights=weights,

@@ -26,7 +26,7 @@ from model.generator import AvatarModel
 from model.scheduler import FlowMatchSchedule
 from model.synth import Clip
 from model.train.common import SinkDenoiser, flow_matching_loss, sample_sigmas
-from model.train.data import LatentDataset
+from model.train.data import Batch, LatentDataset
 from model.vae import frames_to_tensor, tensor_to_frames
 
 
@@ -38,12 +38,26 @@ class DiTTrainConfig(BaseModel):
     window_blocks: int = 2  # teacher windows: this many generation blocks of latent frames
     t_mci_max: float = 150.0  # student: context corrupted with t ~ U[0, t_mci_max] (MCI)
     context_weight: float = 0.25  # student: loss weight of the (lightly noised) context frames
+    # This fraction of the batches are a render's start: windows from each clip's first latent frame, at the first
+    # block's positions (right after the sink). A random window starts there about once in 20 otherwise.
+    first_block_fraction: float = 0.25
 
 
 def random_first_position(rng: np.random.Generator, frames: int, preset: Preset) -> int:
     """Positions [p, p + frames) with p >= sink_frames and p + frames <= horizon."""
     gen = preset.generator
     return int(rng.integers(gen.sink_frames, gen.horizon_frames - frames + 1))
+
+
+def sample_windows(stage: DiTStage, frames: int) -> tuple[Batch, int]:
+    """A batch of windows and the temporal position of their first frame: a render's first frames at the first
+    block's positions (`first_block_fraction` of the time), else random windows at random positions."""
+    if stage.rng.random() < stage.cfg.first_block_fraction:
+        return stage.data.sample(
+            stage.cfg.batch, frames, stage.rng, from_start=True
+        ), stage.preset.generator.sink_frames
+    batch = stage.data.sample(stage.cfg.batch, frames, stage.rng)
+    return batch, random_first_position(stage.rng, frames, stage.preset)
 
 
 class DiTStage:
@@ -78,16 +92,10 @@ class TeacherStage(DiTStage):
 
     def step(self, index: int) -> dict[str, float]:
         frames = self.cfg.window_blocks * self.preset.generator.frames_per_block
-        batch = self.data.sample(self.cfg.batch, frames, self.rng)
+        batch, first_position = sample_windows(self, frames)
         sigmas = sample_sigmas(self.cfg.batch, self.preset.generator.shift)[:, None].expand(-1, frames)
         loss = flow_matching_loss(
-            self.model,
-            self.schedule,
-            batch.latents,
-            sigmas,
-            batch.reference,
-            batch.audio,
-            random_first_position(self.rng, frames, self.preset),
+            self.model, self.schedule, batch.latents, sigmas, batch.reference, batch.audio, first_position
         )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
