@@ -53,9 +53,8 @@ def sample_windows(stage: DiTStage, frames: int) -> tuple[Batch, int]:
     """A batch of windows and the temporal position of their first frame: a render's first frames at the first
     block's positions (`first_block_fraction` of the time), else random windows at random positions."""
     if stage.rng.random() < stage.cfg.first_block_fraction:
-        return stage.data.sample(
-            stage.cfg.batch, frames, stage.rng, from_start=True
-        ), stage.preset.generator.sink_frames
+        batch = stage.data.sample(stage.cfg.batch, frames, stage.rng, from_start=True)
+        return batch, stage.preset.generator.sink_frames
     batch = stage.data.sample(stage.cfg.batch, frames, stage.rng)
     return batch, random_first_position(stage.rng, frames, stage.preset)
 
