@@ -9,7 +9,10 @@ training and generation agree frame by frame.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,6 +75,39 @@ def training_clips(data: DataConfig, size: int) -> list[Clip]:
                 framing=clip_framing(data, i),
             )
         )
+    return clips
+
+
+def cached_training_clips(data: DataConfig, size: int, directory: Path) -> list[Clip]:
+    """`training_clips`, kept in `directory` (one .npy file per array, keyed by the config) so a resumed run gets the
+    very clips it started with, in seconds instead of minutes. Delete the files to regenerate them after a change to
+    SynthTalk."""
+    key = hashlib.sha1(json.dumps({"data": data.model_dump(), "size": size}, sort_keys=True).encode()).hexdigest()
+    base = Path(directory) / f"clips-{key[:12]}"
+    names = ("frames", "portraits", "audio")
+    if all(base.with_suffix(f".{n}.npy").exists() for n in names) and base.with_suffix(".json").exists():
+        frames, portraits, audio = (np.load(base.with_suffix(f".{n}.npy"), mmap_mode="r") for n in names)
+        meta = json.loads(base.with_suffix(".json").read_text())
+        return [
+            Clip(
+                id=m["id"],
+                portrait=np.array(portraits[i]),
+                audio=np.array(audio[i]),
+                frames=np.array(frames[i]),
+                truth=m["truth"],
+                sample_rate=m["sample_rate"],
+                fps=m["fps"],
+            )
+            for i, m in enumerate(meta)
+        ]
+    clips = training_clips(data, size)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for name, values in zip(names, ([c.frames for c in clips], [c.portrait for c in clips], [c.audio for c in clips])):
+        tmp = base.with_suffix(f".{name}.tmp.npy")
+        np.save(tmp, np.stack(values))
+        tmp.replace(base.with_suffix(f".{name}.npy"))
+    meta = [{"id": c.id, "truth": c.truth, "sample_rate": c.sample_rate, "fps": c.fps} for c in clips]
+    base.with_suffix(".json").write_text(json.dumps(meta))
     return clips
 
 

@@ -31,7 +31,7 @@ from model.eval.heldout import HELD_OUT
 from model.eval.vae_report import vae_report
 from model.generator import BUNDLED_MODEL, AvatarModel
 from model.train.calibrate_deflicker import THRESHOLDS, calibrate
-from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips, validation_clips
+from model.train.data import DataConfig, LatentDataset, cached_training_clips, encode_clip, validation_clips
 from model.train.distill import DistillConfig, DistillStage, distilled_preset
 from model.train.loop import run_stage
 from model.train.student import StudentStage, student_from_teacher
@@ -103,12 +103,12 @@ def run_recipe(
     log(f"data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s (data seed {cfg.data.data_seed})")
     vae = WanVAE(preset.vae)
     vae_data = cfg.data.model_copy(update={"head_motion": cfg.vae_head_motion, "framed_fraction": 0.0})
-    vae_clips = training_clips(vae_data, size)
+    vae_clips = cached_training_clips(vae_data, size, out / "data")
     vae_stage = VAEStage(vae, vae_clips, cfg.vae, cfg.seed, total_steps=cfg.max_steps["vae"])
     summaries["vae"] = run_stage(vae_stage, out, cfg.max_steps["vae"], budget["vae"], cfg.checkpoint_every, log)
     del vae_stage, vae_clips
     vae.eval().requires_grad_(False)
-    clips = training_clips(cfg.data, size)
+    clips = cached_training_clips(cfg.data, size, out / "data")
     # Fix the latent normalisation from the training clips (deterministic, so a resumed run gets the same numbers).
     vae_config = vae.set_latent_normalization(*latent_statistics(vae, clips, preset.vae.temporal_stride))
     preset = preset.model_copy(update={"vae": vae_config})
