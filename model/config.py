@@ -298,6 +298,7 @@ def _tiny() -> Preset:
             step_plan=(8, 6, 4),
             window_frames=6,
             horizon_frames=13,
+            pin_first_frame=True,  # frame 0 is the portrait's latent: the render starts as the portrait
             deflicker=DeflickerConfig(frames=vae.temporal_stride - 1),
         ),
     )

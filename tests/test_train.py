@@ -149,6 +149,54 @@ def test_distillation_rolls_out_through_the_generator_with_resets(setup, tmp_pat
     assert all(not p.requires_grad for p in stage.teacher.parameters())
 
 
+def test_training_sees_the_pinned_first_frame_as_the_generator_makes_it(setup):
+    """pin_first_frame: block 0's latent frame 0 is the portrait's latent, clean, at the block's timestep, without
+    loss, in the teacher's and student's windows and in DMD rollouts."""
+    from model.train.common import SinkDenoiser, flow_matching_loss, pin_first_frames
+    from model.train.teacher import sample_windows
+
+    preset, clips, vae, dataset = setup
+    pinned = preset.model_copy(update={"generator": preset.generator.model_copy(update={"pin_first_frame": True})})
+    torch.manual_seed(0)
+    dit = CausalWanDiT(pinned.dit)
+    seen = []
+
+    class Spy(SinkDenoiser):
+        def forward(self, noisy, *args, **kwargs):
+            seen.append(noisy.detach().clone())
+            return super().forward(noisy, *args, **kwargs)
+
+    denoiser = Spy(dit, pinned.text.max_length)
+    stage = TeacherStage(dit, dataset, pinned, DiTTrainConfig(batch=2, first_block_fraction=1.0), model=denoiser)
+    batch, first_position, starts = sample_windows(stage, 6)
+    assert starts and first_position == pinned.generator.sink_frames
+    assert torch.equal(batch.latents[:, :, 0], batch.reference[:, :, 0])  # the portrait's latent, not the clip's
+    sigmas = torch.full((2, 6), 0.7)
+    torch.manual_seed(1)
+    loss = flow_matching_loss(denoiser, stage.schedule, batch.latents, sigmas, batch.reference, batch.audio, 1,
+                              pinned_first=True)  # fmt: skip
+    assert torch.equal(seen[-1][:, :, 0], batch.latents[:, :, 0])  # given clean...
+    assert not torch.allclose(seen[-1][:, :, 1], batch.latents[:, :, 1])  # ...the others noised
+    # No loss on the pinned frame: whatever the data says there, the loss is the same.
+    other = batch.latents.clone()
+    other[:, :, 0] += 5.0
+    torch.manual_seed(1)
+    again = flow_matching_loss(
+        lambda noisy, *a: denoiser(torch.cat([batch.latents[:, :, :1], noisy[:, :, 1:]], dim=2), *a),
+        stage.schedule, other, sigmas, batch.reference, batch.audio, 1, pinned_first=True,
+    )  # fmt: skip
+    assert again.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert torch.equal(pin_first_frames(batch.latents, batch.reference), batch.latents)
+
+    # DMD: the rollout's block 0 starts with the portrait's latent; the step trains on the other frames.
+    teacher = CausalWanDiT(pinned.dit)
+    distill = DistillStage(student_from_teacher(teacher), teacher, vae, clips, pinned, DistillConfig(rollout_blocks=2))
+    latents, reference, _ = distill.rollout()
+    assert torch.allclose(latents[:, :, 0], reference[:, :, 0])
+    assert distill.pinned(slice(0, 6)) and not distill.pinned(slice(6, 12))
+    assert np.isfinite(distill.step(0)["dmd"])
+
+
 def test_recipe_ships_a_loadable_model(tmp_path):
     cfg = RecipeConfig(
         data=DATA,

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from model.config import parse_step_plan
 from model.eval import metrics, score
 from model.generator import AvatarModel, RenderSettings
-from model.scheduler import StepPlan
 from model.synth import Clip, load_truth_phones, make_clip
 from model.vae import WanVAE, frames_to_tensor, tensor_to_frames
 
@@ -354,7 +354,7 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
 
 def run(args: argparse.Namespace, command: str, render: Render | None = None, sampler: str = "generator") -> dict:
     """The command line's evaluation: evaluate, record the command, write `--out`, print the summary."""
-    plan = StepPlan.parse(args.step_plan).plan if args.step_plan else None
+    plan = parse_step_plan(args.step_plan) if args.step_plan else None
     bases = {k: getattr(args, k) for k in ("identity_base", "speaker_base", "content_base")}
     heldout = HeldOutSet(**bases)
     result = evaluate_checkpoint(

@@ -1,13 +1,35 @@
-"""Pieces every DiT stage shares: the [sink | frames] sequence as the generator sees it, and the flow-matching loss."""
+"""Pieces every DiT stage shares: the [sink | frames] sequence as the generator sees it, and the flow-matching loss.
+
+Training supports the generator's `sink="reference"` with `mask="reference_entry"` (this project's models), with or
+without `pin_first_frame`. A pinned frame is what the generator makes of block 0's latent frame 0: the portrait's
+latent, clean, at the block's timestep and mask like its neighbours (`RenderSession.block_passes`). It is never
+noised while its block is denoised, and it carries no loss: the model is never asked to generate it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from model.config import Preset
 from model.dit import CausalWanDiT
 from model.scheduler import FlowMatchSchedule, shift_sigma
 from model.train.data import conditioning
+
+
+def check_trainable(preset: Preset) -> None:
+    """The conditioning layouts the training stages build (a clear error instead of a silently different model)."""
+    gen = preset.generator
+    if gen.sink != "reference" or gen.mask != "reference_entry":
+        raise ValueError(
+            f"training builds sink='reference' with mask='reference_entry'; the preset has sink={gen.sink!r}, "
+            f"mask={gen.mask!r}"
+        )
+
+
+def pin_first_frames(latents: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Windows that start a render, with latent frame 0 replaced by the portrait's latent (pin_first_frame)."""
+    return torch.cat([reference.to(latents.dtype), latents[:, :, 1:]], dim=2)
 
 
 class SinkDenoiser(nn.Module):
@@ -61,13 +83,22 @@ def flow_matching_loss(
     attention: str = "bidirectional",
     frame_groups: list[int] | None = None,
     weights: torch.Tensor | None = None,
+    pinned_first: bool = False,
 ) -> torch.Tensor:
-    """MSE between the predicted and the true velocity (noise - x0). sigmas: (B, F) per frame."""
+    """MSE between the predicted and the true velocity (noise - x0). sigmas: (B, F) per frame.
+
+    `pinned_first`: frame 0 is a pinned frame (module docstring): given clean at its sigma's timestep, no loss."""
     noise = torch.randn_like(clean)
     s = sigmas[:, None, :, None, None]
     noisy = schedule.add_noise(clean, noise, s)
+    w = (
+        torch.ones(clean.shape[0], clean.shape[2], device=clean.device)
+        if weights is None
+        else weights.expand(clean.shape[0], -1)
+    )
+    if pinned_first:
+        noisy = torch.cat([clean[:, :, :1], noisy[:, :, 1:]], dim=2)
+        w = torch.cat([torch.zeros_like(w[:, :1]), w[:, 1:]], dim=1)
     velocity = denoiser(noisy, schedule.timestep(sigmas), reference, audio, first_position, attention, frame_groups)
     err = (velocity.float() - (noise - clean)).pow(2).mean(dim=(1, 3, 4))  # (B, F)
-    if weights is not None:
-        err = err * weights
-    return err.mean()
+    return (err * w).sum() / w.sum().clamp_min(1e-8)

@@ -21,7 +21,7 @@ from model.dit import CausalWanDiT
 from model.generator import AvatarModel, RenderSettings
 from model.scheduler import FlowMatchSchedule
 from model.synth import Clip
-from model.train.common import SinkDenoiser, flow_matching_loss, sample_sigmas
+from model.train.common import SinkDenoiser, check_trainable, flow_matching_loss, sample_sigmas
 from model.vae import WanVAE
 
 
@@ -56,6 +56,7 @@ class DistillStage:
         seed: int = 0,
         critic: CausalWanDiT | None = None,
     ):
+        check_trainable(preset)
         self.preset, self.cfg, self.clips = distilled_preset(preset), cfg, clips
         gen = self.preset.generator
         self.n = gen.frames_per_block
@@ -95,6 +96,10 @@ class DistillStage:
         audio = self.model.featurizer.block_features(clip.audio, 0, latents.shape[2], self.preset.vae.temporal_stride)
         return latents, session.reference.detach(), audio[None]
 
+    def pinned(self, window: slice) -> bool:
+        """Whether this window of a rollout starts with block 0's pinned frame (the portrait's latent)."""
+        return window.start == 0 and self.preset.generator.pin_first_frame
+
     def windows(self, frames: int) -> list[slice]:
         size = self.cfg.score_window_blocks * self.n
         return [slice(s, min(s + size, frames)) for s in range(0, frames, size)]
@@ -107,14 +112,19 @@ class DistillStage:
         dmd = latents.new_zeros(())
         for w in self.windows(latents.shape[2]):
             x = latents[:, :, w]
+            pinned = self.pinned(w)
             sigma = float(self.rng.uniform(self.cfg.min_sigma, self.cfg.max_sigma))
             with torch.no_grad():
                 noisy = self.schedule.add_noise(x.detach(), torch.randn_like(x), sigma)
+                if pinned:  # the pinned frame is given clean, as when block 0 was denoised
+                    noisy = torch.cat([x[:, :, :1].detach(), noisy[:, :, 1:]], dim=2)
                 t = self.schedule.timestep(torch.full((1, x.shape[2]), sigma))
                 x0_real = self.schedule.predict_x0(noisy, self.teacher(noisy, t, reference, audio[:, w], first), sigma)
                 x0_fake = self.schedule.predict_x0(noisy, self.critic(noisy, t, reference, audio[:, w], first), sigma)
-                normaliser = (x.detach() - x0_real).abs().mean().clamp_min(1e-4)
+                made = slice(1 if pinned else 0, None)  # the frames the student made
+                normaliser = (x.detach() - x0_real)[:, :, made].abs().mean().clamp_min(1e-4)
                 grad = (x0_fake - x0_real) / normaliser
+            x, grad = x[:, :, made], grad[:, :, made]
             dmd = dmd + 0.5 * F.mse_loss(x, (x - grad).detach()) / len(self.windows(latents.shape[2]))
         self.opt.zero_grad(set_to_none=True)
         dmd.backward()
@@ -128,7 +138,9 @@ class DistillStage:
             for w in self.windows(generated.shape[2]):
                 x = generated[:, :, w]
                 sigmas = sample_sigmas(1, gen.shift)[:, None].expand(-1, x.shape[2])
-                loss = loss + flow_matching_loss(self.critic, self.schedule, x, sigmas, reference, audio[:, w], first)
+                loss = loss + flow_matching_loss(
+                    self.critic, self.schedule, x, sigmas, reference, audio[:, w], first, pinned_first=self.pinned(w)
+                )
             self.critic_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.critic_dit.parameters(), 1.0)

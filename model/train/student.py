@@ -29,7 +29,7 @@ class StudentStage(DiTStage):
         n = gen.frames_per_block
         context_blocks = int(self.rng.integers(gen.window_frames // n + 1))
         frames = (context_blocks + 1) * n
-        batch, first_position = sample_windows(self, frames)
+        batch, first_position, starts = sample_windows(self, frames)
         b = self.cfg.batch
         t_max = self.cfg.t_mci_max / gen.num_train_timesteps
         context = torch.rand(b, context_blocks) * t_max  # MCI: one corruption level per context block
@@ -48,6 +48,9 @@ class StudentStage(DiTStage):
             attention="block_causal",
             frame_groups=[n] * (context_blocks + 1),
             weights=weights,
+            # Block 0 as the target: its pinned frame is given. As context it is data like any other (the generator
+            # writes block 0 MCI-noised, pinned frame included).
+            pinned_first=starts and context_blocks == 0 and gen.pin_first_frame,
         )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -25,7 +25,7 @@ from model.eval import heldout
 from model.generator import AvatarModel
 from model.scheduler import FlowMatchSchedule
 from model.synth import Clip
-from model.train.common import SinkDenoiser, flow_matching_loss, sample_sigmas
+from model.train.common import SinkDenoiser, check_trainable, flow_matching_loss, pin_first_frames, sample_sigmas
 from model.train.data import Batch, LatentDataset
 from model.vae import frames_to_tensor, tensor_to_frames
 
@@ -49,14 +49,17 @@ def random_first_position(rng: np.random.Generator, frames: int, preset: Preset)
     return int(rng.integers(gen.sink_frames, gen.horizon_frames - frames + 1))
 
 
-def sample_windows(stage: DiTStage, frames: int) -> tuple[Batch, int]:
-    """A batch of windows and the temporal position of their first frame: a render's first frames at the first
-    block's positions (`first_block_fraction` of the time), else random windows at random positions."""
+def sample_windows(stage: DiTStage, frames: int) -> tuple[Batch, int, bool]:
+    """A batch of windows, the temporal position of their first frame, and whether they start a render: a render's
+    first frames at the first block's positions (`first_block_fraction` of the time; latent frame 0 is then the
+    portrait's when the preset pins it), else random windows at random positions."""
     if stage.rng.random() < stage.cfg.first_block_fraction:
         batch = stage.data.sample(stage.cfg.batch, frames, stage.rng, from_start=True)
-        return batch, stage.preset.generator.sink_frames
+        if stage.preset.generator.pin_first_frame:
+            batch = Batch(pin_first_frames(batch.latents, batch.reference), batch.reference, batch.audio)
+        return batch, stage.preset.generator.sink_frames, True
     batch = stage.data.sample(stage.cfg.batch, frames, stage.rng)
-    return batch, random_first_position(stage.rng, frames, stage.preset)
+    return batch, random_first_position(stage.rng, frames, stage.preset), False
 
 
 class DiTStage:
@@ -73,6 +76,7 @@ class DiTStage:
         seed: int = 0,
         model: torch.nn.Module | None = None,
     ):
+        check_trainable(preset)
         self.dit, self.data, self.preset, self.cfg = dit.train().requires_grad_(True), data, preset, cfg
         self.model = model or SinkDenoiser(dit, preset.text.max_length)  # a DDP wrapper of one under Ray Train
         self.schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
@@ -91,10 +95,17 @@ class TeacherStage(DiTStage):
 
     def step(self, index: int) -> dict[str, float]:
         frames = self.cfg.window_blocks * self.preset.generator.frames_per_block
-        batch, first_position = sample_windows(self, frames)
+        batch, first_position, starts = sample_windows(self, frames)
         sigmas = sample_sigmas(self.cfg.batch, self.preset.generator.shift)[:, None].expand(-1, frames)
         loss = flow_matching_loss(
-            self.model, self.schedule, batch.latents, sigmas, batch.reference, batch.audio, first_position
+            self.model,
+            self.schedule,
+            batch.latents,
+            sigmas,
+            batch.reference,
+            batch.audio,
+            first_position,
+            pinned_first=starts and self.preset.generator.pin_first_frame,
         )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,7 +119,8 @@ def sample_teacher(
     model: AvatarModel, clip: Clip, steps: int, window_frames: int, seed: int, deflicker: bool = True
 ) -> np.ndarray:
     """A bidirectional teacher's video: independent windows of `window_frames` latent frames after the sink, each at
-    the positions the teacher was trained on, integrated with `steps` Euler steps; decoded as one clip (then the
+    the positions the teacher was trained on, integrated with `steps` Euler steps (the first window's frame 0 pinned
+    to the portrait's latent when the preset pins it, as the generator's block 0); decoded as one clip (then the
     preset's deflicker, as the generator would apply it)."""
     preset, dit = model.preset, model.dit
     stride = preset.vae.temporal_stride
@@ -125,12 +137,15 @@ def sample_teacher(
         x = torch.randn(
             1, preset.dit.latent_channels, n, preset.latent_height, preset.latent_width, generator=generator
         )
+        pin = start == 0 and preset.generator.pin_first_frame
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            if pin:
+                x = pin_first_frames(x, reference)
             t = schedule.timestep(torch.full((1, n), sigma))
             x = x + (sigma_next - sigma) * denoiser(
                 x, t, reference, audio[:, start : start + n], preset.generator.sink_frames
             )
-        latents.append(x)
+        latents.append(pin_first_frames(x, reference) if pin else x)
     video = model.vae.decode(torch.cat(latents, dim=2)).clamp(-1.0, 1.0)
     if deflicker:
         video = deflicker_video(video, stride, preset.generator.deflicker)
