@@ -2,7 +2,7 @@
 
     make demo && python examples/make_still.py
 
-Rows are videos, columns are frames, each frame scaled up without smoothing so the 64x64 pixels stay visible.
+Rows are videos, columns are frames, each frame scaled up without smoothing so the model's pixels stay visible.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from model.media.video import read_video
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("synth-0", "synth-1", "astronaut")
-SCALE = 3
+SCALE = 2  # 128x128 frames shown at 256x256
 
 
 def main(argv: list[str] | None = None) -> None:
