@@ -246,6 +246,9 @@ def write_model_card(
     directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str, budget_minutes: float | None
 ) -> None:
     dit = CausalWanDiT(preset.dit)
+    vae = WanVAE(preset.vae)
+    gen = preset.generator
+    anchoring = "block 0's latent frame 0 pinned to the portrait's latent" if gen.pin_first_frame else "no pinning"
     rows = "\n".join(
         f"| {name} | {s['steps']} | {s['seconds'] / 60:.1f} | {s['stopped_by']} | "
         + ", ".join(f"{k} {v:.4g}" for k, v in s["final_losses"].items())
@@ -257,14 +260,21 @@ def write_model_card(
 Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4).
 
 - Command: `{command}`
-- Data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s, data seed {cfg.data.data_seed}; training identity
-  seeds {cfg.data.identity_base}..{cfg.data.identity_base + cfg.data.num_identities - 1}, speaker seeds
-  {cfg.data.speaker_base}..{cfg.data.speaker_base + cfg.data.num_speakers - 1}. Held-out evaluation uses identity seeds
-  from {HELD_OUT.identity_base} and speaker seeds from {HELD_OUT.speaker_base} (never seen in training).
-- DiT: {sum(p.numel() for p in dit.parameters()):,} parameters; VAE: tiny Wan2.1-style causal 3D VAE trained here.
-- Generator: step plan {list(preset.generator.step_plan)} (PSB), sampler `{preset.generator.sampler}`,
-  t_mci {preset.generator.t_mci} (MCI), horizon {preset.generator.horizon_frames} latent frames with URCR resets;
-  {_deflicker_line(preset.generator.deflicker, result)}.
+- Video: {preset.video.height}x{preset.video.width} at {preset.video.fps} fps.
+- Data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s (natural-image textures), data seed
+  {cfg.data.data_seed}; training identity seeds {cfg.data.identity_base}..{
+        cfg.data.identity_base + cfg.data.num_identities - 1
+    }, speaker seeds {cfg.data.speaker_base}..{
+        cfg.data.speaker_base + cfg.data.num_speakers - 1
+    }. The VAE learns with head motion x{cfg.vae_head_motion}, the DiT stages with
+  x{cfg.data.head_motion} and {cfg.data.framed_fraction:.0%} of the clips framed otherwise (docs/results.md says why).
+  Held-out evaluation uses identity seeds from {HELD_OUT.identity_base}, speaker seeds from {HELD_OUT.speaker_base}
+  and content seeds from {HELD_OUT.content_base} (never used for training, tuning or calibration).
+- DiT: {sum(p.numel() for p in dit.parameters()):,} parameters; VAE: {sum(p.numel() for p in vae.parameters()):,}
+  parameters, a Wan2.1-style causal 3D VAE (base_dim {preset.vae.base_dim}, frame-local residual convs) trained here.
+- Generator: step plan {list(gen.step_plan)} (PSB), sampler `{gen.sampler}`, t_mci {gen.t_mci} (MCI), horizon
+  {gen.horizon_frames} latent frames with URCR resets, the portrait's latent as the cache sink, {anchoring};
+  {_deflicker_line(gen.deflicker, result)}.
 - Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; budget {budget_minutes} minutes;
   total {result["seconds"] / 60:.1f} minutes.
 
