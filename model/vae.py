@@ -85,6 +85,16 @@ def _causal_conv_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = N
     return type(self).forward(self, x, cache_x)
 
 
+def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """WanRMS_norm.forward with the L2 norm taken as a sum of squares and an rsqrt: the same numbers to float
+    rounding (F.normalize's eps 1e-12 on the norm is 1e-24 on its square), several times faster on a CPU, where
+    F.normalize over the channel axis of a (B, C, T, H, W) tensor cost as much as the convolutions."""
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    dim = 1 if self.channel_first else -1
+    normalized = (wide * torch.rsqrt((wide * wide).sum(dim, keepdim=True).clamp_min(1e-24))).to(x.dtype)
+    return normalized * self.scale * self.gamma + self.bias
+
+
 class WanVAE(nn.Module):
     """AutoencoderKLWan built from a VAEConfig; encode -> normalised posterior mean, decode -> video."""
 
@@ -98,8 +108,11 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents_mean/std must have z_dim = {config.z_dim} entries")
         self.config = config
         self.model = AutoencoderKLWan(**_diffusers_kwargs(config))
-        for conv in residual_temporal_convs(self.model):  # same weights and results, less arithmetic when it can
+        # Same weights and results (to float rounding), less work: diffusers' modules with faster forwards.
+        for conv in residual_temporal_convs(self.model):
             conv.forward = types.MethodType(_causal_conv_forward, conv)
+        for norm in (m for m in self.model.modules() if type(m).__name__ == "WanRMS_norm"):
+            norm.forward = types.MethodType(_rms_norm_forward, norm)
         normalised = config.latents_mean is not None
         mean = torch.tensor(config.latents_mean) if normalised else torch.zeros(config.z_dim)
         std = torch.tensor(config.latents_std) if normalised else torch.ones(config.z_dim)

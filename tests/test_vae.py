@@ -139,3 +139,27 @@ def test_frame_tensor_conversions_round_trip():
     assert video.shape == (1, 3, 5, 16, 24) and video.min() >= -1 and video.max() <= 1
     np.testing.assert_array_equal(tensor_to_frames(video), frames)
     np.testing.assert_array_equal(tensor_to_frames(video[0]), frames)
+
+
+def test_the_fast_forwards_compute_what_diffusers_does():
+    """WanVAE runs diffusers' causal convs as per-frame 2D convs where that is exact and its RMS norms with an rsqrt:
+    encode and decode agree with the plain diffusers modules, for full temporal taps and for frame-local ones."""
+    from diffusers import AutoencoderKLWan
+
+    from model.config import VAEConfig
+    from model.train.vae import zero_temporal_taps
+    from model.vae import _diffusers_kwargs
+
+    config = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
+    torch.manual_seed(0)
+    ours = WanVAE(config).eval()
+    plain = AutoencoderKLWan(**_diffusers_kwargs(config)).eval()
+    video = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for frame_local in (False, True):
+        if frame_local:
+            zero_temporal_taps(ours)
+        plain.load_state_dict(ours.model.state_dict())
+        with torch.no_grad():
+            z, z_plain = ours.model.encode(video).latent_dist.mean, plain.encode(video).latent_dist.mean
+            out, out_plain = ours.model.decode(z).sample, plain.decode(z).sample
+        assert torch.allclose(z, z_plain, atol=1e-5) and torch.allclose(out, out_plain, atol=1e-5)
