@@ -299,18 +299,8 @@ def render_rows(model: AvatarModel, batch: int, num_blocks: int, seed: int, coun
         sessions.append(session)
     opened = clock.mark()
     engine = Engine(model)
-    decode_ms = {}
     for session in sessions:
         engine.add(session)
-        emit = session.emit
-
-        def timed_emit(clean, emit=emit, session=session):
-            mark = clock.mark()
-            block = emit(clean)
-            decode_ms[(id(session), block.index)] = clock.ms(mark, clock.mark())
-            return block
-
-        session.emit = timed_emit
     steps = []
     hook = model.dit.register_forward_pre_hook(counter, with_kwargs=True) if counter else None
     try:
@@ -319,12 +309,20 @@ def render_rows(model: AvatarModel, batch: int, num_blocks: int, seed: int, coun
                 flops_before = counter.flops if counter else 0
                 mark = clock.mark()
                 finished = engine.step()
+                generated = clock.mark()
+                decoded = []  # decoded in the engine's thread, after the step: the DiT and the VAE are timed apart
+                for session, latents in finished:
+                    block = session.emit(latents)
+                    decoded.append((block.index, len(block.frames)))
                 end = clock.mark()
+                flops = (counter.flops if counter else 0) - flops_before
                 steps.append(
                     {
                         "ms": clock.ms(mark, end),
-                        "flops": (counter.flops if counter else 0) - flops_before,
-                        "blocks": [(b.index, len(b.frames), decode_ms[(id(s), b.index)]) for s, b in finished],
+                        "dit_ms": clock.ms(mark, generated),
+                        "flops": flops,
+                        "decode_ms": clock.ms(generated, end),
+                        "blocks": decoded,
                     }
                 )
     finally:
@@ -349,30 +347,29 @@ def run_batch(model: AvatarModel, batch: int, num_blocks: int, peak_tflops: floa
     steps = run["steps"]
 
     # Per block index: the engine steps that ran it (all rows advance in lockstep here, one block at a time).
-    per_block, current, first_frame_ms = [], {"ms": 0.0, "flops": 0, "passes": 0}, None
+    per_block, current, first_frame_ms = [], {"ms": 0.0, "dit_ms": 0.0, "flops": 0, "passes": 0}, None
     for step in steps:
-        current["ms"] += step["ms"]
-        current["flops"] += step["flops"]
+        for key in ("ms", "dit_ms", "flops"):
+            current[key] += step[key]
         current["passes"] += 1
         if step["blocks"]:
-            index = step["blocks"][0][0]
-            decode = sum(d for _, _, d in step["blocks"])
-            frames = sum(n for _, n, _ in step["blocks"])
+            frames = sum(n for _, n in step["blocks"])
+            rows = len(step["blocks"])
             per_block.append(
                 {
-                    "index": index,
-                    "rows": len(step["blocks"]),
+                    "index": step["blocks"][0][0],
+                    "rows": rows,
                     "passes": current["passes"],
-                    "video_frames": frames // len(step["blocks"]),
+                    "video_frames": frames // rows,
                     "step_ms": current["ms"],
-                    "decode_ms": decode,
-                    "dit_ms": current["ms"] - decode,
+                    "dit_ms": current["dit_ms"],
+                    "decode_ms": step["decode_ms"],
                     "dit_flops": current["flops"],
                 }
             )
             if first_frame_ms is None:
                 first_frame_ms = run["open_ms"] + current["ms"]
-            current = {"ms": 0.0, "flops": 0, "passes": 0}
+            current = {"ms": 0.0, "dit_ms": 0.0, "flops": 0, "passes": 0}
     gen = model.preset.generator
     steady = [b for b in per_block if b["index"] >= steady_from(model.preset)] or per_block[1:] or per_block
     frames = sum(b["video_frames"] * b["rows"] for b in steady)

@@ -10,8 +10,8 @@ random generator, and attention runs over each row's own cache.
     engine = Engine(model)
     engine.add(session_a); engine.add(session_b)
     while engine.active:
-        for session, block in engine.step():  # one pass of every active row; blocks as rows finish them
-            ...
+        for session, latents in engine.step():  # one pass of every active row; a block's latents as it ends
+            block = session.emit(latents)         # decode (the caller may do it on another thread, in order)
 
 A single render is the same engine with one row (`run_block`).
 """
@@ -100,20 +100,20 @@ class Engine:
         return list(self._blocks)
 
     def step(self) -> list[tuple]:
-        """One pass of every ready row; returns (session, VideoBlock) for the blocks finished in it. A row whose
-        audio has not arrived waits; a row that raises leaves with its error in `failures`."""
+        """One pass of every ready row; returns (session, clean latents) for the blocks finished in it, to be
+        decoded by `session.emit` in order. A row whose audio has not arrived waits; a row whose blocks are all
+        generated leaves; a row that raises leaves with its error in `failures`."""
         finished: list[tuple] = []
         waiting: dict = {}
         for session in list(self._blocks):
             pending = self._blocks[session]
             if pending is None:
-                if session.finished:
+                if session.generated_all:
                     self.remove(session)
                     continue
                 if not session.ready():
                     continue
-                block = session.block_passes()
-                pending = self._advance(session, block, None, finished)
+                pending = self._advance(session, session.block_passes(), None, finished)
                 if pending is None:
                     continue
             waiting[session] = pending
@@ -134,10 +134,7 @@ class Engine:
             step = next(block) if output is None else block.send(output)
         except StopIteration as done:
             self._blocks[session] = None
-            try:
-                finished.append((session, session.emit(done.value)))
-            except Exception as err:
-                self._fail(session, err)
+            finished.append((session, done.value))
             return None
         except Exception as err:
             self._fail(session, err)

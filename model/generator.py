@@ -457,11 +457,17 @@ class RenderSession:
 
     @property
     def finished(self) -> bool:
+        """Every video frame has been emitted."""
         return self.total_frames is not None and self.frames_done >= self.total_frames
 
+    @property
+    def generated_all(self) -> bool:
+        """Every block's latents have been generated (they may still wait for `emit`)."""
+        return self.total_frames is not None and self._video_frames_through(self.latents_done) >= self.total_frames
+
     def ready(self) -> bool:
-        """Whether the next block can be rendered now (its audio has arrived, and the video is not finished)."""
-        if self.finished:
+        """Whether the next block can be generated now (its audio has arrived, and blocks remain)."""
+        if self.generated_all:
             return False
         if self.audio_final:
             return True

@@ -189,13 +189,12 @@ def render_latents(case: Case, blocks: int, extra_features: int = 0) -> tuple[li
         outputs.append([])
     engine = Engine(model)
     latents: dict = {s: [] for s in sessions}
-    original_emit = type(sessions[0]).emit
     for session in sessions:
-        session.emit = lambda clean, s=session: latents[s].append(clean) or original_emit(s, clean)
         engine.add(session)
     with torch.no_grad():
         while engine.active:
-            engine.step()
+            for session, clean in engine.step():
+                latents[session].append(clean)
     assert not engine.failures, engine.failures
     return [torch.cat(latents[s], dim=2) for s in sessions], sessions
 
