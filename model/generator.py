@@ -81,6 +81,16 @@ class VideoBlock:
 
 
 @dataclass
+class GeneratedBlock:
+    """A block as the block loop leaves it: its clean latents and the video frames they become (`emit`)."""
+
+    index: int
+    first_frame: int
+    num_frames: int  # video frames of this block, the last one trimmed to the audio
+    latents: torch.Tensor  # (1, C, n, h, w)
+
+
+@dataclass
 class CacheWrite:
     """One cache-write pass, enough to replay it: what was written, at which timestep and positions, and for which
     frames (their audio and mask are recomputed from that)."""
@@ -457,17 +467,12 @@ class RenderSession:
 
     @property
     def finished(self) -> bool:
-        """Every video frame has been emitted."""
+        """Every block has been generated (its frames may still wait for `emit`)."""
         return self.total_frames is not None and self.frames_done >= self.total_frames
-
-    @property
-    def generated_all(self) -> bool:
-        """Every block's latents have been generated (they may still wait for `emit`)."""
-        return self.total_frames is not None and self._video_frames_through(self.latents_done) >= self.total_frames
 
     def ready(self) -> bool:
         """Whether the next block can be generated now (its audio has arrived, and blocks remain)."""
-        if self.generated_all:
+        if self.finished:
             return False
         if self.audio_final:
             return True
@@ -487,34 +492,29 @@ class RenderSession:
         if not self.ready():
             return None
         with torch.no_grad():
-            clean = run_block(self.model.dit, self.block_passes())
-        return self.emit(clean)
+            return self.emit(run_block(self.model.dit, self.block_passes()))
 
     def __iter__(self):
         while (block := self.next_block()) is not None:
             yield block
 
-    def emit(self, clean: torch.Tensor) -> VideoBlock:
-        """Decode a finished block's clean latents into video frames (trimmed to the audio at the end)."""
-        frames = tensor_to_frames(self.decoder.decode_block(clean.float())[0])
-        if self.total_frames is not None:
-            frames = frames[: max(0, self.total_frames - self.frames_done)]
-        self._drop_read_audio()
-        block = VideoBlock(index=self.blocks_done - 1, first_frame=self.frames_done, frames=frames)
-        self.frames_done += len(frames)
-        return block
+    def emit(self, block: GeneratedBlock) -> VideoBlock:
+        """Decode a generated block into its video frames. Blocks must be emitted in order; this touches only the
+        decoder, so it may run on another thread while the next block is generated."""
+        frames = tensor_to_frames(self.decoder.decode_block(block.latents.float())[0])
+        return VideoBlock(index=block.index, first_frame=block.first_frame, frames=frames[: block.num_frames])
 
     def next_latents(self, exit_step: int | None = None) -> torch.Tensor:
         """Training rollouts: the next block's latents without decoding (see `block_passes`). Needs final audio."""
         if not self.audio_final:
             raise RuntimeError("training rollouts need the whole audio (feed_audio(..., final=True))")
-        return run_block(self.model.dit, self.block_passes(exit_step))
+        return run_block(self.model.dit, self.block_passes(exit_step)).latents
 
     # -- the block loop --------------------------------------------------------------------------------------
 
     def block_passes(self, exit_step: int | None = None) -> BlockPasses:
         """The next block as a coroutine of network passes (run by `model.engine`); returns its clean latents
-        (1, C, n, h, w): the sink or a restore first, URCR if the block would pass the horizon, the PSB plan's
+        as a GeneratedBlock: the sink or a restore first, URCR if the block would pass the horizon, the PSB plan's
         denoising steps (block 0's first frame pinned to the portrait where the preset says so), then the MCI
         context write.
 
@@ -552,10 +552,15 @@ class RenderSession:
         self.latents_done = first + n
         self.blocks_done += 1
         self.recent = torch.cat([self.recent, clean.detach()], dim=2)[:, :, -self._recent_frames() :]
-        last = self.total_frames is not None and self._video_frames_through(self.latents_done) >= self.total_frames
-        if not last:
+        video_end = self._video_frames_through(self.latents_done)
+        if self.total_frames is not None:
+            video_end = min(video_end, self.total_frames)
+        block = GeneratedBlock(self.blocks_done - 1, self.frames_done, video_end - self.frames_done, clean)
+        self.frames_done = video_end
+        if not self.finished:  # the last block's context is never read
             yield from self._write_context(clean.detach(), positions, first)
-        return clean
+        self._drop_read_audio()
+        return block
 
     def _pass(self, x, timestep, positions, cond, audio, *, write: bool, grad: bool = False) -> Pass:
         return Pass(x, timestep, positions, cond, audio, self.text, self.cache, write, grad)

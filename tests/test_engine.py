@@ -43,9 +43,9 @@ def solo(model: AvatarModel, row) -> tuple[list[torch.Tensor], list[np.ndarray]]
     latents, frames = [], []
     with torch.no_grad():
         while engine.active:
-            for s, clean in engine.step():
-                latents.append(clean)
-                frames.append(s.emit(clean).frames)
+            for s, block in engine.step():
+                latents.append(block.latents)
+                frames.append(s.emit(block).frames)
     return latents, frames
 
 
@@ -63,9 +63,9 @@ def together(model: AvatarModel, rows, join_after: dict | None = None, sessions=
             for i in [i for i in pending if join_after.get(i, 0) <= steps]:
                 engine.add(pending.pop(i))
             widest = max(widest, len(engine.active))
-            for s, clean in engine.step():
-                out[index[id(s)]][0].append(clean)
-                out[index[id(s)]][1].append(s.emit(clean).frames)
+            for s, block in engine.step():
+                out[index[id(s)]][0].append(block.latents)
+                out[index[id(s)]][1].append(s.emit(block).frames)
             steps += 1
     return {"rows": out, "failures": engine.failures, "widest": widest, "sessions": sessions}
 
@@ -126,8 +126,8 @@ def test_a_row_resumes_from_its_state_whatever_it_was_batched_with(model):
         engine.add(s)
     with torch.no_grad():
         while sessions[0].blocks_done < 3 or engine._blocks[sessions[0]] is not None:
-            for s, clean in engine.step():
-                s.emit(clean)
+            for s, block in engine.step():
+                s.emit(block)
         state = RenderState.from_bytes(sessions[0].state().to_bytes())
         restored = model.restore(state)
         restored.feed_audio(speech(row[1], seed=row[0]), final=True)

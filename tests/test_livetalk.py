@@ -193,8 +193,8 @@ def render_latents(case: Case, blocks: int, extra_features: int = 0) -> tuple[li
         engine.add(session)
     with torch.no_grad():
         while engine.active:
-            for session, clean in engine.step():
-                latents[session].append(clean)
+            for session, block in engine.step():
+                latents[session].append(block.latents)
     assert not engine.failures, engine.failures
     return [torch.cat(latents[s], dim=2) for s in sessions], sessions
 
