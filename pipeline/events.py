@@ -45,6 +45,7 @@ class RowResult(BaseModel):
     duration_s: float | None = None  # wall seconds of the row's stages together; None while it runs
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage: fetch, render (generate inside), write
     metrics: dict = Field(default_factory=dict)  # quality metrics (model.eval), where computed
+    rows_in_batch: int = 0  # the most rows its render actor's engine advanced together while rendering it (0: none)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pipeline.storage import ObjectStore, normalize_uri
 
 POLL_SECONDS = 0.2  # how often the driver reads new events
 EXISTS_CHECKS_IN_FLIGHT = 16  # concurrent existence checks of outputs (S3 HEAD requests)
-JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint"})  # settings a job may override
+JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint", "rows_per_actor"})  # settings a job may override
 
 
 @dataclass(frozen=True)
@@ -215,10 +215,15 @@ def _execute(tasks, spec, settings, preset, workers, progress, on_event, cancel)
             batch_size=1,
             batch_format="pyarrow",
             fn_constructor_kwargs=stage_args,
-            # A fixed pool; one row at a time per actor so no row waits behind a long one on a busy actor.
-            # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a killed actor
-            # comes back (model reloaded) and its row is retried there, resuming from the stored segments.
-            compute=ray.data.ActorPoolStrategy(size=settings.num_actors, max_tasks_in_flight_per_actor=1),
+            # A fixed pool; each actor keeps up to rows_per_actor rows in flight in its one engine (its __call__ is
+            # async: concurrent calls feed one engine loop, refilled as rows finish). Ray Data gives pool actors
+            # max_restarts=-1 and max_task_retries=-1 by default: a killed actor comes back (model reloaded) and its
+            # rows are retried there, resuming from their stored segments.
+            compute=ray.data.ActorPoolStrategy(
+                size=settings.num_actors,
+                max_tasks_in_flight_per_actor=settings.rows_per_actor,
+                max_concurrent_calls_per_actor=settings.rows_per_actor,
+            ),
             num_cpus=actor_cpus,
             num_gpus=1 if use_gpu else 0,
         )
@@ -277,7 +282,9 @@ def _relay_events(progress, on_event, cursor: int = 0) -> int:
     return cursor
 
 
-REPORT_COLUMNS = ("id", "status", "output", "error", "error_kind", "frames", "video_seconds", "duration_s")
+REPORT_COLUMNS = (
+    "id", "status", "output", "error", "error_kind", "frames", "video_seconds", "duration_s", "rows_in_batch",
+)  # fmt: skip
 
 
 def write_report(report: JobReport, output_root: str, store: ObjectStore) -> None:
@@ -301,6 +308,7 @@ def write_report(report: JobReport, output_root: str, store: ObjectStore) -> Non
             ("frames", pa.int64()),
             ("video_seconds", pa.float64()),
             ("duration_s", pa.float64()),
+            ("rows_in_batch", pa.int64()),
             ("timings", pa.string()),
             ("metrics", pa.string()),
         ]

@@ -59,6 +59,7 @@ class RowRecord:
             duration_s=sum(seconds for stage, seconds in self.timings.items() if stage != "generate"),  # inside render
             timings=dict(self.timings),
             metrics=dict(self.result.get("metrics", {})),
+            rows_in_batch=self.result.get("rows_in_batch", 0),
         )
 
     @classmethod
