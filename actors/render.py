@@ -51,8 +51,8 @@ def last_complete_segment(store: ObjectStore, prefix: str) -> int | None:
 class RowRender:
     """One row in the engine: its session, its open segment, its progress; the engine loop drives it."""
 
-    def __init__(self, actor: RenderActor, record: RowRecord, resolve):
-        self.actor, self.record, self.task = actor, record, record.task
+    def __init__(self, actor: BatchRenderer, record: RowRecord, resolve):
+        self.renderer, self.record, self.task = actor, record, record.task
         self.resolve = resolve  # hands the finished record back to the waiting call
         self.started = time.perf_counter()
         self.session = None
@@ -70,31 +70,32 @@ class RowRender:
     def open(self) -> None:
         from model.generator import RenderState
 
-        actor, task = self.actor, self.task
-        self.resume_from = last_complete_segment(actor.store, task.segments)
+        renderer, task = self.renderer, self.task
+        self.resume_from = last_complete_segment(renderer.store, task.segments)
         if self.resume_from is None:
-            self.session = actor.model.open(array_from_bytes(self.record.portrait), task.prompt, task.render)
+            self.session = renderer.model.open(array_from_bytes(self.record.portrait), task.prompt, task.render)
         else:
             uri = segment_uri(task.segments, self.resume_from, STATE)
-            self.session = actor.model.restore(RenderState.from_bytes(actor.store.get_bytes(uri)), task.prompt)
+            self.session = renderer.model.restore(RenderState.from_bytes(renderer.store.get_bytes(uri)), task.prompt)
             self.segment = self.resume_from + 1
         self.session.feed_audio(array_from_bytes(self.record.audio), final=True)
         self.record.portrait = self.record.audio = b""  # the writer needs neither; keep the object store light
-        self.cancelled = actor.report([RowStarted(actor.job_id, task.id, actor.actor_id, self.session.blocks_done)])
+        started = RowStarted(renderer.job_id, task.id, renderer.actor_id, self.session.blocks_done)
+        self.cancelled = renderer.report([started])
 
     def on_block(self, generated) -> None:
         """A generated block: decode, encode and maybe store a segment (here or on the decode thread)."""
         now = time.perf_counter()
         seconds, self.block_started = now - self.block_started, now
         state = None
-        if self.blocks_in_segment + 1 == self.actor.settings.segment_blocks or self.session.finished:
+        if self.blocks_in_segment + 1 == self.renderer.settings.segment_blocks or self.session.finished:
             state = self.session.state()  # taken now, at the block boundary: the next block is being generated
         self.blocks_in_segment = 0 if state is not None else self.blocks_in_segment + 1
         work = (generated, state, seconds)
-        if self.actor.decoder is None:
+        if self.renderer.decoder is None:
             self._write_block(*work)
         else:
-            self.pending.append(self.actor.decoder.submit(self._write_block, *work))
+            self.pending.append(self.renderer.decoder.submit(self._write_block, *work))
 
     def _write_block(self, generated, state, seconds: float) -> None:
         from model.media import VideoWriter
@@ -108,13 +109,15 @@ class RowRender:
         self.writer.write(block.frames)
         if state is not None:
             self._store_segment(state)
-        event = BlockRendered(self.actor.job_id, self.task.id, self.actor.actor_id, block.index, len(block.frames),
-                              len(block.frames) / self.session.fps, seconds)  # fmt: skip
-        self.cancelled = self.actor.report([event]) or self.cancelled
+        renderer, frames = self.renderer, len(block.frames)
+        event = BlockRendered(
+            renderer.job_id, self.task.id, renderer.actor_id, block.index, frames, frames / self.session.fps, seconds
+        )
+        self.cancelled = self.renderer.report([event]) or self.cancelled
 
     def _store_segment(self, state) -> None:
         """Close and upload a segment, then its state: a segment counts only once its state exists."""
-        store, prefix = self.actor.store, self.task.segments
+        store, prefix = self.renderer.store, self.task.segments
         self.writer.close()
         store.put_file(segment_uri(prefix, self.segment, MP4), self.writer.path)
         store.put_bytes(segment_uri(prefix, self.segment, STATE), state.to_bytes())
@@ -154,7 +157,7 @@ class RowRender:
                 "blocks": session.blocks_done,
                 "segments": self.segment,
                 "resumed_from_segment": self.resume_from,
-                "actor_id": self.actor.actor_id,
+                "actor_id": self.renderer.actor_id,
                 "rows_in_batch": self.rows_in_batch,
             }
         record.portrait = record.audio = b""
@@ -162,53 +165,33 @@ class RowRender:
         return record
 
 
-class RenderActor:
-    def __init__(self, settings: PipelineSettings, job_id: str, progress):
-        import torch
+class BatchRenderer:
+    """The render actor's work without Ray: rows go in (`submit`), up to `rows_per_actor` render together in one
+    engine loop on its own thread, and each row's record comes back through its `resolve` callback. `report`
+    receives every row's progress events and answers whether the job was cancelled."""
 
+    def __init__(self, model, store: ObjectStore, settings: PipelineSettings, job_id: str, actor_id: str, report):
         from model.engine import Engine
-        from model.generator import AvatarModel
 
-        if settings.device == "cpu":
-            torch.set_num_threads(max(1, round(settings.actor_num_cpus)))
-        self.settings, self.job_id, self.progress = settings, job_id, progress
-        self.store = ObjectStore(settings.storage)
-        # An s3:// checkpoint is downloaded once per node (verified), not once per actor.
-        checkpoint = local_checkpoint(settings.checkpoint, self.store) if settings.checkpoint else None
-        self.model = AvatarModel.load(
-            checkpoint, preset=settings.preset, device=settings.device, dtype=settings.torch_dtype()
-        )
+        self.model, self.store, self.settings = model, store, settings
+        self.job_id, self.actor_id, self.report = job_id, actor_id, report
         overlap = settings.overlap_decode == "on" or (settings.overlap_decode == "auto" and settings.device == "cuda")
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="render-decode") if overlap else None
-        self.engine = Engine(self.model)
+        self.engine = Engine(model)
+        self.step_seconds = 0.0  # time in engine steps (generation), for benchmarks/actor_batching.py
         self._inbox: queue.Queue = queue.Queue()
         self._loop = threading.Thread(target=self._run_engine, name="render-engine", daemon=True)
         self._loop.start()
-        context = ray.get_runtime_context()
-        self.actor_id = context.get_actor_id() or f"local-{os.getpid()}"
-        if context.current_actor is not None:
-            ray.get(progress.register_render_actor.remote(self.actor_id, context.current_actor))
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        """One of up to `rows_per_actor` concurrent calls: hand the rows to the engine loop and wait for them."""
-        loop = asyncio.get_running_loop()
-        futures = []
-        for row in batch.to_pylist():
-            future = loop.create_future()
-            self._inbox.put((RowRecord.from_row(row), loop, future))
-            futures.append(future)
-        records = await asyncio.gather(*futures)
-        return pa.Table.from_pylist([r.to_row() for r in records], schema=batch.schema)
+    def submit(self, record: RowRecord, resolve) -> None:
+        """Queue a row; `resolve(record)` is called from the engine thread when it is rendered, cancelled or failed."""
+        self._inbox.put((record, resolve))
 
     def render(self, record: RowRecord) -> RowRecord:
-        """One row on its own (the engine loop with nothing else in flight): for callers outside Ray Data."""
+        """One row, waited for."""
         done: Future = Future()
-        self._inbox.put((record, None, done))
+        self.submit(record, done.set_result)
         return done.result()
-
-    def report(self, events: list) -> bool:
-        """Push events; returns whether the job is cancelled (one round trip per block)."""
-        return ray.get(self.progress.push_and_check.remote(events))
 
     # -- the engine loop (one thread) --------------------------------------------------------------------------
 
@@ -230,6 +213,7 @@ class RenderActor:
         tick = time.perf_counter()
         finished = self.engine.step()
         seconds = time.perf_counter() - tick
+        self.step_seconds += seconds
         for row in rows.values():
             row.rows_in_batch = max(row.rows_in_batch, width)
             row.generate_seconds += seconds
@@ -252,11 +236,11 @@ class RenderActor:
         """Take in the rows waiting in the inbox (blocking for one when the engine is idle)."""
         while True:
             try:
-                record, loop, future = self._inbox.get(block=wait)
+                record, resolve = self._inbox.get(block=wait)
             except queue.Empty:
                 return
             wait = False
-            item = RowRender(self, record, _resolver(loop, future))
+            item = RowRender(self, record, resolve)
             if record.status != RowStatus.PENDING:
                 item.resolve(record)
                 continue
@@ -272,8 +256,42 @@ class RenderActor:
         row.resolve(row.close(error))
 
 
-def _resolver(loop, future):
-    """Set a waiting call's result from the engine thread (an asyncio future on its loop, or a plain Future)."""
-    if loop is None:
-        return future.set_result
-    return lambda record: loop.call_soon_threadsafe(future.set_result, record)
+class RenderActor:
+    """The Ray Data callable class: loads the model once, and feeds up to `rows_per_actor` concurrent calls into
+    one BatchRenderer."""
+
+    def __init__(self, settings: PipelineSettings, job_id: str, progress):
+        import torch
+
+        from model.generator import AvatarModel
+
+        if settings.device == "cpu":
+            torch.set_num_threads(max(1, round(settings.actor_num_cpus)))
+        self.progress = progress
+        store = ObjectStore(settings.storage)
+        # An s3:// checkpoint is downloaded once per node (verified), not once per actor.
+        checkpoint = local_checkpoint(settings.checkpoint, store) if settings.checkpoint else None
+        model = AvatarModel.load(
+            checkpoint, preset=settings.preset, device=settings.device, dtype=settings.torch_dtype()
+        )
+        context = ray.get_runtime_context()
+        actor_id = context.get_actor_id() or f"local-{os.getpid()}"
+        self.renderer = BatchRenderer(model, store, settings, job_id, actor_id, self.report)
+        if context.current_actor is not None:
+            ray.get(progress.register_render_actor.remote(actor_id, context.current_actor))
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """One of up to `rows_per_actor` concurrent calls: hand the rows to the engine loop and wait for them."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for row in batch.to_pylist():
+            future = loop.create_future()
+            resolve = lambda record, future=future: loop.call_soon_threadsafe(future.set_result, record)  # noqa: E731
+            self.renderer.submit(RowRecord.from_row(row), resolve)
+            futures.append(future)
+        records = await asyncio.gather(*futures)
+        return pa.Table.from_pylist([r.to_row() for r in records], schema=batch.schema)
+
+    def report(self, events: list) -> bool:
+        """Push events; returns whether the job is cancelled (one round trip per block)."""
+        return ray.get(self.progress.push_and_check.remote(events))
