@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps lint test demo examples train-tiny eval-tiny ablation-mci-off bench-long bench-pipeline bench-service bench-gpu clean
+.PHONY: install system-deps lint test demo examples train-tiny eval-tiny ablation-mci-off bench-long bench-pipeline bench-service bench-gpu bench-batching clean
 
 # torch is installed first and pinned: a looser resolution pulls several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -84,6 +84,10 @@ bench-service: install
 
 bench-gpu: install
 	$(PY) benchmarks/gpu_throughput.py
+
+# One render actor at 1, 2, 4, 8 rows in flight (the bundled model, this machine): docs/performance.md.
+bench-batching: install
+	$(PY) benchmarks/actor_batching.py --rows 8 --seconds 4 --batch 1,2,4,8 --out docs/perf/cpu-actor-batching.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -270,7 +271,8 @@ class RenderActor:
         self.progress = progress
         store = ObjectStore(settings.storage)
         # An s3:// checkpoint is downloaded once per node (verified), not once per actor.
-        checkpoint = local_checkpoint(settings.checkpoint, store) if settings.checkpoint else None
+        cache = settings.model_cache_dir and Path(settings.model_cache_dir)
+        checkpoint = local_checkpoint(settings.checkpoint, store, cache) if settings.checkpoint else None
         model = AvatarModel.load(
             checkpoint, preset=settings.preset, device=settings.device, dtype=settings.torch_dtype()
         )

@@ -57,7 +57,9 @@ class PipelineSettings(BaseSettings):
     # Decode and encode block k on a second thread while block k+1 is generated ("auto": on a GPU only; on a
     # 2-core CPU the threads would fight over the same cores).
     overlap_decode: Literal["auto", "on", "off"] = "auto"
-    checkpoint: str | None = None  # None: the bundled default model
+    checkpoint: str | None = None  # None: the bundled default model; a directory, or its s3:// URI
+    # Where each node keeps its verified copy of an s3:// checkpoint (None: ~/.cache/avatar-render/checkpoints).
+    model_cache_dir: str | None = None
     preset: str = "tiny"  # names the model only when no checkpoint is given: a checkpoint brings its own
     device: Literal["cpu", "cuda"] = "cpu"  # "cuda": one GPU per render actor
     # The DiT's dtype: "auto" is bfloat16 on a GPU (as LiveTalk renders), float32 on a CPU.
