@@ -92,16 +92,30 @@ class RowRender:
         if self.blocks_in_segment + 1 == self.renderer.settings.segment_blocks or self.session.finished:
             state = self.session.state()  # taken now, at the block boundary: the next block is being generated
         self.blocks_in_segment = 0 if state is not None else self.blocks_in_segment + 1
-        work = (generated, state, seconds)
         if self.renderer.decoder is None:
-            self._write_block(*work)
-        else:
-            self.pending.append(self.renderer.decoder.submit(self._write_block, *work))
+            self._write_block(generated, state, seconds)
+            return
+        ready = None
+        if self.renderer.decode_stream is not None:  # the decode waits for the block on its own CUDA stream
+            import torch
 
-    def _write_block(self, generated, state, seconds: float) -> None:
+            ready = torch.cuda.Event()
+            ready.record()
+            generated.latents.record_stream(self.renderer.decode_stream)
+        self.pending.append(self.renderer.decoder.submit(self._write_block, generated, state, seconds, ready))
+
+    def _write_block(self, generated, state, seconds: float, ready=None) -> None:
         from model.media import VideoWriter
 
-        block = self.session.emit(generated)
+        stream = self.renderer.decode_stream
+        if stream is None:
+            block = self.session.emit(generated)
+        else:
+            import torch
+
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                block = self.session.emit(generated)
         if self.writer is None:
             height, width = block.frames.shape[1:3]
             self.writer = VideoWriter(
@@ -178,6 +192,12 @@ class BatchRenderer:
         self.job_id, self.actor_id, self.report = job_id, actor_id, report
         overlap = settings.overlap_decode == "on" or (settings.overlap_decode == "auto" and settings.device == "cuda")
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="render-decode") if overlap else None
+        # On a GPU the decode runs on its own CUDA stream too, so the VAE's kernels overlap the DiT's.
+        self.decode_stream = None
+        if overlap and settings.device == "cuda":
+            import torch
+
+            self.decode_stream = torch.cuda.Stream()
         self.engine = Engine(model)
         self.step_seconds = 0.0  # time in engine steps (generation), for benchmarks/actor_batching.py
         self._inbox: queue.Queue = queue.Queue()
