@@ -25,9 +25,9 @@ def rows(tmp_path) -> list[dict]:
 def test_rows_per_actor_renders_the_same_videos_together(ray_cluster, tmp_path):
     job = rows(tmp_path)
     one = run_job(JobSpec(job_id="batch-1", rows=job, output=str(tmp_path / "one")), settings(), WORKERS)
-    three = run_job(
+    three = run_job(  # decode and encode on the actor's second thread too (on a GPU by default; forced here)
         JobSpec(job_id="batch-3", rows=job, output=str(tmp_path / "three"), options={"rows_per_actor": 3}),
-        settings(),
+        settings(overlap_decode="on"),
         WORKERS,
     )
     assert one.counts == three.counts == {"succeeded": 3}
