@@ -442,14 +442,19 @@ class RenderSession:
             self.total_frames = math.ceil(self.audio.end * self.fps / self.sample_rate)
             if self.model.featurizer.whole_clip:
                 self.clip_features = self.model.featurizer.clip_features(self.audio.samples, self._padded_frames())
+                self.audio = AudioBuffer()  # the clip features keep the (padded) samples they read
 
     def feed_features(self, features: torch.Tensor, total_frames: int | None = None) -> None:
         """Per-video-frame audio features (T, feature_dim) computed elsewhere, instead of audio; the video is
-        `total_frames` long (default: as many frames as the features cover, padded to whole blocks)."""
+        `total_frames` long (default: T). They must cover the whole blocks that cover the video (its last block's
+        frames past `total_frames` are trimmed)."""
         if self.audio_final:
             raise RuntimeError("audio was already given")
         self.audio_final = True
         self.total_frames = total_frames or features.shape[0]
+        if features.shape[0] < self._padded_frames():
+            raise ValueError(f"features cover {features.shape[0]} video frames; the blocks of a {self.total_frames}-"
+                             f"frame video need {self._padded_frames()}")  # fmt: skip
         self.clip_features = FrameFeatures(features, self.preset.audio.front_padding)
 
     def _padded_frames(self) -> int:
