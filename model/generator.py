@@ -28,13 +28,12 @@ from safetensors.torch import save as save_tensors
 
 from model.audio_features import FrameFeatures, build_featurizer, num_latent_frames
 from model.checkpoint import (
-    AUDIO_ENCODER_DIR,
     CONFIG_FILE,
-    TEXT_ENCODER_DIR,
     WEIGHTS_FILE,
     CheckpointError,
     checkpoint_components,
     load_module_strict,
+    missing_encoder,
     read_checkpoint,
     verify_checkpoint,
 )
@@ -277,17 +276,11 @@ class AvatarModel:
 
     def require_encoders(self, where: str) -> None:
         """Raise `ModelComponentError` unless this model can read speech and prompts itself."""
-        name = self.preset.name
-        if self.featurizer is None:
-            raise ModelComponentError(
-                f"{where}: no wav2vec2 audio encoder ({AUDIO_ENCODER_DIR}/), which preset {name!r} reads speech with; "
-                "build a checkpoint with `avatar-render import livetalk ...` (docs/models.md) or pass audio_model_dir"
-            )
-        if self.text_encoder is None:
-            raise ModelComponentError(
-                f"{where}: no umT5 text encoder ({TEXT_ENCODER_DIR}/), which preset {name!r} encodes prompts with; "
-                "build a checkpoint with `avatar-render import livetalk ...` (docs/models.md) or pass text_model_dir"
-            )
+        error = missing_encoder(
+            where, self.preset, audio=self.featurizer is not None, text=self.text_encoder is not None
+        )
+        if error is not None:
+            raise error
 
     @classmethod
     def random(cls, preset: str | Preset = "tiny", *, seed: int = 0, **kwargs) -> AvatarModel:
@@ -403,10 +396,7 @@ class RenderSession:
 
         dit = model.dit
         if model.text_encoder is None:
-            raise ModelComponentError(
-                f"preset {preset.name!r} encodes prompts with umT5, but this model has no text encoder: load a "
-                "checkpoint directory that holds one (avatar-render import ...) or pass text_model_dir"
-            )
+            raise missing_encoder(model.description, preset, audio=True, text=False)
         text = model.text_encoder.encode(self.prompt or preset.text.default_prompt)
         self.text = dit.embed_text(text.to(model.device, model.dtype))
         self.cache: KVCache = dit.new_cache(
@@ -429,10 +419,7 @@ class RenderSession:
         if self.audio_final:
             raise RuntimeError("audio was already marked final")
         if self.model.featurizer is None:
-            raise ModelComponentError(
-                f"preset {self.preset.name!r} reads speech with wav2vec2, but this model has no audio encoder: load a "
-                "checkpoint directory that holds one (avatar-render import ...) or pass audio_model_dir"
-            )
+            raise missing_encoder(self.model.description, self.preset, audio=False, text=True)
         self.audio.append(samples)
         self._drop_read_audio()
         if final:

@@ -130,7 +130,7 @@ def model_preset(settings: PipelineSettings) -> Preset:
     """The preset of the model the render actors load (the choice AvatarModel.load makes): a checkpoint's own,
     read from its config.json without the weights; with no checkpoint, the bundled model's for `tiny`, else the
     named preset's (a seeded random model). Rows are validated and their inputs decoded for this preset."""
-    from model.checkpoint import read_preset
+    from model.checkpoint import read_preset, require_components
     from model.config import get_preset
     from model.errors import ModelComponentError
     from model.generator import BUNDLED_MODEL
@@ -146,10 +146,14 @@ def model_preset(settings: PipelineSettings) -> Preset:
                 f"{uri}: missing; the checkpoint must be a directory `avatar-render import` built"
             ) from None
     if settings.checkpoint:
-        return read_preset(settings.checkpoint)
+        preset = read_preset(settings.checkpoint)
+        require_components(settings.checkpoint, preset)  # fail the job now, not in every actor
+        return preset
     if settings.preset == "tiny" and (BUNDLED_MODEL / "config.json").exists():
         return read_preset(BUNDLED_MODEL)
-    return get_preset(settings.preset)
+    preset = get_preset(settings.preset)
+    require_components(None, preset)
+    return preset
 
 
 def _validated_tasks(

@@ -283,3 +283,21 @@ def test_a_job_renders_with_an_imported_checkpoint_from_s3(ray_cluster, s3_serve
     info = probe(tmp_path / "out" / "talk.mp4")
     assert info["width"] == SIZE and info["fps"] == 16
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_a_job_without_the_encoders_its_model_needs_fails_before_any_actor_starts(imported, tmp_path):
+    import shutil
+
+    from actors import job_workers
+    from pipeline.job import JobSpec, run_job
+    from pipeline.settings import PipelineSettings
+
+    row = {"id": "talk", "portrait": str(EXAMPLES / "synth-1.png"), "audio": str(EXAMPLES / "synth-1.wav")}
+    spec = JobSpec(job_id="no-encoders", rows=[row], output=str(tmp_path / "out"))
+    with pytest.raises(ModelComponentError, match="wav2vec2"):
+        run_job(spec, PipelineSettings(preset="wan2.1-1.3b"), job_workers())
+    broken = tmp_path / "no-text"
+    shutil.copytree(imported, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(ModelComponentError, match="umT5"):
+        run_job(spec, PipelineSettings(checkpoint=str(broken)), job_workers())
