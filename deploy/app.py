@@ -3,7 +3,8 @@
     app = create_app(ServiceSettings())       # served by Ray Serve (deploy/serve_app.py) or uvicorn
 
 Every client error is a 4xx with a JSON body `{"error", "field", "problems"}` naming the offending field;
-an over-limit submission is 413 (request bytes) or 429 (rows, pending jobs). A bearer token, when set,
+an over-limit submission is 413 (request or manifest bytes) or 429 (rows, pending jobs); an output that
+overlaps another job's is 409. A bearer token, when set,
 guards every /v1 route; /healthz and /metrics stay open for probes and scrapers.
 """
 
@@ -30,6 +31,7 @@ from deploy.store import JobStore
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429)}
+MAX_LIST_OFFSET = 1_000_000_000  # far past any store's job count; larger values are a 422, not a database error
 
 
 def _error(status: int, error: str, field: str | None = None, problems: list[FieldProblem] | None = None):
@@ -173,7 +175,7 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     async def list_jobs(
         state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
         limit: int = Query(default=100, ge=1, le=1000),
-        offset: int = Query(default=0, ge=0),
+        offset: int = Query(default=0, ge=0, le=MAX_LIST_OFFSET),
     ) -> JobList:
         return JobList(jobs=manager.list(state=state, limit=limit, offset=offset))
 

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.settings import PipelineSettings
+from pipeline.uri import normalize_uri
 
 MIB = 1024 * 1024
 
@@ -30,7 +31,7 @@ class ServiceSettings(BaseSettings):
     # Where jobs may write: URI prefixes (`file:///data/out`, `s3://bucket/renders`). Empty: only under
     # `<state_dir>/outputs`. A job's output must lie under one of them.
     output_roots: list[str] = Field(default_factory=list)
-    # Where jobs may read manifests and inline rows' media from. Empty: anywhere the service can read.
+    # Where jobs may read manifests, row media and checkpoints from. Empty: anywhere the service can read.
     input_roots: list[str] = Field(default_factory=list)
     max_rows_per_job: int = Field(default=10_000, ge=1)
     max_request_bytes: int = Field(default=4 * MIB, ge=1)
@@ -64,4 +65,4 @@ class ServiceSettings(BaseSettings):
         return self
 
     def effective_output_roots(self) -> list[str]:
-        return list(self.output_roots) or [(self.state_dir / "outputs").resolve().as_uri()]
+        return list(self.output_roots) or [normalize_uri(str(self.state_dir / "outputs"))]

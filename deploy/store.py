@@ -1,12 +1,16 @@
 """The persistent job store: one sqlite file in the service's state dir.
 
 Jobs outlive the service: a job's request, state and every finished row are written here as they happen, so a
-restarted service lists the same jobs and re-queues the ones that had not finished.
+restarted service lists the same jobs and re-queues the ones that had not finished. One store owns a state dir
+at a time: it holds an exclusive lock on `<state_dir>/service.lock` while open, and a second store (a second
+service on the same directory) refuses to open (StateDirLocked) instead of running the same jobs twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -32,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     rows_total INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    output TEXT
 );
 CREATE TABLE IF NOT EXISTS rows (
     job_id TEXT NOT NULL,
@@ -50,6 +55,16 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 """
+
+
+class StateDirLocked(RuntimeError):
+    """Another open store (another service) owns this state dir."""
+
+
+class JobOutput(BaseModel):
+    job_id: str
+    output: str
+    state: JobState
 
 
 class JobRecord(BaseModel):
@@ -89,21 +104,27 @@ class JobStore:
 
     def __init__(self, state_dir: Path):
         state_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = _lock_state_dir(state_dir)
         self.path = state_dir / "jobs.sqlite3"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if columns and "output" not in columns:  # a store from before the output column: fill it once
+            self._db.execute("ALTER TABLE jobs ADD COLUMN output TEXT")
+            self._db.execute("UPDATE jobs SET output = json_extract(request, '$.output')")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._owner)  # releases the state dir
 
     def add(self, job: JobRecord) -> None:
         with self._lock:
             self._db.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO jobs ({_JOB_COLUMNS}, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     json.dumps(job.request),
@@ -115,6 +136,7 @@ class JobStore:
                     int(job.cancel_requested),
                     job.attempts,
                     job.error,
+                    job.request.get("output"),
                 ),
             )
 
@@ -131,6 +153,12 @@ class JobStore:
                 f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
             ).fetchall()
         return [_job_from_row(r) for r in rows]
+
+    def outputs(self) -> list[JobOutput]:
+        """Every job's output root and state (without loading the requests)."""
+        with self._lock:
+            rows = self._db.execute("SELECT job_id, output, state FROM jobs WHERE output IS NOT NULL").fetchall()
+        return [JobOutput(job_id=j, output=o, state=s) for j, o, s in rows]
 
     def unfinished(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first: the order a restarted service runs them in."""
@@ -231,3 +259,22 @@ class JobStore:
                 UNFINISHED_STATES,
             ).fetchone()
         return max(0, int(total) - int(finished))
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """An exclusive lock on the state dir's lock file, held by the returned descriptor (the kernel drops it
+    when the process dies, so a crashed service never leaves the directory locked)."""
+    path = state_dir / "service.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirLocked(
+            f"state dir {state_dir} is in use by another avatar-render service (pid {holder}); "
+            "stop it or give this one its own AVATAR_RENDER_STATE_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -30,7 +30,8 @@ from model.config import Preset
 from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
-from pipeline.storage import ObjectStore, normalize_uri
+from pipeline.storage import ObjectStore
+from pipeline.uri import normalize_uri
 
 POLL_SECONDS = 0.2  # how often the driver reads new events
 EXISTS_CHECKS_IN_FLIGHT = 16  # concurrent existence checks of outputs (S3 HEAD requests)
@@ -55,7 +56,8 @@ def progress_actor_name(job_id: str) -> str:
 class JobSpec(BaseModel):
     job_id: str
     manifest: str | None = None  # URI of a JSONL/CSV/Parquet manifest ...
-    rows: list[dict] | None = None  # ... or the rows inline (relative paths resolve against the cwd)
+    rows: list[dict] | None = None  # ... or the rows inline (relative paths resolve against the cwd) ...
+    tasks: list[RowTask] | None = None  # ... or rows `plan_tasks` validated (and a service checked): run as given
     output: str  # output root URI: videos, report.parquet, report.jsonl, .segments/
     actors: int | None = None  # render actors; None: settings.num_actors
     force: bool = False  # re-render rows whose output exists
@@ -81,13 +83,13 @@ def run_job(
     import ray
 
     started = datetime.now(UTC)
-    settings = _job_settings(spec, settings)
+    settings = job_settings(spec, settings)
     preset = model_preset(settings)
     store = ObjectStore(settings.storage)
     output_root = normalize_uri(spec.output).rstrip("/")
 
     tick = time.perf_counter()
-    tasks = _validated_tasks(spec, settings, preset, store, output_root)
+    tasks = spec.tasks if spec.tasks is not None else plan_tasks(spec, settings, preset, store)
     validate_seconds = time.perf_counter() - tick
 
     _connect_ray(settings)
@@ -115,7 +117,8 @@ def run_job(
     return report
 
 
-def _job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings:
+def job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings:
+    """`settings` with the job's options and actor count; pydantic ValidationError for a bad value."""
     unknown = set(spec.options) - JOB_OPTIONS
     if unknown:
         raise ValueError(f"unknown job option(s) {sorted(unknown)}; allowed: {sorted(JOB_OPTIONS)}")
@@ -156,18 +159,21 @@ def model_preset(settings: PipelineSettings) -> Preset:
     return preset
 
 
-def _validated_tasks(
-    spec: JobSpec, settings: PipelineSettings, preset: Preset, store: ObjectStore, output_root: str
+def plan_tasks(
+    spec: JobSpec, settings: PipelineSettings, preset: Preset, store: ObjectStore, *, max_rows: int | None = None
 ) -> list[RowTask]:
+    """The job's rows read (bounded by `max_rows` and the manifest size limit) and validated for the model's
+    `preset`: every URI normalised as it will be read. `settings` are the job's own (`job_settings`)."""
     if (spec.manifest is None) == (spec.rows is None):
         raise ValueError("a job needs exactly one of `manifest` and `rows`")
     if spec.manifest is not None:
-        raw, base = read_manifest(spec.manifest, store), manifest_dir(spec.manifest)
+        raw = read_manifest(spec.manifest, store, max_rows=max_rows, max_bytes=settings.limits.max_manifest_bytes)
+        base = manifest_dir(spec.manifest)
     else:
         raw, base = list(spec.rows), normalize_uri(os.getcwd())
     return validate_rows(
         raw,
-        output_root=output_root,
+        output_root=normalize_uri(spec.output).rstrip("/"),
         base_uri=base,
         limits=settings.limits,
         preset=preset,

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from pipeline.settings import MIB, StorageSettings
-from pipeline.storage import ObjectStore, confined_uri, normalize_uri, safe_name
+from pipeline.storage import ObjectStore
+from pipeline.uri import confined_uri, normalize_uri, safe_name
 
 
 @pytest.fixture(params=["file", "s3"])
