@@ -21,6 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from deploy.metrics import ServiceMetrics
@@ -355,7 +356,7 @@ class JobManager:
             raise SubmitError(429, "manifest", str(err)) from None
         except ObjectTooLarge as err:
             raise SubmitError(413, "manifest", str(err)) from None
-        except (OSError, ValueError, UnicodeDecodeError) as err:
+        except (OSError, ValueError, BotoCoreError, ClientError) as err:  # storage refused or failed: not a 5xx
             raise SubmitError(422, "manifest", f"cannot read the manifest: {err}") from None
         if self.settings.input_roots:
             for task in tasks:

@@ -62,7 +62,7 @@ class PipelineSettings(BaseSettings):
     num_actors: int = Field(default=1, ge=1)  # render actors, each holding one resident model
     actor_num_cpus: float = Field(default=1.0, gt=0)  # CPUs reserved per render actor (threads torch may use)
     io_num_cpus: float = Field(default=0.25, gt=0)  # CPUs reserved per fetch/write task (they mostly wait)
-    segment_blocks: int = Field(default=8, ge=1)  # K: blocks per stored segment (the unit of resume)
+    segment_blocks: int = Field(default=8, ge=1, le=100_000)  # K: blocks per stored segment (the unit of resume)
     # Rows one render actor keeps in flight, rendered together by its engine (continuous batching).
     rows_per_actor: int = Field(default=1, ge=1, le=64)
     # Decode and encode block k on a second thread while block k+1 is generated ("auto": on a GPU only; on a
