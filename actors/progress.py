@@ -22,6 +22,7 @@ class ProgressActor:
         self.events: list[Event] = []
         self.cancelled = False
         self.render_actors: dict[str, ray.actor.ActorHandle] = {}
+        self.render_actor_nodes: dict[str, str] = {}
 
     def push(self, events: list[Event]) -> None:
         self.events.extend(events)
@@ -37,8 +38,13 @@ class ProgressActor:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def register_render_actor(self, actor_id: str, handle: ray.actor.ActorHandle) -> None:
+    def register_render_actor(self, actor_id: str, handle: ray.actor.ActorHandle, node_id: str = "") -> None:
         self.render_actors[actor_id] = handle
+        self.render_actor_nodes[actor_id] = node_id
 
     def get_render_actors(self) -> dict[str, ray.actor.ActorHandle]:
         return dict(self.render_actors)
+
+    def get_render_actor_nodes(self) -> dict[str, str]:
+        """Render actor id -> the Ray node it runs on (without asking the actor, which is busy rendering)."""
+        return dict(self.render_actor_nodes)

@@ -300,7 +300,7 @@ class RenderActor:
         actor_id = context.get_actor_id() or f"local-{os.getpid()}"
         self.renderer = BatchRenderer(model, store, settings, job_id, actor_id, self.report)
         if context.current_actor is not None:
-            ray.get(progress.register_render_actor.remote(actor_id, context.current_actor))
+            ray.get(progress.register_render_actor.remote(actor_id, context.current_actor, context.get_node_id()))
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         """One of up to `rows_per_actor` concurrent calls: hand the rows to the engine loop and wait for them."""

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from model.config import Preset
-from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
+from pipeline.events import Event, RowFinished, RowResult, RowStarted, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
@@ -81,6 +81,7 @@ def run_job(
     cancel: threading.Event | None = None,
 ) -> JobReport:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = datetime.now(UTC)
     settings = job_settings(spec, settings)
@@ -98,15 +99,28 @@ def run_job(
         ray.kill(ray.get_actor(name))  # left over from a crashed run with the same id
     except ValueError:
         pass
-    progress = workers.progress_actor.options(name=name).remote(spec.job_id)
+    # On the driver's node: a lost worker node must not take the job's event log and cancel flag with it
+    # (and if the driver's node goes, the job is lost anyway).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = workers.progress_actor.options(name=name, scheduling_strategy=here).remote(spec.job_id)
     ray.get(progress.push.remote([StageTimed(spec.job_id, "validate", validate_seconds)]))
+    starts: dict[str, int] = {}  # row id -> RowStarted events: render attempts
+
+    def relay(event: Event) -> None:
+        if isinstance(event, RowStarted):
+            starts[event.row_id] = starts.get(event.row_id, 0) + 1
+        if on_event is not None:
+            on_event(event)
+
     try:
-        records = _execute(tasks, spec, settings, preset, workers, progress, on_event or (lambda event: None), cancel)
+        records = _execute(tasks, spec, settings, preset, workers, progress, relay, cancel)
     finally:
         ray.kill(progress)
 
     tick = time.perf_counter()
-    rows = [record.to_result() for record in records]
+    rows = [
+        record.to_result().model_copy(update={"render_attempts": starts.get(record.task.id, 0)}) for record in records
+    ]
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status.value] = counts.get(row.status.value, 0) + 1
@@ -293,8 +307,18 @@ def _relay_events(progress, on_event, cursor: int = 0) -> int:
 
 
 REPORT_COLUMNS = (
-    "id", "status", "output", "error", "error_kind", "frames", "video_seconds", "duration_s", "rows_in_batch",
-)  # fmt: skip
+    "id",
+    "status",
+    "output",
+    "error",
+    "error_kind",
+    "frames",
+    "video_seconds",
+    "duration_s",
+    "rows_in_batch",
+    "render_attempts",
+    "resumed_from_segment",
+)
 
 
 def write_report(report: JobReport, output_root: str, store: ObjectStore) -> None:
@@ -319,6 +343,8 @@ def write_report(report: JobReport, output_root: str, store: ObjectStore) -> Non
             ("video_seconds", pa.float64()),
             ("duration_s", pa.float64()),
             ("rows_in_batch", pa.int64()),
+            ("render_attempts", pa.int64()),
+            ("resumed_from_segment", pa.int64()),
             ("timings", pa.string()),
             ("metrics", pa.string()),
         ]
