@@ -560,3 +560,31 @@ def test_long_ids_and_prompts(tmp_path):
     )
     assert named.error is None and len(os.path.basename(named.output).encode()) <= 255
     assert prompted.error and "at most 4000" in prompted.error
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # a pickle may call anything; this one only creates a file
+
+
+def test_a_pickled_checkpoint_cannot_run_code(tmp_path):
+    """Weights load through safetensors or torch.load(weights_only=True): a .pth whose pickle calls a
+    function is refused, and the function never runs."""
+    import pickle
+
+    import torch
+
+    from model.checkpoint import read_state_dict
+
+    marker = tmp_path / "ran"
+    torch.save(
+        {"state_dict": {"w": torch.zeros(2)}, "payload": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / "x.pth"
+    )
+    with pytest.raises(pickle.UnpicklingError):
+        read_state_dict(tmp_path / "x.pth")
+    assert not marker.exists()
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "plain.pth")
+    assert torch.equal(read_state_dict(tmp_path / "plain.pth")["w"], torch.ones(2))
