@@ -588,3 +588,27 @@ def test_a_pickled_checkpoint_cannot_run_code(tmp_path):
     assert not marker.exists()
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "plain.pth")
     assert torch.equal(read_state_dict(tmp_path / "plain.pth")["w"], torch.ones(2))
+
+
+def test_inputs_over_max_input_bytes_fail_before_download(tmp_path, s3_server, s3_bucket):
+    from pipeline.stages import input_copy
+    from pipeline.storage import ObjectStore
+
+    store = ObjectStore(s3_server)
+    limits = LimitSettings(max_input_bytes=1000)
+    (tmp_path / "big.wav").write_bytes(b"\0" * 1001)
+    store.put_bytes(f"{s3_bucket}/in/big.wav", b"\0" * 1001)
+    for uri in (normalize_uri(str(tmp_path / "big.wav")), f"{s3_bucket}/in/big.wav"):
+        with pytest.raises(InputError, match="audio file is over the limit of 1000 bytes"):
+            with input_copy(store, uri, "audio", limits):
+                pass
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.wav").write_bytes(b"RIFF")
+    (tmp_path / "dir").symlink_to(tmp_path / "real")  # the path checked was .../real/a.wav ...
+    checked = normalize_uri(str(tmp_path / "dir" / "a.wav"))
+    (tmp_path / "dir").unlink()
+    (tmp_path / "real").rename(tmp_path / "was-real")
+    (tmp_path / "real").symlink_to("/etc")  # ... now a symlink leads out of it
+    with pytest.raises(InputError, match="now leads elsewhere"):
+        with input_copy(store, checked, "audio", limits):
+            pass
