@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS rows (
     duration_s REAL,
     timings TEXT NOT NULL DEFAULT '{}',
     metrics TEXT NOT NULL DEFAULT '{}',
+    render_attempts INTEGER NOT NULL DEFAULT 0,
+    resumed_from_segment INTEGER,
     PRIMARY KEY (job_id, row_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -110,11 +112,20 @@ class JobStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if columns and "output" not in columns:  # a store from before the output column: fill it once
-            self._db.execute("ALTER TABLE jobs ADD COLUMN output TEXT")
+        if self._add_missing_columns("jobs", {"output": "TEXT"}):  # a store from before the column: fill it once
             self._db.execute("UPDATE jobs SET output = json_extract(request, '$.output')")
+        self._add_missing_columns(
+            "rows", {"render_attempts": "INTEGER NOT NULL DEFAULT 0", "resumed_from_segment": "INTEGER"}
+        )
         self._db.executescript(_SCHEMA)
+
+    def _add_missing_columns(self, table: str, columns: dict[str, str]) -> list[str]:
+        """Columns added since a store was created, added to it; returns those that were missing."""
+        present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+        missing = [name for name in columns if present and name not in present]
+        for name in missing:
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {columns[name]}")
+        return missing
 
     def close(self) -> None:
         with self._lock:
@@ -194,7 +205,8 @@ class JobStore:
                     return
             self._db.execute(
                 "INSERT OR REPLACE INTO rows (job_id, row_id, status, output, error, error_kind, frames, "
-                "video_seconds, duration_s, timings, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "video_seconds, duration_s, timings, metrics, render_attempts, resumed_from_segment) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     row.id,
@@ -207,6 +219,8 @@ class JobStore:
                     row.duration_s,
                     json.dumps(row.timings, default=str),
                     json.dumps(row.metrics, default=str),
+                    row.render_attempts,
+                    row.resumed_from_segment,
                 ),
             )
 
@@ -214,7 +228,7 @@ class JobStore:
         with self._lock:
             found = self._db.execute(
                 "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
-                "metrics FROM rows WHERE job_id = ? ORDER BY rowid",
+                "metrics, render_attempts, resumed_from_segment FROM rows WHERE job_id = ? ORDER BY rowid",
                 (job_id,),
             ).fetchall()
         return [
@@ -229,6 +243,8 @@ class JobStore:
                 duration_s=r[7],
                 timings=json.loads(r[8]),
                 metrics=json.loads(r[9]),
+                render_attempts=r[10],
+                resumed_from_segment=r[11],
             )
             for r in found
         ]

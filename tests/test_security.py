@@ -612,3 +612,38 @@ def test_inputs_over_max_input_bytes_fail_before_download(tmp_path, s3_server, s
     with pytest.raises(InputError, match="now leads elsewhere"):
         with input_copy(store, checked, "audio", limits):
             pass
+
+
+def test_a_store_from_before_these_columns_opens_and_keeps_its_jobs(tmp_path):
+    """A state dir written by the previous service: the new columns are added, the outputs filled in from
+    the stored requests, so the overlap check sees the old jobs too."""
+    import sqlite3
+
+    from deploy.store import JobStore
+
+    state = tmp_path / "state"
+    state.mkdir()
+    db = sqlite3.connect(state / "jobs.sqlite3")
+    db.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE NOT NULL, request TEXT NOT NULL,"
+        " state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, rows_total INTEGER,"
+        " cancel_requested INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, error TEXT);"
+        "CREATE TABLE rows (job_id TEXT NOT NULL, row_id TEXT NOT NULL, status TEXT NOT NULL, output TEXT, error TEXT,"
+        " error_kind TEXT, frames INTEGER NOT NULL DEFAULT 0, video_seconds REAL NOT NULL DEFAULT 0, duration_s REAL,"
+        " timings TEXT NOT NULL DEFAULT '{}', metrics TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (job_id, row_id));"
+    )
+    request = {"manifest": None, "rows": [], "output": "file:///out/old", "actors": None, "force": False, "options": {}}
+    db.execute(
+        "INSERT INTO jobs (job_id, request, state, created) VALUES ('job-old', ?, 'queued', 1.0)",
+        (json.dumps(request),),
+    )
+    db.execute("INSERT INTO rows (job_id, row_id, status) VALUES ('job-old', 'a', 'succeeded')")
+    db.commit()
+    db.close()
+    store = JobStore(state)
+    try:
+        assert [(o.job_id, o.output, o.state) for o in store.outputs()] == [("job-old", "file:///out/old", "queued")]
+        (row,) = store.rows("job-old")
+        assert row.status == "succeeded" and row.render_attempts == 0 and row.resumed_from_segment is None
+    finally:
+        store.close()
