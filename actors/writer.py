@@ -34,7 +34,8 @@ def write_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -
             record.fail("write", f"{type(err).__name__}: {err}")
         record.timings["write"] = time.perf_counter() - started
         events.append(StageTimed(job_id, "write", record.timings["write"]))
-    events.append(RowFinished(job_id, record.to_result()))  # metrics, timings and duration included
+    record.result["render_attempts"] = ray.get(progress.render_attempts.remote(record.task.id))
+    events.append(RowFinished(job_id, record.to_result()))  # metrics, timings, duration and attempts included
     ray.get(progress.push.remote(events))
     return record.to_row()
 

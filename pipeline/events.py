@@ -46,8 +46,9 @@ class RowResult(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage: fetch, render (generate inside), write
     metrics: dict = Field(default_factory=dict)  # quality metrics (model.eval), where computed
     rows_in_batch: int = 0  # the most rows its render actor's engine advanced together while rendering it (0: none)
-    # Times a render actor started the row in the job (the report's count; more than 1 when an actor or its node
-    # was lost and the row retried), and the stored segment its last start continued after (None: from the start).
+    # Times a render actor started the row in the job (more than 1 when an actor or its node was lost and the row
+    # retried; counted by the job's progress actor), and the stored segment its last start continued after (None:
+    # from the start).
     render_attempts: int = 0
     resumed_from_segment: int | None = None
 

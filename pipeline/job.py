@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from model.config import Preset
-from pipeline.events import Event, RowFinished, RowResult, RowStarted, RowStatus, StageTimed
+from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
@@ -42,7 +42,7 @@ JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint", "rows_per_act
 class JobWorkers:
     """The Ray workers a job runs on (actors.job_workers() builds them)."""
 
-    progress_actor: Any  # a @ray.remote class: (job_id), with push, events_since, cancel
+    progress_actor: Any  # a @ray.remote class: (job_id), with push, events_since, cancel, render_attempts
     render_actor: type  # a Ray Data callable class: (settings, job_id, progress), then batch -> batch
     write_row: Callable[..., dict]  # a Ray Data map function: (row, *, settings, job_id, progress) -> row
 
@@ -104,23 +104,13 @@ def run_job(
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = workers.progress_actor.options(name=name, scheduling_strategy=here).remote(spec.job_id)
     ray.get(progress.push.remote([StageTimed(spec.job_id, "validate", validate_seconds)]))
-    starts: dict[str, int] = {}  # row id -> RowStarted events: render attempts
-
-    def relay(event: Event) -> None:
-        if isinstance(event, RowStarted):
-            starts[event.row_id] = starts.get(event.row_id, 0) + 1
-        if on_event is not None:
-            on_event(event)
-
     try:
-        records = _execute(tasks, spec, settings, preset, workers, progress, relay, cancel)
+        records = _execute(tasks, spec, settings, preset, workers, progress, on_event or (lambda event: None), cancel)
     finally:
         ray.kill(progress)
 
     tick = time.perf_counter()
-    rows = [
-        record.to_result().model_copy(update={"render_attempts": starts.get(record.task.id, 0)}) for record in records
-    ]
+    rows = [record.to_result() for record in records]
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status.value] = counts.get(row.status.value, 0) + 1

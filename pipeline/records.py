@@ -60,6 +60,7 @@ class RowRecord:
             timings=dict(self.timings),
             metrics=dict(self.result.get("metrics", {})),
             rows_in_batch=self.result.get("rows_in_batch", 0),
+            render_attempts=self.result.get("render_attempts", 0),
             resumed_from_segment=self.result.get("resumed_from_segment"),
         )
 
