@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS rows (
     metrics TEXT NOT NULL DEFAULT '{}',
     render_attempts INTEGER NOT NULL DEFAULT 0,
     resumed_from_segment INTEGER,
+    rows_in_batch INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, row_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -115,7 +116,12 @@ class JobStore:
         if self._add_missing_columns("jobs", {"output": "TEXT"}):  # a store from before the column: fill it once
             self._db.execute("UPDATE jobs SET output = json_extract(request, '$.output')")
         self._add_missing_columns(
-            "rows", {"render_attempts": "INTEGER NOT NULL DEFAULT 0", "resumed_from_segment": "INTEGER"}
+            "rows",
+            {
+                "render_attempts": "INTEGER NOT NULL DEFAULT 0",
+                "resumed_from_segment": "INTEGER",
+                "rows_in_batch": "INTEGER NOT NULL DEFAULT 0",
+            },
         )
         self._db.executescript(_SCHEMA)
 
@@ -205,8 +211,8 @@ class JobStore:
                     return
             self._db.execute(
                 "INSERT OR REPLACE INTO rows (job_id, row_id, status, output, error, error_kind, frames, "
-                "video_seconds, duration_s, timings, metrics, render_attempts, resumed_from_segment) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "video_seconds, duration_s, timings, metrics, render_attempts, resumed_from_segment, rows_in_batch) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     row.id,
@@ -221,6 +227,7 @@ class JobStore:
                     json.dumps(row.metrics, default=str),
                     row.render_attempts,
                     row.resumed_from_segment,
+                    row.rows_in_batch,
                 ),
             )
 
@@ -228,7 +235,8 @@ class JobStore:
         with self._lock:
             found = self._db.execute(
                 "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
-                "metrics, render_attempts, resumed_from_segment FROM rows WHERE job_id = ? ORDER BY rowid",
+                "metrics, render_attempts, resumed_from_segment, rows_in_batch "
+                "FROM rows WHERE job_id = ? ORDER BY rowid",
                 (job_id,),
             ).fetchall()
         return [
@@ -245,6 +253,7 @@ class JobStore:
                 metrics=json.loads(r[9]),
                 render_attempts=r[10],
                 resumed_from_segment=r[11],
+                rows_in_batch=r[12],
             )
             for r in found
         ]

@@ -645,5 +645,6 @@ def test_a_store_from_before_these_columns_opens_and_keeps_its_jobs(tmp_path):
         assert [(o.job_id, o.output, o.state) for o in store.outputs()] == [("job-old", "file:///out/old", "queued")]
         (row,) = store.rows("job-old")
         assert row.status == "succeeded" and row.render_attempts == 0 and row.resumed_from_segment is None
+        assert row.rows_in_batch == 0
     finally:
         store.close()
