@@ -370,8 +370,10 @@ class JobManager:
         """The preset the job's rows are validated for: its checkpoint's own (read from config.json)."""
         try:
             return model_preset(settings)
-        except Exception as err:  # a config.json that is not a checkpoint's: the option's fault, found now
-            raise SubmitError(422, "options.checkpoint", f"cannot read the checkpoint's config: {err}") from None
+        except Exception as err:  # not a checkpoint's config, or a model without its encoders: found now
+            if settings.checkpoint:
+                raise SubmitError(422, "options.checkpoint", f"cannot use the checkpoint: {err}") from None
+            raise SubmitError(422, "options.preset", f"cannot use the preset: {err}") from None
 
     def _job_settings(self, spec: JobSpec) -> PipelineSettings:
         """The settings the job will run with: a bad option value is a 422 now, not a failed job later."""
