@@ -304,6 +304,10 @@ async def _uploaded_rows(upload: UploadFile, max_bytes: int) -> list[dict]:
     data = await upload.read(max_bytes + 1)  # the body limit already bounds it; this bounds the read anyway
     if len(data) > max_bytes:
         raise SubmitError(413, "upload", f"manifest over {max_bytes} bytes")
+    return await run_in_threadpool(_parse_upload, data, ext, upload.filename)
+
+
+def _parse_upload(data: bytes, ext: str, filename: str) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="avatar-upload-") as tmp:
         path = os.path.join(tmp, "manifest" + ext)
         with open(path, "wb") as f:
@@ -311,7 +315,7 @@ async def _uploaded_rows(upload: UploadFile, max_bytes: int) -> list[dict]:
         try:
             rows = read_manifest(path, ObjectStore())
         except (ValueError, UnicodeDecodeError) as err:
-            reason = str(err).replace("file://" + path, upload.filename).replace(path, upload.filename)
+            reason = str(err).replace("file://" + path, filename).replace(path, filename)
             raise SubmitError(422, "upload", f"cannot read the manifest: {reason}") from None
     problems = [row for row in rows if isinstance(row, str)]
     if problems:

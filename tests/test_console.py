@@ -146,6 +146,26 @@ def test_console_submissions_are_validated_like_the_api(tmp_path):
     assert len(jobs) == 2 and all(job["rows_total"] == 1 for job in jobs)
 
 
+def test_job_page_shows_each_row_and_escapes_what_a_manifest_wrote(tmp_path):
+    hostile = '<script>alert("x")</script>'
+    with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False)) as c:
+        rows = [{"id": hostile, "portrait": "/in/face.png", "audio": "/in/a.wav"}]
+        job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
+        error = f"input: {hostile}: audio file not found\nTraceback (most recent call last): ..."
+        c.app.state.manager.store.put_row(
+            job_id, RowResult(id=hostile, status=RowStatus.FAILED, error=error, error_kind="input", duration_s=0.25)
+        )
+        html = c.get(f"/console/jobs/{job_id}").text
+        # The thumbnail of a row without a video, and a row that is not in the job, are 404s.
+        assert c.get(f"/console/jobs/{job_id}/thumbnail", params={"row": hostile}).status_code == 404
+        assert c.get(f"/console/jobs/{job_id}/video", params={"row": "other"}).status_code == 404
+    assert hostile not in html and "&lt;script&gt;alert(" in html
+    shown = re.search(r'class="error row-error" title="([^"]*)">(.*?)</div>', html, re.S)
+    assert "audio file not found" in shown[2] and "Traceback" not in shown[2]  # the error's first line in the table,
+    assert "Traceback" in shown[1]  # all of it on hover
+    assert "0.2 s" in html and 'data-refresh="2"' in html  # the row's duration; the job is queued: refreshing
+
+
 def test_throughput_history_is_bounded_and_per_actor():
     now = [1000.0]
     history = ThroughputHistory(interval_s=10, keep_s=60, clock=lambda: now[0])
@@ -212,14 +232,14 @@ def test_thumbnail_strips_show_first_middle_last_and_the_cache_stays_bounded(tmp
 
 
 def example_inputs(directory: Path) -> dict:
-    """A short row (the bundled synth-0 example, 4 s) and a long one (synth-1's speech repeated to 20 s)."""
+    """A short row (the bundled synth-0 example's first 2 s) and a long one (synth-1's speech repeated to 20 s)."""
     directory.mkdir(parents=True)
-    for name in ("synth-0.png", "synth-0.wav", "synth-1.png"):
+    for name in ("synth-0.png", "synth-1.png"):
         shutil.copy(EXAMPLES / name, directory / name)
-    speech = load_audio(EXAMPLES / "synth-1.wav", SAMPLE_RATE)
-    save_wav(directory / "long.wav", np.tile(speech, 5), SAMPLE_RATE)
+    save_wav(directory / "short.wav", load_audio(EXAMPLES / "synth-0.wav", SAMPLE_RATE)[: 2 * SAMPLE_RATE], SAMPLE_RATE)
+    save_wav(directory / "long.wav", np.tile(load_audio(EXAMPLES / "synth-1.wav", SAMPLE_RATE), 5), SAMPLE_RATE)
     return {
-        "short": {"id": "synth-0", "portrait": str(directory / "synth-0.png"), "audio": str(directory / "synth-0.wav")},
+        "short": {"id": "synth-0", "portrait": str(directory / "synth-0.png"), "audio": str(directory / "short.wav")},
         "long": {"id": "long-read", "portrait": str(directory / "synth-1.png"), "audio": str(directory / "long.wav")},
         "missing": {
             "id": "no-speech",
@@ -293,7 +313,7 @@ def test_console_in_a_real_browser(ray_cluster, tmp_path):
         expect(failed.locator(".row-id")).to_have_text("no-speech")
         expect(failed.locator(".row-error")).to_contain_text("gone.wav")
         good = page.locator(".row.status-succeeded")
-        expect(good.locator("td.num").first).to_have_text(f"{4 * FPS}")  # frames: the 4 s example
+        expect(good.locator("td.num").first).to_have_text(f"{2 * FPS}")  # frames: 2 s of speech
         expect(good.locator(".metrics")).to_contain_text("lipsync_r")
         strip = good.locator("td.strip img")
         strip.scroll_into_view_if_needed()
