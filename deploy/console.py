@@ -10,7 +10,7 @@ The one script, deploy/static/console.js, refreshes the page while a job runs an
 
 Auth follows the API's rule: when the service has a token (it must, unless bound to loopback), every console
 route asks for it, as a bearer header or as the session cookie the login form sets (an HMAC of the token,
-HttpOnly, SameSite=Strict, path /console). Every form also carries a CSRF token derived from a per-process
+HttpOnly, SameSite=Lax, path /console). Every form also carries a CSRF token derived from a per-process
 secret, so that no other web site can make a browser submit or cancel jobs, not even on a loopback service
 without a token. Submissions go through `JobManager.submit` exactly as a JSON one does: an uploaded manifest
 (`.jsonl` or `.csv`, within the request-size limit) becomes inline rows, whose media are confined to the input
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -51,6 +51,7 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "avatar_render_session"
 UPLOAD_FORMATS = (".jsonl", ".csv")  # text manifests: their memory is bounded by their bytes
 JOBS_PER_PAGE = 50
+MAX_OFFSET = 1_000_000_000  # paging past any store's size; more is a 422, not a database error
 ERROR_CHARS = 200  # a row's error in the table: its first line, this long at most (the whole text on hover)
 REFRESH_ACTIVE_S = 2  # while a job is queued or running
 REFRESH_IDLE_S = 15  # the job list, so that a job submitted elsewhere shows up
@@ -126,14 +127,9 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
     def not_found(request: Request, what: str) -> HTMLResponse:
         return page(request, "message.html", 404, title="Not found", message=what, refresh=0)
 
-    def find_row(job_id: str, row_id: str) -> RowResult | None:
-        return next((r for r in manager.store.rows(job_id) if r.id == row_id), None)
-
     def row_output(job_id: str, row_id: str) -> tuple[RowResult, str] | None:
         """A finished row's video, its URI confined to the output roots exactly as it will be read."""
-        if manager.store.get(job_id) is None:
-            return None
-        row = find_row(job_id, row_id)
+        row = manager.store.row(job_id, row_id)
         if row is None or row.status not in OK_STATUSES or not row.output:
             return None
         try:
@@ -182,7 +178,7 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
             SESSION_COOKIE,
             session_value,
             httponly=True,
-            samesite="strict",
+            samesite="lax",  # sent when a link is followed from elsewhere, never with another site's POST
             secure=request.url.scheme == "https",
             path="/console",
         )
@@ -196,9 +192,9 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
         return response
 
     @router.get("/console")
-    async def jobs(request: Request, offset: int = 0):
+    async def jobs(request: Request, offset: int = Query(default=0, ge=0, le=MAX_OFFSET)):
         require_session(request)
-        return jobs_page(request, offset=max(0, offset))
+        return jobs_page(request, offset=offset)
 
     @router.post("/console/jobs")
     async def submit(request: Request):
@@ -234,7 +230,9 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
         return history.series(hours)
 
     @router.get("/console/jobs/{job_id}")
-    async def job_page(request: Request, job_id: str, status: str | None = None, offset: int = 0):
+    async def job_page(
+        request: Request, job_id: str, status: str | None = None, offset: int = Query(default=0, ge=0, le=MAX_OFFSET)
+    ):
         require_session(request)
         job = manager.status(job_id)
         if job is None:
@@ -243,7 +241,7 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
         statuses = sorted({row.status.value for row in rows})
         if status:
             rows = [row for row in rows if row.status.value == status]
-        offset, per_page = max(0, offset), console.rows_per_page
+        per_page = console.rows_per_page
         return page(
             request,
             "job.html",
