@@ -4,8 +4,9 @@
 
 Every client error is a 4xx with a JSON body `{"error", "field", "problems"}` naming the offending field;
 an over-limit submission is 413 (request or manifest bytes) or 429 (rows, pending jobs); an output that
-overlaps another job's is 409. A bearer token, when set,
-guards every /v1 route; /healthz and /metrics stay open for probes and scrapers.
+overlaps another job's is 409. A bearer token, when set, guards every /v1 route; /healthz and /metrics stay
+open for probes and scrapers. The web console for people (`/console`, deploy/console.py) is part of the same
+app and follows the same token rule.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deploy.console import mount_console
+from deploy.history import ThroughputHistory
 from deploy.jobs import JobManager, SubmitError
 from deploy.metrics import ServiceMetrics
 from deploy.schemas import ErrorBody, FieldProblem, JobAccepted, JobList, JobRequest, JobStatus, RowList
@@ -94,16 +97,19 @@ def _field_name(loc: tuple) -> str:
 
 def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     """The service. `run_jobs=False` accepts and tracks jobs without rendering them (API tests)."""
-    metrics = ServiceMetrics()
+    console = settings.console
+    metrics = ServiceMetrics(history=ThroughputHistory(console.throughput_interval_s, console.throughput_hours * 3600))
     store = JobStore(settings.state_dir)
     manager = JobManager(settings, store, metrics, run_jobs=run_jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         manager.start()
+        metrics.history.start()
         try:
             yield
         finally:
+            metrics.history.stop()
             manager.stop()
             store.close()
 
@@ -209,4 +215,5 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    mount_console(app, manager, metrics.history, settings)
     return app

@@ -232,12 +232,20 @@ class JobStore:
             )
 
     def rows(self, job_id: str) -> list[RowResult]:
+        return self._rows("job_id = ?", (job_id,))
+
+    def row(self, job_id: str, row_id: str) -> RowResult | None:
+        """One finished row of a job (the console's thumbnails and video links look them up one at a time)."""
+        found = self._rows("job_id = ? AND row_id = ?", (job_id, row_id))
+        return found[0] if found else None
+
+    def _rows(self, where: str, params: tuple) -> list[RowResult]:
         with self._lock:
             found = self._db.execute(
                 "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
                 "metrics, render_attempts, resumed_from_segment, rows_in_batch "
-                "FROM rows WHERE job_id = ? ORDER BY rowid",
-                (job_id,),
+                f"FROM rows WHERE {where} ORDER BY rowid",
+                params,
             ).fetchall()
         return [
             RowResult(

@@ -28,6 +28,9 @@ class RowStatus(StrEnum):
     CANCELLED = "cancelled"  # stopped at a block boundary; its segments are kept for a later run
 
 
+STAGES = ("validate", "fetch", "render", "write", "report")  # the pipeline's stages, as StageTimed names them
+ERROR_KINDS = ("validation", "input", "fetch", "render", "write", "cancelled", "internal")  # RowResult.error_kind
+
 FINAL_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.FAILED, RowStatus.SKIPPED, RowStatus.CANCELLED})
 OK_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.SKIPPED})  # the row's output exists
 
@@ -39,7 +42,7 @@ class RowResult(BaseModel):
     status: RowStatus
     output: str | None = None  # the output URI, when it exists (OK_STATUSES)
     error: str | None = None
-    error_kind: str | None = None  # validation | input | fetch | render | write | cancelled | internal
+    error_kind: str | None = None  # one of ERROR_KINDS
     frames: int = 0
     video_seconds: float = 0.0
     duration_s: float | None = None  # wall seconds of the row's stages together; None while it runs
@@ -75,7 +78,7 @@ class BlockRendered:
 @dataclass(frozen=True)
 class StageTimed:
     job_id: str
-    stage: str  # "validate" | "fetch" | "render" | "write" | "report"
+    stage: str  # one of STAGES
     seconds: float
 
 

@@ -262,6 +262,16 @@ class ObjectStore:
             found += ["file://" + os.path.join(dirpath, f) for f in files if TEMP_MARK not in f]
         return sorted(found)
 
+    def presigned_url(self, uri: str, expires_s: int = 900) -> str:
+        """A time-limited GET URL of an S3 object, for a reader that is not boto3 (ffmpeg, a browser)."""
+        uri = normalize_uri(uri)
+        if not uri.startswith("s3://"):
+            raise ValueError(f"{uri}: only S3 objects have presigned URLs")
+        bucket, key = _split_s3(uri)
+        return self._s3().generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s
+        )
+
     # ---- deletes (missing objects are not an error)
 
     def delete(self, uri: str) -> None:

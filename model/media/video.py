@@ -410,3 +410,33 @@ def concat_mp4(
     finally:
         _remove_quietly(out_tmp)
         _remove_quietly(list_path)
+
+
+def read_key_frames(source: str, middle_s: float, height: int) -> list[np.ndarray]:
+    """The first frame, the frame at `middle_s` and the last frame of an mp4, scaled to `height` rows (the width
+    keeps the aspect ratio): uint8 (height, W, 3) each. `source` is a local path or an http(s) URL (a presigned
+    S3 one); ffmpeg seeks in it, so a two-hour video costs what a short one does. Only the mp4 demuxer and, for
+    a URL, only the web protocols are allowed: the source is read as a video and nothing else."""
+    from PIL import Image
+
+    remote = source.startswith(("http://", "https://"))
+    if not remote:
+        source = check_input_file(source)
+    source_args = ["-protocol_whitelist", "http,https,tls,tcp" if remote else "file", "-f", "mp4"]
+    scale = ["-map", "0:v:0", "-vf", f"scale=-2:{int(height)}", "-c:v", "png"]
+    seeks = [["-ss", "0"], ["-ss", f"{max(0.0, middle_s):.3f}"], ["-sseof", "-1"]]  # last: decode the final second
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="avatar-frames-") as tmp:
+        for i, seek in enumerate(seeks):
+            out = os.path.join(tmp, f"{i}.png")
+            # -update 1: each decoded frame overwrites the file, so it ends holding the last one asked for.
+            last = [] if i == 2 else ["-frames:v", "1"]
+            try:
+                run_ffmpeg([*source_args, *seek, "-i", source, *scale, *last, "-update", "1", "-y", out])
+            except FFmpegError as err:
+                raise InputError(source if not remote else "video URL", f"cannot read video: {err.reason}") from None
+            if not os.path.exists(out):
+                raise InputError(source if not remote else "video URL", "no video frame at the requested time")
+            with Image.open(out) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+    return frames
