@@ -449,6 +449,41 @@ def sdpa_context(backend: str):
     return sdpa_kernel(names[backend])
 
 
+def analytic_flops(preset: Preset) -> dict:
+    """FLOPs of one row's steady block (full cache): the compute floor of a video frame on any device."""
+    gen = preset.generator
+    steady_frames = preset.vae.temporal_stride * gen.frames_per_block
+    shape = {
+        "frames": gen.frames_per_block,
+        "tokens_per_frame": preset.tokens_per_frame,
+        "cache_tokens": (gen.sink_frames + gen.window_frames) * preset.tokens_per_frame,
+    }
+    forward = dit_forward_flops(preset.dit, batch=1, text_tokens=preset.text.max_length, **shape)
+    without_text_kv = dit_forward_flops(preset.dit, batch=1, text_tokens=0, **shape)
+    text_kv = preset.dit.num_layers * 2 * 2 * preset.text.max_length * preset.dit.dim**2
+    block = (gen.step_plan[-1] + 1) * forward
+    return {
+        "steady_forward": forward,
+        "steady_block": block,
+        "steady_per_video_frame": block / steady_frames,
+        "text_kv_share": text_kv / forward,
+        "text_attention_share": (forward - without_text_kv) / forward,
+        "note": f"{gen.step_plan[-1]} denoising passes + 1 cache write over a {gen.frames_per_block}-frame block "
+        f"with a full cache ({gen.sink_frames} sink + {gen.window_frames} window frames), one row",
+    }
+
+
+def print_flops(preset: Preset) -> None:
+    flops = analytic_flops(preset)
+    print(
+        f"{preset.name} {preset.video.height}x{preset.video.width}: {flops['steady_forward'] / 1e12:.2f} TFLOP per "
+        f"steady forward, {flops['steady_block'] / 1e12:.2f} TFLOP per steady block, "
+        f"{flops['steady_per_video_frame'] / 1e12:.2f} TFLOP per video frame; the text's K/V (recomputed every "
+        f"pass) {flops['text_kv_share']:.1%} of a forward, all text cross-attention {flops['text_attention_share']:.1%}"
+        f" ({flops['note']})"
+    )
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")  # bf16 matmuls crawl on a CPU
@@ -470,16 +505,6 @@ def run(args: argparse.Namespace) -> dict:
         batches = [run_batch(model, b, num_blocks, peak, warmup=not args.no_warmup) for b in args.batch]
 
     is_result = device.type == "cuda" and args.scale == "full"
-    steady_frames = preset.vae.temporal_stride * gen.frames_per_block
-    steady_cache = (gen.sink_frames + gen.window_frames) * preset.tokens_per_frame
-    steady_block_flops = (gen.step_plan[-1] + 1) * dit_forward_flops(
-        preset.dit,
-        batch=1,
-        frames=gen.frames_per_block,
-        tokens_per_frame=preset.tokens_per_frame,
-        cache_tokens=steady_cache,
-        text_tokens=preset.text.max_length,
-    )
     return {
         "label": (
             "GPU measurement"
@@ -499,7 +524,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {
             "step_plan": list(gen.step_plan),
             "frames_per_block": gen.frames_per_block,
-            "video_frames_per_steady_block": steady_frames,
+            "video_frames_per_steady_block": preset.vae.temporal_stride * gen.frames_per_block,
             "tokens_per_frame": preset.tokens_per_frame,
             "text_tokens": preset.text.max_length,
             "sink": gen.sink,
@@ -512,12 +537,7 @@ def run(args: argparse.Namespace) -> dict:
             "dit_parameters": sum(p.numel() for p in model.dit.parameters()),
         },
         "matmul_peak_tflops": peak,
-        "analytic_flops": {
-            "steady_block": steady_block_flops,
-            "steady_per_video_frame": steady_block_flops / steady_frames,
-            "note": f"{gen.step_plan[-1]} denoising passes + 1 cache write over a {gen.frames_per_block}-frame block "
-            f"with a full cache ({gen.sink_frames} sink + {gen.window_frames} window frames), one row",
-        },
+        "analytic_flops": analytic_flops(preset),
         "batches": batches,
         "accuracy": accuracy,
     }
@@ -596,6 +616,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--accuracy", action="store_true", help="also compare --dtype with a float32 render")
     p.add_argument("--accuracy-blocks", type=int, default=2, help="blocks of the accuracy comparison")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    p.add_argument("--flops-only", action="store_true", help="print the analytic FLOPs of the preset and stop")
     args = p.parse_args(argv)
     args.argv = list(argv)
     return args
@@ -603,6 +624,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.flops_only:
+        print_flops(scaled_preset(args.preset, args.scale, args.height, args.width, args.steps))
+        return {}
     result = run(args)
     print_table(result)
     if args.out:

@@ -37,7 +37,6 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from deploy.confine import confine
 from deploy.history import ThroughputHistory
 from deploy.jobs import TERMINAL_STATES, JobManager, SubmitError
 from deploy.schemas import JobRequest
@@ -46,6 +45,7 @@ from deploy.thumbnails import ThumbnailCache
 from pipeline.events import OK_STATUSES, RowResult
 from pipeline.manifest import read_manifest
 from pipeline.storage import ObjectStore
+from pipeline.uri import confine
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "avatar_render_session"
