@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps lint test demo examples train-tiny eval-tiny eval-tiny-stages ablation-mci-off bench-long bench-pipeline bench-service bench-gpu clean
+.PHONY: install system-deps vendor-js console-screenshots lint test demo examples train-tiny eval-tiny eval-tiny-stages ablation-mci-off bench-long bench-pipeline bench-service bench-gpu bench-batching clean
 
 # torch is installed first and pinned: a looser resolution pulls several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -19,12 +19,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests drive for real: prometheus (scrapes the service in the metrics test).
+# Debian packages the tests drive for real: prometheus (scrapes the service in the metrics test) and chromium with
+# its driver (headless, drives the web console in tests/test_console.py through Playwright).
 $(SYSTAMP):
 	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 	@mkdir -p $(VENV) && touch $@
 
 system-deps: $(SYSTAMP)
+
+# The console's chart library, vendored into deploy/static/vendor (MIT; nothing is fetched at run time). This
+# fetches the pinned npm package again, checks its hash and copies the built files and the licence.
+UPLOT_VERSION := 1.6.32
+UPLOT_SHA256 := 4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
+vendor-js:
+	@tmp=$$(mktemp -d) && cd $$tmp && npm pack -q uplot@$(UPLOT_VERSION) >/dev/null \
+	  && echo "$(UPLOT_SHA256)  uplot-$(UPLOT_VERSION).tgz" | sha256sum -c --quiet - \
+	  && tar xzf uplot-$(UPLOT_VERSION).tgz \
+	  && cp package/dist/uPlot.iife.min.js package/dist/uPlot.min.css package/LICENSE $(CURDIR)/deploy/static/vendor/uplot/ \
+	  && rm -rf $$tmp && echo "deploy/static/vendor/uplot: uPlot $(UPLOT_VERSION)"
+
+# docs/img/console_*.png: the browser test's screenshots of a real run (login, job list, job page, a running job).
+console-screenshots: install system-deps
+	CONSOLE_SCREENSHOTS_DIR=docs/img $(PY) -m pytest -q tests/test_console.py -k real_browser
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -95,6 +112,10 @@ bench-service: install
 
 bench-gpu: install
 	$(PY) benchmarks/gpu_throughput.py
+
+# One render actor at 1, 2, 4, 8 rows in flight (the bundled model, this machine): docs/performance.md.
+bench-batching: install
+	$(PY) benchmarks/actor_batching.py --rows 8 --seconds 4 --batch 1,2,4,8 --out docs/perf/cpu-actor-batching.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.events import Event
+from pipeline.events import Event, RowStarted
 
 
 @ray.remote(num_cpus=0, max_concurrency=1)
@@ -22,14 +22,23 @@ class ProgressActor:
         self.events: list[Event] = []
         self.cancelled = False
         self.render_actors: dict[str, ray.actor.ActorHandle] = {}
+        self.render_actor_nodes: dict[str, str] = {}
+        self.starts: dict[str, int] = {}  # row id -> RowStarted events: render attempts in this job
 
     def push(self, events: list[Event]) -> None:
         self.events.extend(events)
+        for event in events:
+            if isinstance(event, RowStarted):
+                self.starts[event.row_id] = self.starts.get(event.row_id, 0) + 1
 
     def push_and_check(self, events: list[Event]) -> bool:
         """Push, and answer whether the job was cancelled."""
-        self.events.extend(events)
+        self.push(events)
         return self.cancelled
+
+    def render_attempts(self, row_id: str) -> int:
+        """How many times a render actor started the row in this job (more than once: an actor or node was lost)."""
+        return self.starts.get(row_id, 0)
 
     def events_since(self, cursor: int) -> tuple[list[Event], int]:
         return self.events[cursor:], len(self.events)
@@ -37,8 +46,13 @@ class ProgressActor:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def register_render_actor(self, actor_id: str, handle: ray.actor.ActorHandle) -> None:
+    def register_render_actor(self, actor_id: str, handle: ray.actor.ActorHandle, node_id: str = "") -> None:
         self.render_actors[actor_id] = handle
+        self.render_actor_nodes[actor_id] = node_id
 
     def get_render_actors(self) -> dict[str, ray.actor.ActorHandle]:
         return dict(self.render_actors)
+
+    def get_render_actor_nodes(self) -> dict[str, str]:
+        """Render actor id -> the Ray node it runs on (without asking the actor, which is busy rendering)."""
+        return dict(self.render_actor_nodes)

@@ -1,22 +1,31 @@
-"""The render actor: one resident model per actor, rendering rows block by block into stored segments.
+"""The render actor: one resident model per actor, rendering several rows at once into stored segments.
 
-Used as a callable class in `Dataset.map_batches` (batch_size=1): Ray Data keeps a fixed pool of these
-actors, each loading `AvatarModel` once in `__init__`. A row's video is cut into segments of K blocks;
-each segment is encoded to H.264 (no audio) and stored with the generator state at its end:
+Used as a callable class in `Dataset.map_batches` (batch_size=1), the pattern of Ray Data's LLM stage: Ray Data
+keeps a fixed pool of these actors, each loading `AvatarModel` once in `__init__`, and makes up to `rows_per_actor`
+concurrent calls into each (`__call__` is async). Every call hands its row to the actor's one engine loop (a
+thread running `model.engine.Engine`), which advances all rows in flight together, pass by pass, and takes new
+rows in as others finish. A row's video is cut into segments of K blocks; each segment is encoded to H.264 (no
+audio) and stored with the generator state at its end:
 
     <output root>/.segments/<row key>/<index>.mp4    then    <index>.state   (the state marks it complete)
 
-A row that finds stored segments restores the last state and renders only the blocks after it, so a
-render actor killed mid-row (Ray restarts it and retries the batch) loses at most one segment of work.
-After every block the actor reports progress and learns whether the job was cancelled; a cancelled
-row keeps its segments and can resume in a later run.
+A row that finds stored segments restores the last state and renders only the blocks after it, so a render actor
+killed mid-row (Ray restarts it and retries its rows) loses at most one segment of work per row. After every block
+the row reports progress and learns whether the job was cancelled; a cancelled row keeps its segments and can
+resume in a later run. A row that fails leaves the batch; the others go on. With `overlap_decode` the VAE decode
+and H.264 encode of a block run on a second thread while the engine generates the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -40,7 +49,238 @@ def last_complete_segment(store: ObjectStore, prefix: str) -> int | None:
     return max((int(os.path.basename(u)[: -len(STATE)]) for u in states), default=None)
 
 
+class RowRender:
+    """One row in the engine: its session, its open segment, its progress; the engine loop drives it."""
+
+    def __init__(self, actor: BatchRenderer, record: RowRecord, resolve):
+        self.renderer, self.record, self.task = actor, record, record.task
+        self.resolve = resolve  # hands the finished record back to the waiting call
+        self.started = time.perf_counter()
+        self.session = None
+        self.writer = None
+        self.tmp = tempfile.TemporaryDirectory(prefix="avatar-segment-")
+        self.segment = 0
+        self.blocks_in_segment = 0
+        self.resume_from: int | None = None
+        self.rows_in_batch = 0
+        self.generate_seconds = 0.0  # wall time of the engine steps it was in (shared with its batch mates)
+        self.block_started = time.perf_counter()
+        self.cancelled = False
+        self.pending: list[Future] = []  # blocks handed to the decode thread, in order
+
+    def open(self) -> None:
+        from model.generator import RenderState
+
+        renderer, task = self.renderer, self.task
+        self.resume_from = last_complete_segment(renderer.store, task.segments)
+        if self.resume_from is None:
+            self.session = renderer.model.open(array_from_bytes(self.record.portrait), task.prompt, task.render)
+        else:
+            uri = segment_uri(task.segments, self.resume_from, STATE)
+            self.session = renderer.model.restore(RenderState.from_bytes(renderer.store.get_bytes(uri)), task.prompt)
+            self.segment = self.resume_from + 1
+        self.session.feed_audio(array_from_bytes(self.record.audio), final=True)
+        self.record.portrait = self.record.audio = b""  # the writer needs neither; keep the object store light
+        started = RowStarted(renderer.job_id, task.id, renderer.actor_id, self.session.blocks_done)
+        self.cancelled = renderer.report([started])
+
+    def on_block(self, generated) -> None:
+        """A generated block: decode, encode and maybe store a segment (here or on the decode thread)."""
+        now = time.perf_counter()
+        seconds, self.block_started = now - self.block_started, now
+        state = None
+        if self.blocks_in_segment + 1 == self.renderer.settings.segment_blocks or self.session.finished:
+            state = self.session.state()  # taken now, at the block boundary: the next block is being generated
+        self.blocks_in_segment = 0 if state is not None else self.blocks_in_segment + 1
+        if self.renderer.decoder is None:
+            self._write_block(generated, state, seconds)
+            return
+        ready = None
+        if self.renderer.decode_stream is not None:  # the decode waits for the block on its own CUDA stream
+            import torch
+
+            ready = torch.cuda.Event()
+            ready.record()
+            generated.latents.record_stream(self.renderer.decode_stream)
+        self.pending.append(self.renderer.decoder.submit(self._write_block, generated, state, seconds, ready))
+
+    def _write_block(self, generated, state, seconds: float, ready=None) -> None:
+        from model.media import VideoWriter
+
+        stream = self.renderer.decode_stream
+        if stream is None:
+            block = self.session.emit(generated)
+        else:
+            import torch
+
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                block = self.session.emit(generated)
+        if self.writer is None:
+            height, width = block.frames.shape[1:3]
+            self.writer = VideoWriter(
+                os.path.join(self.tmp.name, f"{self.segment}{MP4}"), self.session.fps, width, height
+            )
+        self.writer.write(block.frames)
+        if state is not None:
+            self._store_segment(state)
+        renderer, frames = self.renderer, len(block.frames)
+        event = BlockRendered(
+            renderer.job_id, self.task.id, renderer.actor_id, block.index, frames, frames / self.session.fps, seconds
+        )
+        self.cancelled = self.renderer.report([event]) or self.cancelled
+
+    def _store_segment(self, state) -> None:
+        """Close and upload a segment, then its state: a segment counts only once its state exists."""
+        store, prefix = self.renderer.store, self.task.segments
+        self.writer.close()
+        store.put_file(segment_uri(prefix, self.segment, MP4), self.writer.path)
+        store.put_bytes(segment_uri(prefix, self.segment, STATE), state.to_bytes())
+        os.remove(self.writer.path)
+        self.writer, self.segment = None, self.segment + 1
+
+    def drain(self) -> None:
+        """Wait for this row's blocks on the decode thread (raising what they raised)."""
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+
+    def close(self, error: Exception | None = None) -> RowRecord:
+        """The row's record once it left the engine: rendered, cancelled or failed."""
+        record, session = self.record, self.session
+        try:
+            self.drain()
+        except Exception as err:  # an encode or upload of this row failed on the decode thread
+            error = error or err
+        if self.writer is not None and (error is not None or self.cancelled):
+            self.writer.abort()  # an unfinished segment is rendered again on resume
+        self.tmp.cleanup()
+        if error is not None:
+            record.fail("render", f"{type(error).__name__}: {error}")
+        elif self.cancelled:
+            record.status, record.error_kind = RowStatus.CANCELLED, "cancelled"
+            record.error = f"cancelled after {session.blocks_done} blocks (segments kept for resume)"
+        elif session.frames_done == 0:
+            record.fail("input", f"{self.task.audio}: audio too short to render a single frame")
+        else:
+            record.status = RowStatus.RENDERED
+            record.timings["generate"] = self.generate_seconds
+            record.result = {
+                "frames": session.frames_done,
+                "fps": session.fps,
+                "video_seconds": session.frames_done / session.fps,
+                "blocks": session.blocks_done,
+                "segments": self.segment,
+                "resumed_from_segment": self.resume_from,
+                "actor_id": self.renderer.actor_id,
+                "rows_in_batch": self.rows_in_batch,
+            }
+        record.portrait = record.audio = b""
+        record.timings["render"] = time.perf_counter() - self.started
+        return record
+
+
+class BatchRenderer:
+    """The render actor's work without Ray: rows go in (`submit`), up to `rows_per_actor` render together in one
+    engine loop on its own thread, and each row's record comes back through its `resolve` callback. `report`
+    receives every row's progress events and answers whether the job was cancelled."""
+
+    def __init__(self, model, store: ObjectStore, settings: PipelineSettings, job_id: str, actor_id: str, report):
+        from model.engine import Engine
+
+        self.model, self.store, self.settings = model, store, settings
+        self.job_id, self.actor_id, self.report = job_id, actor_id, report
+        overlap = settings.overlap_decode == "on" or (settings.overlap_decode == "auto" and settings.device == "cuda")
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="render-decode") if overlap else None
+        # On a GPU the decode runs on its own CUDA stream too, so the VAE's kernels overlap the DiT's.
+        self.decode_stream = None
+        if overlap and settings.device == "cuda":
+            import torch
+
+            self.decode_stream = torch.cuda.Stream()
+        self.engine = Engine(model)
+        self.step_seconds = 0.0  # time in engine steps (generation), for benchmarks/actor_batching.py
+        self._inbox: queue.Queue = queue.Queue()
+        self._loop = threading.Thread(target=self._run_engine, name="render-engine", daemon=True)
+        self._loop.start()
+
+    def submit(self, record: RowRecord, resolve) -> None:
+        """Queue a row; `resolve(record)` is called from the engine thread when it is rendered, cancelled or failed."""
+        self._inbox.put((record, resolve))
+
+    def render(self, record: RowRecord) -> RowRecord:
+        """One row, waited for."""
+        done: Future = Future()
+        self.submit(record, done.set_result)
+        return done.result()
+
+    # -- the engine loop (one thread) --------------------------------------------------------------------------
+
+    def _run_engine(self) -> None:
+        rows: dict = {}  # session -> RowRender
+        while True:
+            try:
+                self._admit(rows, wait=not rows)
+                if rows:
+                    self._step(rows)
+            except Exception as err:  # a bug of the loop itself: fail the rows in flight, keep serving
+                for session in list(rows):
+                    self.engine.remove(session)
+                    self._finish(rows.pop(session), err)
+
+    def _step(self, rows: dict) -> None:
+        """One engine step: a pass of every row; finished blocks to their rows; rows that end leave."""
+        width = len(self.engine.active)
+        tick = time.perf_counter()
+        finished = self.engine.step()
+        seconds = time.perf_counter() - tick
+        self.step_seconds += seconds
+        for row in rows.values():
+            row.rows_in_batch = max(row.rows_in_batch, width)
+            row.generate_seconds += seconds
+        for session, generated in finished:
+            try:
+                rows[session].on_block(generated)
+            except Exception as err:  # this row's encode or upload: fail it, keep the others
+                self.engine.remove(session)
+                self._finish(rows.pop(session), err)
+        for session, err in self.engine.failures:
+            if session in rows:
+                self._finish(rows.pop(session), err)
+        self.engine.failures.clear()
+        for session, row in list(rows.items()):
+            if row.cancelled or session.finished:
+                self.engine.remove(session)
+                self._finish(rows.pop(session))
+
+    def _admit(self, rows: dict, wait: bool) -> None:
+        """Take in the rows waiting in the inbox (blocking for one when the engine is idle)."""
+        while True:
+            try:
+                record, resolve = self._inbox.get(block=wait)
+            except queue.Empty:
+                return
+            wait = False
+            item = RowRender(self, record, resolve)
+            if record.status != RowStatus.PENDING:
+                item.resolve(record)
+                continue
+            try:
+                item.open()
+            except Exception as err:  # a bad state or input of this row: fail it alone
+                item.resolve(item.close(err))
+                continue
+            self.engine.add(item.session)
+            rows[item.session] = item
+
+    def _finish(self, row: RowRender, error: Exception | None = None) -> None:
+        row.resolve(row.close(error))
+
+
 class RenderActor:
+    """The Ray Data callable class: loads the model once, and feeds up to `rows_per_actor` concurrent calls into
+    one BatchRenderer."""
+
     def __init__(self, settings: PipelineSettings, job_id: str, progress):
         import torch
 
@@ -48,109 +288,32 @@ class RenderActor:
 
         if settings.device == "cpu":
             torch.set_num_threads(max(1, round(settings.actor_num_cpus)))
-        self.settings, self.job_id, self.progress = settings, job_id, progress
-        self.store = ObjectStore(settings.storage)
+        self.progress = progress
+        store = ObjectStore(settings.storage)
         # An s3:// checkpoint is downloaded once per node (verified), not once per actor.
-        checkpoint = local_checkpoint(settings.checkpoint, self.store) if settings.checkpoint else None
-        self.model = AvatarModel.load(
+        cache = settings.model_cache_dir and Path(settings.model_cache_dir)
+        checkpoint = local_checkpoint(settings.checkpoint, store, cache) if settings.checkpoint else None
+        model = AvatarModel.load(
             checkpoint, preset=settings.preset, device=settings.device, dtype=settings.torch_dtype()
         )
         context = ray.get_runtime_context()
-        self.actor_id = context.get_actor_id() or f"local-{os.getpid()}"
+        actor_id = context.get_actor_id() or f"local-{os.getpid()}"
+        self.renderer = BatchRenderer(model, store, settings, job_id, actor_id, self.report)
         if context.current_actor is not None:
-            ray.get(progress.register_render_actor.remote(self.actor_id, context.current_actor))
+            ray.get(progress.register_render_actor.remote(actor_id, context.current_actor, context.get_node_id()))
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        records = [self.render(RowRecord.from_row(row)) for row in batch.to_pylist()]
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """One of up to `rows_per_actor` concurrent calls: hand the rows to the engine loop and wait for them."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for row in batch.to_pylist():
+            future = loop.create_future()
+            resolve = lambda record, future=future: loop.call_soon_threadsafe(future.set_result, record)  # noqa: E731
+            self.renderer.submit(RowRecord.from_row(row), resolve)
+            futures.append(future)
+        records = await asyncio.gather(*futures)
         return pa.Table.from_pylist([r.to_row() for r in records], schema=batch.schema)
 
-    def _report(self, events: list) -> bool:
+    def report(self, events: list) -> bool:
         """Push events; returns whether the job is cancelled (one round trip per block)."""
         return ray.get(self.progress.push_and_check.remote(events))
-
-    def render(self, record: RowRecord) -> RowRecord:
-        if record.status != RowStatus.PENDING:
-            return record
-        started = time.perf_counter()
-        try:
-            self._render_segments(record)
-        except Exception as err:  # a bug or resource failure in this row: fail the row, keep the actor
-            record.fail("render", f"{type(err).__name__}: {err}")
-        record.portrait = record.audio = b""  # the writer needs neither; keep the object store light
-        record.timings["render"] = time.perf_counter() - started
-        return record
-
-    def _render_segments(self, record: RowRecord) -> None:
-        from model.generator import RenderState
-        from model.media import VideoWriter
-
-        task, blocks_per_segment = record.task, self.settings.segment_blocks
-        resume_from = last_complete_segment(self.store, task.segments)
-        if resume_from is None:
-            session = self.model.open(array_from_bytes(record.portrait), task.prompt, task.render)
-            segment = 0
-        else:
-            state = RenderState.from_bytes(self.store.get_bytes(segment_uri(task.segments, resume_from, STATE)))
-            session = self.model.restore(state, task.prompt)
-            segment = resume_from + 1
-        session.feed_audio(array_from_bytes(record.audio), final=True)
-        cancelled = self._report([RowStarted(self.job_id, task.id, self.actor_id, session.blocks_done)])
-
-        generate_seconds = 0.0
-        with tempfile.TemporaryDirectory(prefix="avatar-segment-") as tmp:
-            writer, blocks_in_segment = None, 0
-            while not cancelled:
-                tick = time.perf_counter()
-                block = session.next_block()
-                seconds = time.perf_counter() - tick
-                if block is None:
-                    break
-                generate_seconds += seconds
-                if writer is None:
-                    height, width = block.frames.shape[1:3]
-                    writer = VideoWriter(os.path.join(tmp, f"{segment}{MP4}"), session.fps, width, height)
-                writer.write(block.frames)
-                blocks_in_segment += 1
-                event = BlockRendered(
-                    self.job_id,
-                    task.id,
-                    self.actor_id,
-                    block.index,
-                    len(block.frames),
-                    len(block.frames) / session.fps,
-                    seconds,
-                )
-                if blocks_in_segment == blocks_per_segment:
-                    self._store_segment(task, segment, writer, session)
-                    writer, blocks_in_segment, segment = None, 0, segment + 1
-                cancelled = self._report([event])
-            if cancelled:
-                if writer is not None:
-                    writer.abort()  # an unfinished segment is re-rendered on resume
-                record.status, record.error_kind = RowStatus.CANCELLED, "cancelled"
-                record.error = f"cancelled after {session.blocks_done} blocks (segments kept for resume)"
-                return
-            if writer is not None:
-                self._store_segment(task, segment, writer, session)
-                segment += 1
-        if session.frames_done == 0:
-            record.fail("input", f"{task.audio}: audio too short to render a single frame")
-            return
-        record.status = RowStatus.RENDERED
-        record.timings["generate"] = generate_seconds
-        record.result = {
-            "frames": session.frames_done,
-            "fps": session.fps,
-            "video_seconds": session.frames_done / session.fps,
-            "blocks": session.blocks_done,
-            "segments": segment,
-            "resumed_from_segment": resume_from,
-            "actor_id": self.actor_id,
-        }
-
-    def _store_segment(self, task, segment: int, writer, session) -> None:
-        """Close and upload a segment, then its state: a segment counts only once its state exists."""
-        writer.close()
-        self.store.put_file(segment_uri(task.segments, segment, MP4), writer.path)
-        self.store.put_bytes(segment_uri(task.segments, segment, STATE), session.state().to_bytes())
-        os.remove(writer.path)

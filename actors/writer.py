@@ -9,7 +9,6 @@ RowFinished event (rows failed by validation or skipped are closed by the driver
 from __future__ import annotations
 
 import os
-import posixpath
 import tempfile
 import time
 
@@ -19,6 +18,7 @@ from actors.render import MP4
 from pipeline.events import RowFinished, RowStatus, StageTimed
 from pipeline.records import RowRecord
 from pipeline.settings import PipelineSettings
+from pipeline.stages import input_copy
 from pipeline.storage import ObjectStore
 
 
@@ -28,13 +28,14 @@ def write_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -
     if record.status == RowStatus.RENDERED:
         started = time.perf_counter()
         try:
-            _stitch_and_upload(record, ObjectStore(settings.storage), settings.metrics_max_seconds)
+            _stitch_and_upload(record, ObjectStore(settings.storage), settings)
             record.status = RowStatus.SUCCEEDED
         except Exception as err:
             record.fail("write", f"{type(err).__name__}: {err}")
         record.timings["write"] = time.perf_counter() - started
         events.append(StageTimed(job_id, "write", record.timings["write"]))
-    events.append(RowFinished(job_id, record.to_result()))  # metrics, timings and duration included
+    record.result["render_attempts"] = ray.get(progress.render_attempts.remote(record.task.id))
+    events.append(RowFinished(job_id, record.to_result()))  # metrics, timings, duration and attempts included
     ray.get(progress.push.remote(events))
     return record.to_row()
 
@@ -51,7 +52,7 @@ def _quality_metrics(video: str, portrait: str, audio: str) -> dict:
     return {k: scores[k] for k in keys if k in scores}
 
 
-def _stitch_and_upload(record: RowRecord, store: ObjectStore, metrics_max_seconds: float) -> None:
+def _stitch_and_upload(record: RowRecord, store: ObjectStore, settings: PipelineSettings) -> None:
     from model.media import concat_mp4
 
     task, result = record.task, record.result
@@ -64,10 +65,10 @@ def _stitch_and_upload(record: RowRecord, store: ObjectStore, metrics_max_second
             local.append(os.path.join(tmp, f"{i:06d}{MP4}"))
             store.get_file(uri, local[-1])
         out = os.path.join(tmp, "out" + MP4)
-        with store.local_copy(task.audio, suffix=posixpath.splitext(task.audio)[1]) as audio:
-            concat_mp4(local, out, audio_path=audio)
-            if 0 < result["video_seconds"] <= metrics_max_seconds:
-                with store.local_copy(task.portrait, suffix=posixpath.splitext(task.portrait)[1]) as portrait:
+        with input_copy(store, task.audio, "audio", settings.limits) as audio:
+            concat_mp4(local, out, audio_path=audio)  # the audio opened as in fetch: local file, allowed formats
+            if 0 < result["video_seconds"] <= settings.metrics_max_seconds:
+                with input_copy(store, task.portrait, "portrait", settings.limits) as portrait:
                     result["metrics"] = _quality_metrics(out, portrait, audio)
         store.put_file(task.output, out)
     store.delete_prefix(task.segments)

@@ -299,18 +299,8 @@ def render_rows(model: AvatarModel, batch: int, num_blocks: int, seed: int, coun
         sessions.append(session)
     opened = clock.mark()
     engine = Engine(model)
-    decode_ms = {}
     for session in sessions:
         engine.add(session)
-        emit = session.emit
-
-        def timed_emit(clean, emit=emit, session=session):
-            mark = clock.mark()
-            block = emit(clean)
-            decode_ms[(id(session), block.index)] = clock.ms(mark, clock.mark())
-            return block
-
-        session.emit = timed_emit
     steps = []
     hook = model.dit.register_forward_pre_hook(counter, with_kwargs=True) if counter else None
     try:
@@ -319,12 +309,20 @@ def render_rows(model: AvatarModel, batch: int, num_blocks: int, seed: int, coun
                 flops_before = counter.flops if counter else 0
                 mark = clock.mark()
                 finished = engine.step()
+                generated = clock.mark()
+                decoded = []  # decoded in the engine's thread, after the step: the DiT and the VAE are timed apart
+                for session, latents in finished:
+                    block = session.emit(latents)
+                    decoded.append((block.index, len(block.frames)))
                 end = clock.mark()
+                flops = (counter.flops if counter else 0) - flops_before
                 steps.append(
                     {
                         "ms": clock.ms(mark, end),
-                        "flops": (counter.flops if counter else 0) - flops_before,
-                        "blocks": [(b.index, len(b.frames), decode_ms[(id(s), b.index)]) for s, b in finished],
+                        "dit_ms": clock.ms(mark, generated),
+                        "flops": flops,
+                        "decode_ms": clock.ms(generated, end),
+                        "blocks": decoded,
                     }
                 )
     finally:
@@ -349,30 +347,29 @@ def run_batch(model: AvatarModel, batch: int, num_blocks: int, peak_tflops: floa
     steps = run["steps"]
 
     # Per block index: the engine steps that ran it (all rows advance in lockstep here, one block at a time).
-    per_block, current, first_frame_ms = [], {"ms": 0.0, "flops": 0, "passes": 0}, None
+    per_block, current, first_frame_ms = [], {"ms": 0.0, "dit_ms": 0.0, "flops": 0, "passes": 0}, None
     for step in steps:
-        current["ms"] += step["ms"]
-        current["flops"] += step["flops"]
+        for key in ("ms", "dit_ms", "flops"):
+            current[key] += step[key]
         current["passes"] += 1
         if step["blocks"]:
-            index = step["blocks"][0][0]
-            decode = sum(d for _, _, d in step["blocks"])
-            frames = sum(n for _, n, _ in step["blocks"])
+            frames = sum(n for _, n in step["blocks"])
+            rows = len(step["blocks"])
             per_block.append(
                 {
-                    "index": index,
-                    "rows": len(step["blocks"]),
+                    "index": step["blocks"][0][0],
+                    "rows": rows,
                     "passes": current["passes"],
-                    "video_frames": frames // len(step["blocks"]),
+                    "video_frames": frames // rows,
                     "step_ms": current["ms"],
-                    "decode_ms": decode,
-                    "dit_ms": current["ms"] - decode,
+                    "dit_ms": current["dit_ms"],
+                    "decode_ms": step["decode_ms"],
                     "dit_flops": current["flops"],
                 }
             )
             if first_frame_ms is None:
                 first_frame_ms = run["open_ms"] + current["ms"]
-            current = {"ms": 0.0, "flops": 0, "passes": 0}
+            current = {"ms": 0.0, "dit_ms": 0.0, "flops": 0, "passes": 0}
     gen = model.preset.generator
     steady = [b for b in per_block if b["index"] >= steady_from(model.preset)] or per_block[1:] or per_block
     frames = sum(b["video_frames"] * b["rows"] for b in steady)
@@ -452,6 +449,41 @@ def sdpa_context(backend: str):
     return sdpa_kernel(names[backend])
 
 
+def analytic_flops(preset: Preset) -> dict:
+    """FLOPs of one row's steady block (full cache): the compute floor of a video frame on any device."""
+    gen = preset.generator
+    steady_frames = preset.vae.temporal_stride * gen.frames_per_block
+    shape = {
+        "frames": gen.frames_per_block,
+        "tokens_per_frame": preset.tokens_per_frame,
+        "cache_tokens": (gen.sink_frames + gen.window_frames) * preset.tokens_per_frame,
+    }
+    forward = dit_forward_flops(preset.dit, batch=1, text_tokens=preset.text.max_length, **shape)
+    without_text_kv = dit_forward_flops(preset.dit, batch=1, text_tokens=0, **shape)
+    text_kv = preset.dit.num_layers * 2 * 2 * preset.text.max_length * preset.dit.dim**2
+    block = (gen.step_plan[-1] + 1) * forward
+    return {
+        "steady_forward": forward,
+        "steady_block": block,
+        "steady_per_video_frame": block / steady_frames,
+        "text_kv_share": text_kv / forward,
+        "text_attention_share": (forward - without_text_kv) / forward,
+        "note": f"{gen.step_plan[-1]} denoising passes + 1 cache write over a {gen.frames_per_block}-frame block "
+        f"with a full cache ({gen.sink_frames} sink + {gen.window_frames} window frames), one row",
+    }
+
+
+def print_flops(preset: Preset) -> None:
+    flops = analytic_flops(preset)
+    print(
+        f"{preset.name} {preset.video.height}x{preset.video.width}: {flops['steady_forward'] / 1e12:.2f} TFLOP per "
+        f"steady forward, {flops['steady_block'] / 1e12:.2f} TFLOP per steady block, "
+        f"{flops['steady_per_video_frame'] / 1e12:.2f} TFLOP per video frame; the text's K/V (recomputed every "
+        f"pass) {flops['text_kv_share']:.1%} of a forward, all text cross-attention {flops['text_attention_share']:.1%}"
+        f" ({flops['note']})"
+    )
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")  # bf16 matmuls crawl on a CPU
@@ -473,16 +505,6 @@ def run(args: argparse.Namespace) -> dict:
         batches = [run_batch(model, b, num_blocks, peak, warmup=not args.no_warmup) for b in args.batch]
 
     is_result = device.type == "cuda" and args.scale == "full"
-    steady_frames = preset.vae.temporal_stride * gen.frames_per_block
-    steady_cache = (gen.sink_frames + gen.window_frames) * preset.tokens_per_frame
-    steady_block_flops = (gen.step_plan[-1] + 1) * dit_forward_flops(
-        preset.dit,
-        batch=1,
-        frames=gen.frames_per_block,
-        tokens_per_frame=preset.tokens_per_frame,
-        cache_tokens=steady_cache,
-        text_tokens=preset.text.max_length,
-    )
     return {
         "label": (
             "GPU measurement"
@@ -502,7 +524,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {
             "step_plan": list(gen.step_plan),
             "frames_per_block": gen.frames_per_block,
-            "video_frames_per_steady_block": steady_frames,
+            "video_frames_per_steady_block": preset.vae.temporal_stride * gen.frames_per_block,
             "tokens_per_frame": preset.tokens_per_frame,
             "text_tokens": preset.text.max_length,
             "sink": gen.sink,
@@ -515,12 +537,7 @@ def run(args: argparse.Namespace) -> dict:
             "dit_parameters": sum(p.numel() for p in model.dit.parameters()),
         },
         "matmul_peak_tflops": peak,
-        "analytic_flops": {
-            "steady_block": steady_block_flops,
-            "steady_per_video_frame": steady_block_flops / steady_frames,
-            "note": f"{gen.step_plan[-1]} denoising passes + 1 cache write over a {gen.frames_per_block}-frame block "
-            f"with a full cache ({gen.sink_frames} sink + {gen.window_frames} window frames), one row",
-        },
+        "analytic_flops": analytic_flops(preset),
         "batches": batches,
         "accuracy": accuracy,
     }
@@ -599,6 +616,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--accuracy", action="store_true", help="also compare --dtype with a float32 render")
     p.add_argument("--accuracy-blocks", type=int, default=2, help="blocks of the accuracy comparison")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    p.add_argument("--flops-only", action="store_true", help="print the analytic FLOPs of the preset and stop")
     args = p.parse_args(argv)
     args.argv = list(argv)
     return args
@@ -606,6 +624,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.flops_only:
+        print_flops(scaled_preset(args.preset, args.scale, args.height, args.width, args.steps))
+        return {}
     result = run(args)
     print_table(result)
     if args.out:

@@ -3,8 +3,10 @@
     app = create_app(ServiceSettings())       # served by Ray Serve (deploy/serve_app.py) or uvicorn
 
 Every client error is a 4xx with a JSON body `{"error", "field", "problems"}` naming the offending field;
-an over-limit submission is 413 (request bytes) or 429 (rows, pending jobs). A bearer token, when set,
-guards every /v1 route; /healthz and /metrics stay open for probes and scrapers.
+an over-limit submission is 413 (request or manifest bytes) or 429 (rows, pending jobs); an output that
+overlaps another job's is 409. A bearer token, when set, guards every /v1 route; /healthz and /metrics stay
+open for probes and scrapers. The web console for people (`/console`, deploy/console.py) is part of the same
+app and follows the same token rule.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deploy.console import mount_console
+from deploy.history import ThroughputHistory
 from deploy.jobs import JobManager, SubmitError
 from deploy.metrics import ServiceMetrics
 from deploy.schemas import ErrorBody, FieldProblem, JobAccepted, JobList, JobRequest, JobStatus, RowList
@@ -30,6 +34,7 @@ from deploy.store import JobStore
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429)}
+MAX_LIST_OFFSET = 1_000_000_000  # far past any store's job count; larger values are a 422, not a database error
 
 
 def _error(status: int, error: str, field: str | None = None, problems: list[FieldProblem] | None = None):
@@ -92,16 +97,19 @@ def _field_name(loc: tuple) -> str:
 
 def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     """The service. `run_jobs=False` accepts and tracks jobs without rendering them (API tests)."""
-    metrics = ServiceMetrics()
+    console = settings.console
+    metrics = ServiceMetrics(history=ThroughputHistory(console.throughput_interval_s, console.throughput_hours * 3600))
     store = JobStore(settings.state_dir)
     manager = JobManager(settings, store, metrics, run_jobs=run_jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         manager.start()
+        metrics.history.start()
         try:
             yield
         finally:
+            metrics.history.stop()
             manager.stop()
             store.close()
 
@@ -173,7 +181,7 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     async def list_jobs(
         state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
         limit: int = Query(default=100, ge=1, le=1000),
-        offset: int = Query(default=0, ge=0),
+        offset: int = Query(default=0, ge=0, le=MAX_LIST_OFFSET),
     ) -> JobList:
         return JobList(jobs=manager.list(state=state, limit=limit, offset=offset))
 
@@ -207,4 +215,5 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    mount_console(app, manager, metrics.history, settings)
     return app

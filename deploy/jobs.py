@@ -4,32 +4,45 @@ State lives in the job store (sqlite); what only matters while a job runs (its c
 flight and their frames so far) lives here. Jobs outlive the service: on start, queued and running jobs are
 queued again and run to the end; the pipeline skips rows already rendered and resumes rows from their last
 stored segment, so nothing is rendered twice.
+
+Submission checks a job completely and once: its options are validated into the job's settings, its
+manifest is read (bounded) and every row validated into the `RowTask`s the pipeline will run, each input
+URI normalised exactly as it will be read and confined to the input roots; those tasks are what the store
+keeps and what the job runs, so rewriting the manifest after the 202 changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from deploy.confine import confine, normalize_uri
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
+
 from deploy.metrics import ServiceMetrics
 from deploy.schemas import JobRequest, JobStatus
 from deploy.settings import ServiceSettings
 from deploy.store import JobRecord, JobStore
+from model.config import Preset
 from pipeline.events import BlockRendered, Event, RowFinished, RowResult, RowStarted, RowStatus
-from pipeline.job import JOB_OPTIONS
-from pipeline.manifest import manifest_dir, read_manifest
-from pipeline.storage import ObjectStore
-from pipeline.storage import normalize_uri as pipeline_uri
+from pipeline.job import JOB_OPTIONS, JobSpec, job_settings, model_preset, plan_tasks
+from pipeline.manifest import RowTask, TooManyRows
+from pipeline.settings import PipelineSettings
+from pipeline.storage import ObjectStore, ObjectTooLarge
+from pipeline.uri import confine, is_under, normalize_uri
 
 log = logging.getLogger(__name__)
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 MEDIA_COLUMNS = ("portrait", "audio")  # row columns naming files the service would read
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its tracebacks
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: .*)?$")  # "KeyError: 'x'"
+MAX_ERROR_CHARS = 300  # a failed job's `error`: one line, this long at most (the log keeps the whole story)
 
 
 class SubmitError(Exception):
@@ -104,50 +117,42 @@ class JobManager:
         limits = self.settings
         if (request.manifest is None) == (request.rows is None):
             raise SubmitError(422, "manifest", "give exactly one of 'manifest' (a URI) or 'rows' (inline rows)")
-
         if request.actors is not None and request.actors > limits.max_actors_per_job:
             raise SubmitError(422, "actors", f"{request.actors} actors; at most {limits.max_actors_per_job} per job")
-        unknown = sorted(set(request.options) - JOB_OPTIONS)
-        if unknown:
-            raise SubmitError(422, f"options.{unknown[0]}", f"unknown job option; allowed: {sorted(JOB_OPTIONS)}")
-        rows_total = None
-        manifest = None
-        if request.rows is not None:
-            if len(request.rows) > limits.max_rows_per_job:
-                raise SubmitError(429, "rows", f"{len(request.rows)} rows; at most {limits.max_rows_per_job} per job")
-            self._check_row_inputs(request.rows)
-            rows_total = len(request.rows)
-        else:
-            manifest = self._confine_input("manifest", request.manifest)
-            rows = self._read_manifest(manifest)
-            if len(rows) > limits.max_rows_per_job:
-                raise SubmitError(429, "manifest", f"{len(rows)} rows; at most {limits.max_rows_per_job} per job")
-            self._check_row_inputs(
-                [row for row in rows if isinstance(row, dict)],
-                base=manifest_dir(manifest),
-                field_prefix="manifest.rows",
-            )
-            rows_total = len(rows)
+        if request.rows is not None and len(request.rows) > limits.max_rows_per_job:
+            raise SubmitError(429, "rows", f"{len(request.rows)} rows; at most {limits.max_rows_per_job} per job")
 
         job_id = f"job-{secrets.token_hex(6)}"
+        manifest = None if request.manifest is None else self._confine_input("manifest", request.manifest)
+        spec = JobSpec(
+            job_id=job_id,
+            manifest=manifest,
+            rows=request.rows,
+            output=self._output_for(job_id, request.output),
+            actors=request.actors,
+            force=request.force,
+            options=self._checked_options(request.options),
+        )
+        tasks = self._checked_tasks(spec)
         record = JobRecord(
             job_id=job_id,
             request={
-                "manifest": manifest,
-                "rows": request.rows,
-                "output": self._output_for(job_id, request.output),
-                "actors": request.actors,
-                "force": request.force,
-                "options": request.options,
+                "manifest": manifest,  # shown in the job's status; the job runs `tasks`, never the file again
+                "tasks": [task.model_dump(mode="json") for task in tasks],
+                "output": spec.output,
+                "actors": spec.actors,
+                "force": spec.force,
+                "options": spec.options,
             },
             state="queued",
             created=time.time(),
-            rows_total=rows_total,
+            rows_total=len(tasks),
         )
-        with self._submit_lock:  # count and add together, so concurrent submissions cannot pass the limit
+        with self._submit_lock:  # count and add together, so concurrent submissions cannot pass the limits
             unfinished = self.store.count_by_state()
             if unfinished["queued"] + unfinished["running"] >= limits.max_pending_jobs:
                 raise SubmitError(429, "job", f"{limits.max_pending_jobs} jobs are already pending; retry later")
+            self._check_output_is_its_own(spec.output)
             self.store.add(record)
         self.metrics.jobs_submitted.inc()
         with self._wake:
@@ -251,9 +256,9 @@ class JobManager:
         state, error = "succeeded", None
         try:
             from actors import job_workers  # Ray: imported when a job first runs
-            from pipeline.job import JobSpec, run_job
+            from pipeline.job import run_job
 
-            spec = JobSpec(job_id=job_id, **job.request)
+            spec = self._spec_to_run(job)
             report = run_job(
                 spec,
                 self.settings.pipeline,
@@ -266,7 +271,7 @@ class JobManager:
             self.store.update(job_id, rows_total=max(len(report.rows), job.rows_total or 0))
         except Exception as err:
             log.exception("job %s failed", job_id)
-            state, error = "failed", f"{type(err).__name__}: {err}"
+            state, error = "failed", one_line_error(err)
         finally:
             with self._lock:
                 self._running.pop(job_id, None)
@@ -319,6 +324,66 @@ class JobManager:
             error=job.error,
         )
 
+    def _spec_to_run(self, job: JobRecord) -> JobSpec:
+        request = dict(job.request)
+        if "tasks" not in request:  # stored by a service before submissions kept their checked rows
+            spec = JobSpec(job_id=job.job_id, **request)
+            return spec.model_copy(update={"tasks": self._checked_tasks(spec), "manifest": None, "rows": None})
+        request.pop("manifest", None)
+        return JobSpec(job_id=job.job_id, **request)
+
+    def _checked_options(self, options: dict) -> dict:
+        """Only known options; a checkpoint is an input, confined like the others and kept as what it resolves to
+        (the values are validated with the job's settings, in _job_settings)."""
+        unknown = sorted(set(options) - JOB_OPTIONS)
+        if unknown:
+            raise SubmitError(422, f"options.{unknown[0]}", f"unknown job option; allowed: {sorted(JOB_OPTIONS)}")
+        options = dict(options)
+        if options.get("checkpoint") is not None:  # whether it holds a checkpoint: _model_preset reads its config
+            uri = self._confine_input("options.checkpoint", options["checkpoint"])
+            options["checkpoint"] = uri.removeprefix("file://")  # a local directory, or an s3:// prefix
+        return options
+
+    def _checked_tasks(self, spec: JobSpec) -> list[RowTask]:
+        """The rows the job will run: read, validated and confined, or a SubmitError."""
+        settings = self._job_settings(spec)
+        field_prefix = "rows" if spec.rows is not None else "manifest.rows"
+        try:
+            preset = self._model_preset(settings)
+            store = ObjectStore(settings.storage)
+            tasks = plan_tasks(spec, settings, preset, store, max_rows=self.settings.max_rows_per_job)
+        except TooManyRows as err:
+            raise SubmitError(429, "manifest", str(err)) from None
+        except ObjectTooLarge as err:
+            raise SubmitError(413, "manifest", str(err)) from None
+        except (OSError, ValueError, BotoCoreError, ClientError) as err:  # storage refused or failed: not a 5xx
+            raise SubmitError(422, "manifest", f"cannot read the manifest: {err}") from None
+        if self.settings.input_roots:
+            for task in tasks:
+                for column in MEDIA_COLUMNS:
+                    uri = getattr(task, column)
+                    if uri:  # exactly what the pipeline will read
+                        self._confine_input(f"{field_prefix}.{task.index}.{column}", uri)
+        return tasks
+
+    def _model_preset(self, settings: PipelineSettings) -> Preset:
+        """The preset the job's rows are validated for: its checkpoint's own (read from config.json)."""
+        try:
+            return model_preset(settings)
+        except Exception as err:  # not a checkpoint's config, or a model without its encoders: found now
+            if settings.checkpoint:
+                raise SubmitError(422, "options.checkpoint", f"cannot use the checkpoint: {err}") from None
+            raise SubmitError(422, "options.preset", f"cannot use the preset: {err}") from None
+
+    def _job_settings(self, spec: JobSpec) -> PipelineSettings:
+        """The settings the job will run with: a bad option value is a 422 now, not a failed job later."""
+        try:
+            return job_settings(spec, self.settings.pipeline)
+        except ValidationError as err:
+            first = err.errors()[0]
+            name = "actors" if first["loc"][:1] == ("num_actors",) else ".".join(map(str, ("options", *first["loc"])))
+            raise SubmitError(422, name, first["msg"].removeprefix("Value error, ")) from None
+
     def _confine_input(self, field_name: str, uri: str) -> str:
         try:
             if self.settings.input_roots:
@@ -327,34 +392,41 @@ class JobManager:
         except ValueError as err:
             raise SubmitError(422, field_name, str(err)) from None
 
-    def _read_manifest(self, uri: str) -> list:
-        """The manifest's raw rows, read now to count them and to fail an unreadable manifest at once."""
-        try:
-            return read_manifest(uri, ObjectStore(self.settings.pipeline.storage))
-        except (OSError, ValueError, UnicodeDecodeError) as err:
-            raise SubmitError(422, "manifest", f"cannot read the manifest: {err}") from None
-
-    def _check_row_inputs(self, rows: list[dict], *, base: str | None = None, field_prefix: str = "rows") -> None:
-        """With input roots set, every media URI a row names must lie under one (the pipeline validates the
-        rest of each row, and a bad row fails alone)."""
-        if not self.settings.input_roots:
-            return
-        for i, row in enumerate(rows):
-            for column in MEDIA_COLUMNS:
-                value = row.get(column)
-                if isinstance(value, str) and value:
-                    field_name = f"{field_prefix}.{i}.{column}"
-                    try:
-                        uri = pipeline_uri(value, base)
-                    except ValueError as err:
-                        raise SubmitError(422, field_name, str(err)) from None
-                    self._confine_input(field_name, uri)
-
     def _output_for(self, job_id: str, requested: str | None) -> str:
-        roots = self.settings.effective_output_roots()
+        roots = [normalize_uri(root) for root in self.settings.effective_output_roots()]
         if requested is None:
-            return normalize_uri(roots[0]).rstrip("/") + "/" + job_id
+            return roots[0].rstrip("/") + "/" + job_id
         try:
-            return confine(requested, roots)
+            output = confine(requested, roots)
         except ValueError as err:
             raise SubmitError(422, "output", str(err)) from None
+        if output in roots:
+            raise SubmitError(422, "output", f"{requested!r} is an output root itself; name a folder under it")
+        return output
+
+    def _check_output_is_its_own(self, output: str) -> None:
+        """A job's output may not lie inside another job's output or contain one (their videos, reports and
+        segments would mix); the same output as a finished job is a re-run (rows already there are skipped),
+        as an unfinished one a conflict."""
+        for other in self.store.outputs():
+            if other.output == output:
+                if other.state in ("queued", "running"):
+                    raise SubmitError(409, "output", f"job {other.job_id} is already writing to {output}")
+            elif is_under(output, other.output) or is_under(other.output, output):
+                raise SubmitError(409, "output", f"{output} and the output of job {other.job_id} lie inside each other")
+
+
+def one_line_error(err: BaseException) -> str:
+    """A failed job's error for its status: one line naming the root cause, without Ray's traceback (internal
+    paths, node addresses), at most MAX_ERROR_CHARS. The whole story stays in the service's log."""
+    while isinstance(getattr(err, "cause", None), BaseException):  # RayTaskError wraps the task's exception
+        err = err.cause
+    lines = [line for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
+    if type(err).__module__.startswith("ray.") and len(lines) > 1:
+        # A Ray error that carries a traceback as text: its last exception line is the one that matters.
+        raised = [line.strip() for line in lines if _EXCEPTION_LINE.match(line)]
+        context = "a render actor failed to start" if getattr(err, "_actor_init_failed", False) else type(err).__name__
+        message = f"{context}: {raised[-1]}" if raised else f"{type(err).__name__}: {lines[0].strip()}"
+    else:
+        message = f"{type(err).__name__}: {lines[0].strip()}" if lines else type(err).__name__
+    return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 3] + "..."

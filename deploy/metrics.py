@@ -2,7 +2,7 @@
 
 Throughput metrics are fed from the pipeline's events (`pipeline.events`); job and queue gauges are read from
 the job store at scrape time, so they are right after a restart too. Totals over actors are
-`sum(...)` of the per-actor series.
+`sum(...)` of the per-actor series. The same events feed `history`, the recent throughput the console draws.
 """
 
 from __future__ import annotations
@@ -13,11 +13,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pipeline.events import BlockRendered, Event, RowFinished, RowStarted, RowStatus, StageTimed
+from deploy.history import ThroughputHistory
+from pipeline.events import (
+    ERROR_KINDS,
+    FINAL_STATUSES,
+    STAGES,
+    BlockRendered,
+    Event,
+    RowFinished,
+    RowStarted,
+    RowStatus,
+    StageTimed,
+)
 
 PREFIX = "avatar_render"
 # Stage latencies run from milliseconds (validate) to hours (rendering a long row).
 STAGE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
+REJECTED_CODES = ("409", "413", "422", "429")  # the statuses SubmitError and the body limit count
 BLOCK_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -39,8 +51,9 @@ class _StoreGauges(Collector):
 
 
 class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, history: ThroughputHistory | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.history = history or ThroughputHistory()
         r = self.registry
         self.jobs_submitted = Counter(f"{PREFIX}_jobs_submitted_total", "Jobs accepted", registry=r)
         self.requests_rejected = Counter(
@@ -77,11 +90,24 @@ class ServiceMetrics:
             f"{PREFIX}_stage_seconds", "Latency of a pipeline stage", ["stage"], buckets=STAGE_BUCKETS_S, registry=r
         )
 
+        # Every known label value starts at zero, so that the first event is an increase Prometheus can see
+        # (rate() and increase() never count a series' first sample) and a dashboard panel has data from the start.
+        for code in REJECTED_CODES:
+            self.requests_rejected.labels(code)
+        for status in sorted(FINAL_STATUSES):
+            self.rows.labels(status.value)
+        for kind in ERROR_KINDS:
+            self.failures.labels(kind)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+
     def watch_store(self, jobs_by_state: Callable[[], dict[str, int]], pending_rows: Callable[[], int]) -> None:
         self.registry.register(_StoreGauges(jobs_by_state, pending_rows))
+        self.history.watch_queue(jobs_by_state, pending_rows)
 
     def observe(self, event: Event) -> None:
         """Account one pipeline event."""
+        self.history.observe(event)
         if isinstance(event, BlockRendered):
             self.frames.labels(event.actor_id).inc(event.frames)
             self.video_seconds.labels(event.actor_id).inc(event.video_seconds)

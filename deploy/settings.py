@@ -9,12 +9,25 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.settings import PipelineSettings
+from pipeline.uri import normalize_uri
 
 MIB = 1024 * 1024
+
+
+class ConsoleSettings(BaseModel):
+    """The web console (`/console`): `AVATAR_RENDER_CONSOLE__*`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    throughput_interval_s: float = Field(default=10.0, gt=0, le=3600)  # one point of the throughput chart
+    throughput_hours: float = Field(default=6.0, gt=0, le=48)  # how far back the chart reaches (kept in memory)
+    thumbnail_height: int = Field(default=96, ge=16, le=360)  # pixels; a strip is three frames side by side
+    thumbnail_cache_bytes: int = Field(default=64 * MIB, ge=0)  # on disk under <state_dir>/thumbnails, LRU
+    rows_per_page: int = Field(default=100, ge=1, le=1000)
 
 
 class ServiceSettings(BaseSettings):
@@ -30,7 +43,7 @@ class ServiceSettings(BaseSettings):
     # Where jobs may write: URI prefixes (`file:///data/out`, `s3://bucket/renders`). Empty: only under
     # `<state_dir>/outputs`. A job's output must lie under one of them.
     output_roots: list[str] = Field(default_factory=list)
-    # Where jobs may read manifests and inline rows' media from. Empty: anywhere the service can read.
+    # Where jobs may read manifests, row media and checkpoints from. Empty: anywhere the service can read.
     input_roots: list[str] = Field(default_factory=list)
     max_rows_per_job: int = Field(default=10_000, ge=1)
     max_request_bytes: int = Field(default=4 * MIB, ge=1)
@@ -38,6 +51,7 @@ class ServiceSettings(BaseSettings):
     max_actors_per_job: int = Field(default=16, ge=1)
     concurrent_jobs: int = Field(default=1, ge=1)  # jobs run at once; each shares the actor pool settings
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @property
     def max_audio_seconds_per_row(self) -> float:
@@ -64,4 +78,4 @@ class ServiceSettings(BaseSettings):
         return self
 
     def effective_output_roots(self) -> list[str]:
-        return list(self.output_roots) or [(self.state_dir / "outputs").resolve().as_uri()]
+        return list(self.output_roots) or [normalize_uri(str(self.state_dir / "outputs"))]

@@ -1,12 +1,16 @@
 """The persistent job store: one sqlite file in the service's state dir.
 
 Jobs outlive the service: a job's request, state and every finished row are written here as they happen, so a
-restarted service lists the same jobs and re-queues the ones that had not finished.
+restarted service lists the same jobs and re-queues the ones that had not finished. One store owns a state dir
+at a time: it holds an exclusive lock on `<state_dir>/service.lock` while open, and a second store (a second
+service on the same directory) refuses to open (StateDirLocked) instead of running the same jobs twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -32,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     rows_total INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    output TEXT
 );
 CREATE TABLE IF NOT EXISTS rows (
     job_id TEXT NOT NULL,
@@ -46,10 +51,23 @@ CREATE TABLE IF NOT EXISTS rows (
     duration_s REAL,
     timings TEXT NOT NULL DEFAULT '{}',
     metrics TEXT NOT NULL DEFAULT '{}',
+    render_attempts INTEGER NOT NULL DEFAULT 0,
+    resumed_from_segment INTEGER,
+    rows_in_batch INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, row_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 """
+
+
+class StateDirLocked(RuntimeError):
+    """Another open store (another service) owns this state dir."""
+
+
+class JobOutput(BaseModel):
+    job_id: str
+    output: str
+    state: JobState
 
 
 class JobRecord(BaseModel):
@@ -89,21 +107,41 @@ class JobStore:
 
     def __init__(self, state_dir: Path):
         state_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = _lock_state_dir(state_dir)
         self.path = state_dir / "jobs.sqlite3"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a process crash
+        if self._add_missing_columns("jobs", {"output": "TEXT"}):  # a store from before the column: fill it once
+            self._db.execute("UPDATE jobs SET output = json_extract(request, '$.output')")
+        self._add_missing_columns(
+            "rows",
+            {
+                "render_attempts": "INTEGER NOT NULL DEFAULT 0",
+                "resumed_from_segment": "INTEGER",
+                "rows_in_batch": "INTEGER NOT NULL DEFAULT 0",
+            },
+        )
         self._db.executescript(_SCHEMA)
+
+    def _add_missing_columns(self, table: str, columns: dict[str, str]) -> list[str]:
+        """Columns added since a store was created, added to it; returns those that were missing."""
+        present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+        missing = [name for name in columns if present and name not in present]
+        for name in missing:
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {columns[name]}")
+        return missing
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._owner)  # releases the state dir
 
     def add(self, job: JobRecord) -> None:
         with self._lock:
             self._db.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO jobs ({_JOB_COLUMNS}, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.job_id,
                     json.dumps(job.request),
@@ -115,6 +153,7 @@ class JobStore:
                     int(job.cancel_requested),
                     job.attempts,
                     job.error,
+                    job.request.get("output"),
                 ),
             )
 
@@ -131,6 +170,12 @@ class JobStore:
                 f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*args, limit, offset)
             ).fetchall()
         return [_job_from_row(r) for r in rows]
+
+    def outputs(self) -> list[JobOutput]:
+        """Every job's output root and state (without loading the requests)."""
+        with self._lock:
+            rows = self._db.execute("SELECT job_id, output, state FROM jobs WHERE output IS NOT NULL").fetchall()
+        return [JobOutput(job_id=j, output=o, state=s) for j, o, s in rows]
 
     def unfinished(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first: the order a restarted service runs them in."""
@@ -166,7 +211,8 @@ class JobStore:
                     return
             self._db.execute(
                 "INSERT OR REPLACE INTO rows (job_id, row_id, status, output, error, error_kind, frames, "
-                "video_seconds, duration_s, timings, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "video_seconds, duration_s, timings, metrics, render_attempts, resumed_from_segment, rows_in_batch) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     row.id,
@@ -179,15 +225,27 @@ class JobStore:
                     row.duration_s,
                     json.dumps(row.timings, default=str),
                     json.dumps(row.metrics, default=str),
+                    row.render_attempts,
+                    row.resumed_from_segment,
+                    row.rows_in_batch,
                 ),
             )
 
     def rows(self, job_id: str) -> list[RowResult]:
+        return self._rows("job_id = ?", (job_id,))
+
+    def row(self, job_id: str, row_id: str) -> RowResult | None:
+        """One finished row of a job (the console's thumbnails and video links look them up one at a time)."""
+        found = self._rows("job_id = ? AND row_id = ?", (job_id, row_id))
+        return found[0] if found else None
+
+    def _rows(self, where: str, params: tuple) -> list[RowResult]:
         with self._lock:
             found = self._db.execute(
                 "SELECT row_id, status, output, error, error_kind, frames, video_seconds, duration_s, timings, "
-                "metrics FROM rows WHERE job_id = ? ORDER BY rowid",
-                (job_id,),
+                "metrics, render_attempts, resumed_from_segment, rows_in_batch "
+                f"FROM rows WHERE {where} ORDER BY rowid",
+                params,
             ).fetchall()
         return [
             RowResult(
@@ -201,6 +259,9 @@ class JobStore:
                 duration_s=r[7],
                 timings=json.loads(r[8]),
                 metrics=json.loads(r[9]),
+                render_attempts=r[10],
+                resumed_from_segment=r[11],
+                rows_in_batch=r[12],
             )
             for r in found
         ]
@@ -231,3 +292,22 @@ class JobStore:
                 UNFINISHED_STATES,
             ).fetchone()
         return max(0, int(total) - int(finished))
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """An exclusive lock on the state dir's lock file, held by the returned descriptor (the kernel drops it
+    when the process dies, so a crashed service never leaves the directory locked)."""
+    path = state_dir / "service.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirLocked(
+            f"state dir {state_dir} is in use by another avatar-render service (pid {holder}); "
+            "stop it or give this one its own AVATAR_RENDER_STATE_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -395,3 +395,25 @@ def checkpoint_components(directory: str | Path, preset: Preset) -> Components:
     text = present(TEXT_ENCODER_DIR) if preset.text.encoder == "umt5" else None
     tokenizer = directory / TOKENIZER_DIR if text and (directory / TOKENIZER_DIR).is_dir() else text
     return Components(audio, text, tokenizer)
+
+
+def missing_encoder(where: str, preset: Preset, *, audio: bool, text: bool) -> ModelComponentError | None:
+    """The error for a model without the encoders its preset needs (`audio` / `text`: whether each is there)."""
+    advice = "build a checkpoint with `avatar-render import livetalk ...` (docs/models.md)"
+    if preset.audio.encoder != "logmel" and not audio:
+        return ModelComponentError(f"{where}: no wav2vec2 audio encoder ({AUDIO_ENCODER_DIR}/), which preset "
+                                   f"{preset.name!r} reads speech with; {advice}")  # fmt: skip
+    if preset.text.encoder == "umt5" and not text:
+        return ModelComponentError(f"{where}: no umT5 text encoder ({TEXT_ENCODER_DIR}/), which preset "
+                                   f"{preset.name!r} encodes prompts with; {advice}")  # fmt: skip
+    return None
+
+
+def require_components(directory: str | Path | None, preset: Preset) -> None:
+    """Raise one `ModelComponentError` if the encoders `preset` needs are not in the checkpoint `directory` (None: a
+    model with no checkpoint, which has none)."""
+    parts = checkpoint_components(directory, preset) if directory is not None else Components(None, None, None)
+    where = str(directory) if directory is not None else f"preset {preset.name!r} (no checkpoint)"
+    error = missing_encoder(where, preset, audio=parts.audio_dir is not None, text=parts.text_dir is not None)
+    if error is not None:
+        raise error

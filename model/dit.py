@@ -58,6 +58,15 @@ def sinusoidal_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
 
 
+def rowwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module` applied to each batch row on its own: for the network's small products (embeddings of a few frames'
+    timesteps and audio, the patch convolution, a short text), whose kernels a CPU picks by the number of rows, so a
+    row's numbers would otherwise depend on its batch mates. The large per-token products stack as they are."""
+    if x.shape[0] == 1:
+        return module(x)
+    return torch.cat([module(row) for row in x.split(1)])
+
+
 @dataclass
 class Positions:
     """RoPE cos/sin for the tokens of one forward pass: (L, head_dim/2), or (B, L, head_dim/2) per batch row."""
@@ -136,8 +145,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(-1, heads).transpose(1, 2)
-        k = self.norm_k(self.k(context)).unflatten(-1, heads).transpose(1, 2)
-        v = self.v(context).unflatten(-1, heads).transpose(1, 2)
+        k = self.norm_k(rowwise(self.k, context)).unflatten(-1, heads).transpose(1, 2)
+        v = rowwise(self.v, context).unflatten(-1, heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
 
@@ -208,7 +217,7 @@ class Block(nn.Module):
         if audio is not None and self.takes_audio:
             if hasattr(self, "audio_proj"):
                 # audio: (B, F, audio_hidden), one vector per latent frame added to that frame's tokens.
-                x = (per_frame(x, frames) + self.audio_proj(audio).unsqueeze(2)).flatten(1, 2)
+                x = (per_frame(x, frames) + rowwise(self.audio_proj, audio).unsqueeze(2)).flatten(1, 2)
             else:
                 x = x + self.audio_attn(x, audio, frames)
         h = (per_frame(self.norm1(x).float(), frames) * (1 + scale_sa) + shift_sa).flatten(1, 2)
@@ -323,19 +332,19 @@ class CausalWanDiT(nn.Module):
         pf, ph, pw = cfg.patch_size
         grid = (frames // pf, height // ph, width // pw)
 
-        x = self.patch_embedding(latents)
+        x = rowwise(self.patch_embedding, latents)
         if cond is not None:
-            x = x + self.cond_embedding(cond.to(x.dtype))
+            x = x + rowwise(self.cond_embedding, cond.to(x.dtype))
         x = x.flatten(2).transpose(1, 2)  # (B, L, dim)
         tokens_per_frame = grid[1] * grid[2]
 
-        t_emb = self.time_embedding(sinusoidal_embedding(timesteps, cfg.freq_dim).to(x.dtype))  # (B, F, dim)
-        e = self.time_projection(t_emb).unflatten(-1, (6, cfg.dim))  # (B, F, 6, dim)
+        t_emb = rowwise(self.time_embedding, sinusoidal_embedding(timesteps, cfg.freq_dim).to(x.dtype))  # (B, F, dim)
+        e = rowwise(self.time_projection, t_emb).unflatten(-1, (6, cfg.dim))  # (B, F, 6, dim)
 
         pos = self._positions(frame_positions.to(x.device), grid)
         kv = self._cache_access(attention, cache, write_cache, b)
         mask = self._attention_mask(attention, frame_groups, window_frames, grid[0], tokens_per_frame, x.device)
-        audio_h = self.audio_encoder(audio.to(x.dtype)) if audio is not None else None
+        audio_h = rowwise(self.audio_encoder, audio.to(x.dtype)) if audio is not None else None
 
         for block in self.blocks:
             x = block(x, e, text, audio_h, grid[0], pos, mask, kv)

@@ -10,8 +10,8 @@ random generator, and attention runs over each row's own cache.
     engine = Engine(model)
     engine.add(session_a); engine.add(session_b)
     while engine.active:
-        for session, block in engine.step():  # one pass of every active row; blocks as rows finish them
-            ...
+        for session, generated in engine.step():  # one pass of every active row; a block as it ends
+            block = session.emit(generated)         # decode (the caller may do it on another thread, in order)
 
 A single render is the same engine with one row (`run_block`).
 """
@@ -46,8 +46,8 @@ class Pass:
         return (*self.latents.shape[2:], self.text.shape[1], self.latents.dtype, self.grad)
 
 
-# A block: yields passes, receives each one's network output, returns the block's clean latents.
-BlockPasses = Generator[Pass, torch.Tensor, torch.Tensor]
+# A block: yields passes, receives each one's network output, returns the block (model.generator.GeneratedBlock).
+BlockPasses = Generator[Pass, torch.Tensor, "GeneratedBlock"]  # noqa: F821 (model.generator imports this module)
 
 
 def forward_passes(dit: CausalWanDiT, passes: list[Pass]) -> list[torch.Tensor]:
@@ -68,7 +68,7 @@ def forward_passes(dit: CausalWanDiT, passes: list[Pass]) -> list[torch.Tensor]:
     return list(out.split(1))
 
 
-def run_block(dit: CausalWanDiT, block: BlockPasses) -> torch.Tensor:
+def run_block(dit: CausalWanDiT, block: BlockPasses):
     """Drive one block to its end, one pass at a time (the engine with one row)."""
     try:
         step = next(block)
@@ -100,8 +100,9 @@ class Engine:
         return list(self._blocks)
 
     def step(self) -> list[tuple]:
-        """One pass of every ready row; returns (session, VideoBlock) for the blocks finished in it. A row whose
-        audio has not arrived waits; a row that raises leaves with its error in `failures`."""
+        """One pass of every ready row; returns (session, GeneratedBlock) for the blocks finished in it, to be
+        decoded by `session.emit` in order. A row whose audio has not arrived waits; a row whose blocks are all
+        generated leaves; a row that raises leaves with its error in `failures`."""
         finished: list[tuple] = []
         waiting: dict = {}
         for session in list(self._blocks):
@@ -112,8 +113,7 @@ class Engine:
                     continue
                 if not session.ready():
                     continue
-                block = session.block_passes()
-                pending = self._advance(session, block, None, finished)
+                pending = self._advance(session, session.block_passes(), None, finished)
                 if pending is None:
                     continue
             waiting[session] = pending
@@ -134,10 +134,7 @@ class Engine:
             step = next(block) if output is None else block.send(output)
         except StopIteration as done:
             self._blocks[session] = None
-            try:
-                finished.append((session, session.emit(done.value)))
-            except Exception as err:
-                self._fail(session, err)
+            finished.append((session, done.value))
             return None
         except Exception as err:
             self._fail(session, err)

@@ -28,13 +28,12 @@ from safetensors.torch import save as save_tensors
 
 from model.audio_features import FrameFeatures, build_featurizer, num_latent_frames
 from model.checkpoint import (
-    AUDIO_ENCODER_DIR,
     CONFIG_FILE,
-    TEXT_ENCODER_DIR,
     WEIGHTS_FILE,
     CheckpointError,
     checkpoint_components,
     load_module_strict,
+    missing_encoder,
     read_checkpoint,
     verify_checkpoint,
 )
@@ -78,6 +77,16 @@ class VideoBlock:
     index: int
     first_frame: int
     frames: np.ndarray  # uint8 (N, H, W, 3)
+
+
+@dataclass
+class GeneratedBlock:
+    """A block as the block loop leaves it: its clean latents and the video frames they become (`emit`)."""
+
+    index: int
+    first_frame: int
+    num_frames: int  # video frames of this block, the last one trimmed to the audio
+    latents: torch.Tensor  # (1, C, n, h, w)
 
 
 @dataclass
@@ -267,17 +276,11 @@ class AvatarModel:
 
     def require_encoders(self, where: str) -> None:
         """Raise `ModelComponentError` unless this model can read speech and prompts itself."""
-        name = self.preset.name
-        if self.featurizer is None:
-            raise ModelComponentError(
-                f"{where}: no wav2vec2 audio encoder ({AUDIO_ENCODER_DIR}/), which preset {name!r} reads speech with; "
-                "build a checkpoint with `avatar-render import livetalk ...` (docs/models.md) or pass audio_model_dir"
-            )
-        if self.text_encoder is None:
-            raise ModelComponentError(
-                f"{where}: no umT5 text encoder ({TEXT_ENCODER_DIR}/), which preset {name!r} encodes prompts with; "
-                "build a checkpoint with `avatar-render import livetalk ...` (docs/models.md) or pass text_model_dir"
-            )
+        error = missing_encoder(
+            where, self.preset, audio=self.featurizer is not None, text=self.text_encoder is not None
+        )
+        if error is not None:
+            raise error
 
     @classmethod
     def random(cls, preset: str | Preset = "tiny", *, seed: int = 0, **kwargs) -> AvatarModel:
@@ -393,10 +396,7 @@ class RenderSession:
 
         dit = model.dit
         if model.text_encoder is None:
-            raise ModelComponentError(
-                f"preset {preset.name!r} encodes prompts with umT5, but this model has no text encoder: load a "
-                "checkpoint directory that holds one (avatar-render import ...) or pass text_model_dir"
-            )
+            raise missing_encoder(model.description, preset, audio=True, text=False)
         text = model.text_encoder.encode(self.prompt or preset.text.default_prompt)
         self.text = dit.embed_text(text.to(model.device, model.dtype))
         self.cache: KVCache = dit.new_cache(
@@ -419,10 +419,7 @@ class RenderSession:
         if self.audio_final:
             raise RuntimeError("audio was already marked final")
         if self.model.featurizer is None:
-            raise ModelComponentError(
-                f"preset {self.preset.name!r} reads speech with wav2vec2, but this model has no audio encoder: load a "
-                "checkpoint directory that holds one (avatar-render import ...) or pass audio_model_dir"
-            )
+            raise missing_encoder(self.model.description, self.preset, audio=False, text=True)
         self.audio.append(samples)
         self._drop_read_audio()
         if final:
@@ -432,14 +429,19 @@ class RenderSession:
             self.total_frames = math.ceil(self.audio.end * self.fps / self.sample_rate)
             if self.model.featurizer.whole_clip:
                 self.clip_features = self.model.featurizer.clip_features(self.audio.samples, self._padded_frames())
+                self.audio = AudioBuffer()  # the clip features keep the (padded) samples they read
 
     def feed_features(self, features: torch.Tensor, total_frames: int | None = None) -> None:
         """Per-video-frame audio features (T, feature_dim) computed elsewhere, instead of audio; the video is
-        `total_frames` long (default: as many frames as the features cover, padded to whole blocks)."""
+        `total_frames` long (default: T). They must cover the whole blocks that cover the video (its last block's
+        frames past `total_frames` are trimmed)."""
         if self.audio_final:
             raise RuntimeError("audio was already given")
         self.audio_final = True
         self.total_frames = total_frames or features.shape[0]
+        if features.shape[0] < self._padded_frames():
+            raise ValueError(f"features cover {features.shape[0]} video frames; the blocks of a {self.total_frames}-"
+                             f"frame video need {self._padded_frames()}")  # fmt: skip
         self.clip_features = FrameFeatures(features, self.preset.audio.front_padding)
 
     def _padded_frames(self) -> int:
@@ -457,10 +459,11 @@ class RenderSession:
 
     @property
     def finished(self) -> bool:
+        """Every block has been generated (its frames may still wait for `emit`)."""
         return self.total_frames is not None and self.frames_done >= self.total_frames
 
     def ready(self) -> bool:
-        """Whether the next block can be rendered now (its audio has arrived, and the video is not finished)."""
+        """Whether the next block can be generated now (its audio has arrived, and blocks remain)."""
         if self.finished:
             return False
         if self.audio_final:
@@ -481,34 +484,29 @@ class RenderSession:
         if not self.ready():
             return None
         with torch.no_grad():
-            clean = run_block(self.model.dit, self.block_passes())
-        return self.emit(clean)
+            return self.emit(run_block(self.model.dit, self.block_passes()))
 
     def __iter__(self):
         while (block := self.next_block()) is not None:
             yield block
 
-    def emit(self, clean: torch.Tensor) -> VideoBlock:
-        """Decode a finished block's clean latents into video frames (trimmed to the audio at the end)."""
-        frames = tensor_to_frames(self.decoder.decode_block(clean.float())[0])
-        if self.total_frames is not None:
-            frames = frames[: max(0, self.total_frames - self.frames_done)]
-        self._drop_read_audio()
-        block = VideoBlock(index=self.blocks_done - 1, first_frame=self.frames_done, frames=frames)
-        self.frames_done += len(frames)
-        return block
+    def emit(self, block: GeneratedBlock) -> VideoBlock:
+        """Decode a generated block into its video frames. Blocks must be emitted in order; this touches only the
+        decoder, so it may run on another thread while the next block is generated."""
+        frames = tensor_to_frames(self.decoder.decode_block(block.latents.float())[0])
+        return VideoBlock(index=block.index, first_frame=block.first_frame, frames=frames[: block.num_frames])
 
     def next_latents(self, exit_step: int | None = None) -> torch.Tensor:
         """Training rollouts: the next block's latents without decoding (see `block_passes`). Needs final audio."""
         if not self.audio_final:
             raise RuntimeError("training rollouts need the whole audio (feed_audio(..., final=True))")
-        return run_block(self.model.dit, self.block_passes(exit_step))
+        return run_block(self.model.dit, self.block_passes(exit_step)).latents
 
     # -- the block loop --------------------------------------------------------------------------------------
 
     def block_passes(self, exit_step: int | None = None) -> BlockPasses:
         """The next block as a coroutine of network passes (run by `model.engine`); returns its clean latents
-        (1, C, n, h, w): the sink or a restore first, URCR if the block would pass the horizon, the PSB plan's
+        as a GeneratedBlock: the sink or a restore first, URCR if the block would pass the horizon, the PSB plan's
         denoising steps (block 0's first frame pinned to the portrait where the preset says so), then the MCI
         context write.
 
@@ -546,10 +544,15 @@ class RenderSession:
         self.latents_done = first + n
         self.blocks_done += 1
         self.recent = torch.cat([self.recent, clean.detach()], dim=2)[:, :, -self._recent_frames() :]
-        last = self.total_frames is not None and self._video_frames_through(self.latents_done) >= self.total_frames
-        if not last:
+        video_end = self._video_frames_through(self.latents_done)
+        if self.total_frames is not None:
+            video_end = min(video_end, self.total_frames)
+        block = GeneratedBlock(self.blocks_done - 1, self.frames_done, video_end - self.frames_done, clean)
+        self.frames_done = video_end
+        if not self.finished:  # the last block's context is never read
             yield from self._write_context(clean.detach(), positions, first)
-        return clean
+        self._drop_read_audio()
+        return block
 
     def _pass(self, x, timestep, positions, cond, audio, *, write: bool, grad: bool = False) -> Pass:
         return Pass(x, timestep, positions, cond, audio, self.text, self.cache, write, grad)

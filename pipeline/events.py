@@ -28,6 +28,9 @@ class RowStatus(StrEnum):
     CANCELLED = "cancelled"  # stopped at a block boundary; its segments are kept for a later run
 
 
+STAGES = ("validate", "fetch", "render", "write", "report")  # the pipeline's stages, as StageTimed names them
+ERROR_KINDS = ("validation", "input", "fetch", "render", "write", "cancelled", "internal")  # RowResult.error_kind
+
 FINAL_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.FAILED, RowStatus.SKIPPED, RowStatus.CANCELLED})
 OK_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.SKIPPED})  # the row's output exists
 
@@ -39,12 +42,18 @@ class RowResult(BaseModel):
     status: RowStatus
     output: str | None = None  # the output URI, when it exists (OK_STATUSES)
     error: str | None = None
-    error_kind: str | None = None  # validation | input | fetch | render | write | cancelled | internal
+    error_kind: str | None = None  # one of ERROR_KINDS
     frames: int = 0
     video_seconds: float = 0.0
     duration_s: float | None = None  # wall seconds of the row's stages together; None while it runs
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage: fetch, render (generate inside), write
     metrics: dict = Field(default_factory=dict)  # quality metrics (model.eval), where computed
+    rows_in_batch: int = 0  # the most rows its render actor's engine advanced together while rendering it (0: none)
+    # Times a render actor started the row in the job (more than 1 when an actor or its node was lost and the row
+    # retried; counted by the job's progress actor), and the stored segment its last start continued after (None:
+    # from the start).
+    render_attempts: int = 0
+    resumed_from_segment: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ class BlockRendered:
 @dataclass(frozen=True)
 class StageTimed:
     job_id: str
-    stage: str  # "validate" | "fetch" | "render" | "write" | "report"
+    stage: str  # one of STAGES
     seconds: float
 
 

@@ -30,18 +30,19 @@ from model.config import Preset
 from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
-from pipeline.storage import ObjectStore, normalize_uri
+from pipeline.storage import ObjectStore
+from pipeline.uri import normalize_uri
 
 POLL_SECONDS = 0.2  # how often the driver reads new events
 EXISTS_CHECKS_IN_FLIGHT = 16  # concurrent existence checks of outputs (S3 HEAD requests)
-JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint"})  # settings a job may override
+JOB_OPTIONS = frozenset({"segment_blocks", "preset", "checkpoint", "rows_per_actor"})  # settings a job may override
 
 
 @dataclass(frozen=True)
 class JobWorkers:
     """The Ray workers a job runs on (actors.job_workers() builds them)."""
 
-    progress_actor: Any  # a @ray.remote class: (job_id), with push, events_since, cancel
+    progress_actor: Any  # a @ray.remote class: (job_id), with push, events_since, cancel, render_attempts
     render_actor: type  # a Ray Data callable class: (settings, job_id, progress), then batch -> batch
     write_row: Callable[..., dict]  # a Ray Data map function: (row, *, settings, job_id, progress) -> row
 
@@ -55,7 +56,8 @@ def progress_actor_name(job_id: str) -> str:
 class JobSpec(BaseModel):
     job_id: str
     manifest: str | None = None  # URI of a JSONL/CSV/Parquet manifest ...
-    rows: list[dict] | None = None  # ... or the rows inline (relative paths resolve against the cwd)
+    rows: list[dict] | None = None  # ... or the rows inline (relative paths resolve against the cwd) ...
+    tasks: list[RowTask] | None = None  # ... or rows `plan_tasks` validated (and a service checked): run as given
     output: str  # output root URI: videos, report.parquet, report.jsonl, .segments/
     actors: int | None = None  # render actors; None: settings.num_actors
     force: bool = False  # re-render rows whose output exists
@@ -79,15 +81,16 @@ def run_job(
     cancel: threading.Event | None = None,
 ) -> JobReport:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = datetime.now(UTC)
-    settings = _job_settings(spec, settings)
+    settings = job_settings(spec, settings)
     preset = model_preset(settings)
     store = ObjectStore(settings.storage)
     output_root = normalize_uri(spec.output).rstrip("/")
 
     tick = time.perf_counter()
-    tasks = _validated_tasks(spec, settings, preset, store, output_root)
+    tasks = spec.tasks if spec.tasks is not None else plan_tasks(spec, settings, preset, store)
     validate_seconds = time.perf_counter() - tick
 
     _connect_ray(settings)
@@ -96,7 +99,10 @@ def run_job(
         ray.kill(ray.get_actor(name))  # left over from a crashed run with the same id
     except ValueError:
         pass
-    progress = workers.progress_actor.options(name=name).remote(spec.job_id)
+    # On the driver's node: a lost worker node must not take the job's event log and cancel flag with it
+    # (and if the driver's node goes, the job is lost anyway).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = workers.progress_actor.options(name=name, scheduling_strategy=here).remote(spec.job_id)
     ray.get(progress.push.remote([StageTimed(spec.job_id, "validate", validate_seconds)]))
     try:
         records = _execute(tasks, spec, settings, preset, workers, progress, on_event or (lambda event: None), cancel)
@@ -115,7 +121,8 @@ def run_job(
     return report
 
 
-def _job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings:
+def job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings:
+    """`settings` with the job's options and actor count; pydantic ValidationError for a bad value."""
     unknown = set(spec.options) - JOB_OPTIONS
     if unknown:
         raise ValueError(f"unknown job option(s) {sorted(unknown)}; allowed: {sorted(JOB_OPTIONS)}")
@@ -130,7 +137,7 @@ def model_preset(settings: PipelineSettings) -> Preset:
     """The preset of the model the render actors load (the choice AvatarModel.load makes): a checkpoint's own,
     read from its config.json without the weights; with no checkpoint, the bundled model's for `tiny`, else the
     named preset's (a seeded random model). Rows are validated and their inputs decoded for this preset."""
-    from model.checkpoint import read_preset
+    from model.checkpoint import read_preset, require_components
     from model.config import get_preset
     from model.errors import ModelComponentError
     from model.generator import BUNDLED_MODEL
@@ -146,24 +153,31 @@ def model_preset(settings: PipelineSettings) -> Preset:
                 f"{uri}: missing; the checkpoint must be a directory `avatar-render import` built"
             ) from None
     if settings.checkpoint:
-        return read_preset(settings.checkpoint)
+        preset = read_preset(settings.checkpoint)
+        require_components(settings.checkpoint, preset)  # fail the job now, not in every actor
+        return preset
     if settings.preset == "tiny" and (BUNDLED_MODEL / "config.json").exists():
         return read_preset(BUNDLED_MODEL)
-    return get_preset(settings.preset)
+    preset = get_preset(settings.preset)
+    require_components(None, preset)
+    return preset
 
 
-def _validated_tasks(
-    spec: JobSpec, settings: PipelineSettings, preset: Preset, store: ObjectStore, output_root: str
+def plan_tasks(
+    spec: JobSpec, settings: PipelineSettings, preset: Preset, store: ObjectStore, *, max_rows: int | None = None
 ) -> list[RowTask]:
+    """The job's rows read (bounded by `max_rows` and the manifest size limit) and validated for the model's
+    `preset`: every URI normalised as it will be read. `settings` are the job's own (`job_settings`)."""
     if (spec.manifest is None) == (spec.rows is None):
         raise ValueError("a job needs exactly one of `manifest` and `rows`")
     if spec.manifest is not None:
-        raw, base = read_manifest(spec.manifest, store), manifest_dir(spec.manifest)
+        raw = read_manifest(spec.manifest, store, max_rows=max_rows, max_bytes=settings.limits.max_manifest_bytes)
+        base = manifest_dir(spec.manifest)
     else:
         raw, base = list(spec.rows), normalize_uri(os.getcwd())
     return validate_rows(
         raw,
-        output_root=output_root,
+        output_root=normalize_uri(spec.output).rstrip("/"),
         base_uri=base,
         limits=settings.limits,
         preset=preset,
@@ -215,10 +229,15 @@ def _execute(tasks, spec, settings, preset, workers, progress, on_event, cancel)
             batch_size=1,
             batch_format="pyarrow",
             fn_constructor_kwargs=stage_args,
-            # A fixed pool; one row at a time per actor so no row waits behind a long one on a busy actor.
-            # Ray Data gives pool actors max_restarts=-1 and max_task_retries=-1 by default: a killed actor
-            # comes back (model reloaded) and its row is retried there, resuming from the stored segments.
-            compute=ray.data.ActorPoolStrategy(size=settings.num_actors, max_tasks_in_flight_per_actor=1),
+            # A fixed pool; each actor keeps up to rows_per_actor rows in flight in its one engine (its __call__ is
+            # async: concurrent calls feed one engine loop, refilled as rows finish). Ray Data gives pool actors
+            # max_restarts=-1 and max_task_retries=-1 by default: a killed actor comes back (model reloaded) and its
+            # rows are retried there, resuming from their stored segments.
+            compute=ray.data.ActorPoolStrategy(
+                size=settings.num_actors,
+                max_tasks_in_flight_per_actor=settings.rows_per_actor,
+                max_concurrent_calls_per_actor=settings.rows_per_actor,
+            ),
             num_cpus=actor_cpus,
             num_gpus=1 if use_gpu else 0,
         )
@@ -277,7 +296,19 @@ def _relay_events(progress, on_event, cursor: int = 0) -> int:
     return cursor
 
 
-REPORT_COLUMNS = ("id", "status", "output", "error", "error_kind", "frames", "video_seconds", "duration_s")
+REPORT_COLUMNS = (
+    "id",
+    "status",
+    "output",
+    "error",
+    "error_kind",
+    "frames",
+    "video_seconds",
+    "duration_s",
+    "rows_in_batch",
+    "render_attempts",
+    "resumed_from_segment",
+)
 
 
 def write_report(report: JobReport, output_root: str, store: ObjectStore) -> None:
@@ -301,6 +332,9 @@ def write_report(report: JobReport, output_root: str, store: ObjectStore) -> Non
             ("frames", pa.int64()),
             ("video_seconds", pa.float64()),
             ("duration_s", pa.float64()),
+            ("rows_in_batch", pa.int64()),
+            ("render_attempts", pa.int64()),
+            ("resumed_from_segment", pa.int64()),
             ("timings", pa.string()),
             ("metrics", pa.string()),
         ]

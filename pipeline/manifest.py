@@ -10,7 +10,10 @@ Validation never raises for a bad row: it returns the row with an error naming t
 Rules: a missing or empty id fails the row; of two rows with the same id (or output) the second fails;
 a column the pipeline does not know fails every row that sets it (a non-empty value), so that a typo
 such as `seeed` is never silently ignored, while a CSV column left empty on a row does not hurt that row.
-Only an unreadable manifest (missing, unknown format) fails the whole job.
+Only an unreadable manifest (missing, unknown format, over its limits) fails the whole job.
+
+Reading is bounded before anything is allocated: the object by `max_bytes` (ObjectTooLarge), the rows by
+`max_rows` (TooManyRows), a Parquet file by its footer's row count before any row is decoded.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from pydantic import BaseModel, ValidationError
 
 from model.config import Preset, RenderSettings
 from pipeline.settings import LimitSettings
-from pipeline.storage import ObjectStore, confined_uri, is_under, normalize_uri, parent_uri, safe_name
+from pipeline.storage import ObjectStore
+from pipeline.uri import confined_uri, is_under, normalize_uri, parent_uri, safe_name
 
 REQUIRED = ("id", "portrait", "audio")
 OPTIONAL = ("prompt", "output", "seed", "steps", "height", "width")
 KNOWN_COLUMNS = frozenset(REQUIRED + OPTIONAL)
 SEGMENTS_DIR = ".segments"  # under the output root: one folder per row in progress
+PARQUET_BATCH_ROWS = 1024
 
 
 class RowTask(BaseModel):
@@ -52,36 +57,86 @@ class RowTask(BaseModel):
 # ---------------------------------------------------------------- reading
 
 
-def read_manifest(uri: str, store: ObjectStore) -> list[dict[str, Any] | str]:
-    """Raw rows in order: a dict per row, or an error string for a row that cannot even be parsed."""
+class TooManyRows(ValueError):
+    """A manifest with more rows than the caller allows; raised before the rows are built."""
+
+    def __init__(self, uri: str, rows: int, limit: int):
+        super().__init__(f"{uri}: {rows} rows or more; at most {limit} per job")
+        self.rows, self.limit = rows, limit
+
+
+def read_manifest(
+    uri: str, store: ObjectStore, *, max_rows: int | None = None, max_bytes: int | None = None
+) -> list[dict[str, Any] | str]:
+    """Raw rows in order: a dict per row, or an error string for a row that cannot even be parsed.
+
+    Raises ValueError for an unreadable manifest (ObjectTooLarge, TooManyRows among them)."""
     uri = normalize_uri(uri)
     ext = posixpath.splitext(uri)[1].lower()
     if ext not in (".jsonl", ".csv", ".parquet"):
         raise ValueError(f"{uri}: unknown manifest format {ext!r}; use .jsonl, .csv or .parquet")
-    data = store.get_bytes(uri)
+    data = store.get_bytes(uri, max_bytes=max_bytes)
+    limit = max_rows if max_rows is not None else math.inf
     if ext == ".jsonl":
-        return _read_jsonl(data)
-    if ext == ".csv":
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
-        return [{k: v for k, v in row.items() if k is not None} for row in reader]
-    import pyarrow.parquet as pq
+        rows = _read_jsonl(data, uri, limit)
+    elif ext == ".csv":
+        rows = _read_csv(data, uri, limit)
+    else:
+        rows = _read_parquet(data, uri, limit)
+    return rows
 
-    return pq.read_table(io.BytesIO(data)).to_pylist()
+
+def _too_many(uri: str, count: int, limit: float) -> None:
+    if count > limit:
+        raise TooManyRows(uri, count, int(limit))
 
 
-def _read_jsonl(data: bytes) -> list[dict[str, Any] | str]:
+def _read_jsonl(data: bytes, uri: str, limit: float) -> list[dict[str, Any] | str]:
     rows: list[dict[str, Any] | str] = []
     for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
+        _too_many(uri, len(rows) + 1, limit)
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             rows.append(f"line {number}: not valid JSON ({err.msg})")
             continue
+        except RecursionError:
+            rows.append(f"line {number}: JSON nested too deeply")
+            continue
         rows.append(
             row if isinstance(row, dict) else f"line {number}: expected a JSON object, got {type(row).__name__}"
         )
+    return rows
+
+
+def _read_csv(data: bytes, uri: str, limit: float) -> list[dict[str, Any] | str]:
+    rows: list[dict[str, Any] | str] = []
+    try:
+        for row in csv.DictReader(io.StringIO(data.decode("utf-8-sig"))):
+            _too_many(uri, len(rows) + 1, limit)
+            rows.append({k: v for k, v in row.items() if k is not None})
+    except csv.Error as err:
+        raise ValueError(f"{uri}: not a valid CSV manifest (line {len(rows) + 2}): {err}") from None
+    return rows
+
+
+def _read_parquet(data: bytes, uri: str, limit: float) -> list[dict[str, Any] | str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        _too_many(uri, parquet.metadata.num_rows, limit)  # from the footer: no row decoded yet
+        rows: list[dict[str, Any] | str] = []
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            _too_many(uri, len(rows) + batch.num_rows, limit)  # a footer that lies is caught batch by batch
+            rows += batch.to_pylist()
+    except TooManyRows:
+        raise
+    except Exception as err:  # pyarrow reports a corrupt file with several exception types
+        raise ValueError(f"{uri}: not a readable Parquet manifest: {err}") from None
     return rows
 
 
@@ -146,10 +201,15 @@ def _validate(index, row_id, row, output_root, base_uri, limits, preset, model_k
         value = row.get(column)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"missing {column}")
-        inputs[column] = normalize_uri(value.strip(), base=base_uri)
+        try:
+            inputs[column] = normalize_uri(value, base=base_uri)
+        except ValueError as err:
+            raise ValueError(f"{column}: {err}") from None
     prompt = row.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
-        raise ValueError(f"prompt must be text, got {prompt!r}")
+        raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
+    if prompt is not None and len(prompt) > limits.max_prompt_chars:
+        raise ValueError(f"prompt has {len(prompt)} characters; at most {limits.max_prompt_chars}")
 
     render = _render_settings(row, limits)
     if render.height is not None or render.width is not None:
@@ -174,10 +234,10 @@ def _output_uri(value: Any, row_id: str, output_root: str) -> str:
     if value is None:
         return f"{output_root}/{safe_name(row_id)}.mp4"
     if not isinstance(value, str):
-        raise ValueError(f"output must be a URI or relative path, got {value!r}")
-    if "://" in value or value.startswith("/"):
+        raise ValueError(f"output must be a URI or relative path, got {type(value).__name__}")
+    if "://" in value or value.strip().startswith("/"):
         uri = normalize_uri(value)
-        if not is_under(uri, output_root):
+        if not is_under(uri, output_root) or uri == output_root:
             raise ValueError(f"output {value!r} is outside the output root {output_root}")
     else:
         uri = confined_uri(output_root, value)

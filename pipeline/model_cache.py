@@ -21,7 +21,8 @@ from pathlib import Path
 
 from model.checkpoint import MANIFEST_FILE, sha256_file
 from model.errors import ModelComponentError
-from pipeline.storage import ObjectStore, normalize_uri
+from pipeline.storage import ObjectStore
+from pipeline.uri import normalize_uri
 
 READY_MARK = ".verified"  # written last in a cache entry: every file is there and matches its sha256
 

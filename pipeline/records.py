@@ -59,6 +59,9 @@ class RowRecord:
             duration_s=sum(seconds for stage, seconds in self.timings.items() if stage != "generate"),  # inside render
             timings=dict(self.timings),
             metrics=dict(self.result.get("metrics", {})),
+            rows_in_batch=self.result.get("rows_in_batch", 0),
+            render_attempts=self.result.get("render_attempts", 0),
+            resumed_from_segment=self.result.get("resumed_from_segment"),
         )
 
     @classmethod

@@ -6,8 +6,10 @@ function of one row record; errors become the row's status, never an exception o
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import time
+from collections.abc import Iterator
 
 import ray
 
@@ -15,30 +17,39 @@ from model.config import Preset
 from model.errors import InputError
 from pipeline.events import RowStatus, StageTimed
 from pipeline.records import RowRecord, array_to_bytes
-from pipeline.settings import PipelineSettings
-from pipeline.storage import ObjectStore
+from pipeline.settings import LimitSettings, PipelineSettings
+from pipeline.storage import ObjectStore, ObjectTooLarge
+from pipeline.uri import normalize_uri
 
 
 def fetch_row(row: dict, *, settings: PipelineSettings, preset: Preset, job_id: str, progress) -> dict:
     """Download and decode the row's portrait and audio for the model's `preset` (pipeline.job.model_preset: the
     checkpoint's own); a bad input fails the row (kind "input")."""
+    from model.media import load_audio, load_portrait
+
     record = RowRecord.from_row(row)
     if record.status != RowStatus.PENDING:
         return record.to_row()
     started = time.perf_counter()
     store = ObjectStore(settings.storage)
-    task = record.task
+    task, limits = record.task, settings.limits
     try:
         height = task.render.height or preset.video.height
         width = task.render.width or preset.video.width
-        fit = preset.video.portrait_fit
-        record.portrait = array_to_bytes(_decode(store, task.portrait, "portrait", height, width, fit))
-        audio = _decode(store, task.audio, "audio", preset.audio.sample_rate)
-        seconds = len(audio) / preset.audio.sample_rate
-        if seconds > settings.limits.max_audio_seconds:
-            raise InputError(
-                task.audio, f"audio lasts {seconds:.0f} s, over the limit of {settings.limits.max_audio_seconds:.0f} s"
+        with input_copy(store, task.portrait, "portrait", limits) as path:
+            portrait = _decoded(
+                task.portrait,
+                load_portrait,
+                path,
+                height,
+                width,
+                preset.video.portrait_fit,
+                limits.max_portrait_pixels,
+                limits.min_portrait_side,
             )
+        record.portrait = array_to_bytes(portrait)
+        with input_copy(store, task.audio, "audio", limits) as path:
+            audio = _decoded(task.audio, load_audio, path, preset.audio.sample_rate, limits.max_audio_seconds)
         record.audio = array_to_bytes(audio)
     except InputError as err:
         record.fail("input", str(err))
@@ -49,15 +60,27 @@ def fetch_row(row: dict, *, settings: PipelineSettings, preset: Preset, job_id: 
     return record.to_row()
 
 
-def _decode(store: ObjectStore, uri: str, kind: str, *args):
-    """Decode one input through model.media; errors name the input's URI, not a temporary copy."""
-    from model.media import load_audio, load_portrait
-
-    load = load_portrait if kind == "portrait" else load_audio
+@contextlib.contextmanager
+def input_copy(store: ObjectStore, uri: str, kind: str, limits: LimitSettings) -> Iterator[str]:
+    """A local path holding a row's input, read exactly as it was checked: a URI that no longer normalises
+    to itself (a symbolic link changed since validation) and an object over `max_input_bytes` are input
+    errors, raised before anything is downloaded. Errors name the URI, never a temporary copy."""
+    if normalize_uri(uri) != uri:
+        raise InputError(uri, f"{kind} path now leads elsewhere (a symbolic link changed after it was checked)")
     try:
-        with store.local_copy(uri, suffix=posixpath.splitext(uri)[1]) as path:
-            return load(path, *args)
-    except FileNotFoundError:
-        raise InputError(uri, f"{kind} file not found") from None
+        with store.local_copy(uri, suffix=posixpath.splitext(uri)[1], max_bytes=limits.max_input_bytes) as path:
+            yield path
+    except ObjectTooLarge:
+        raise InputError(uri, f"{kind} file is over the limit of {limits.max_input_bytes} bytes") from None
+    except FileNotFoundError as err:
+        problem = str(err).removeprefix(f"{uri}: ")
+        missing = problem in ("file not found", "no such object")
+        raise InputError(uri, f"{kind} file not found" if missing else f"{kind}: {problem}") from None
+
+
+def _decoded(uri: str, load, path: str, *args):
+    """Decode through model.media; its errors name the input's URI, not a local copy."""
+    try:
+        return load(path, *args)
     except InputError as err:
         raise InputError(uri, err.problem) from None

@@ -66,7 +66,7 @@ def s3_client(settings):
         endpoint_url=settings.endpoint_url,
         region_name=settings.region,
         aws_access_key_id=settings.access_key_id,
-        aws_secret_access_key=settings.secret_access_key,
+        aws_secret_access_key=settings.secret_access_key.get_secret_value(),
     )
 
 

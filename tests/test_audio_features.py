@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_parts import save_tiny_wav2vec2
 
 from model.audio_features import (
     LogMelFeaturizer,
@@ -102,20 +103,8 @@ def test_logmel_blocks_never_look_ahead_and_match_one_pass():
 
 @pytest.fixture(scope="module")
 def tiny_wav2vec2_dir(tmp_path_factory):
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
-
-    config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16,) * 7,
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("wav2vec2")
-    Wav2Vec2Model(config).save_pretrained(path)
+    save_tiny_wav2vec2(path)
     return str(path)
 
 

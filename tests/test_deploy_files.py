@@ -99,3 +99,33 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert settings.max_rows_per_job == 7 and settings.pipeline.num_actors == 3
     assert settings.pipeline.storage.endpoint_url == "http://127.0.0.1:9000"
     assert settings.max_audio_seconds_per_row == 60
+
+
+def test_kuberay_keeps_rays_ports_inside_the_cluster():
+    """Ray's dashboard, client and GCS run code for anyone who reaches them, without the service's token:
+    only the job API is open to the world; the rest admits this cluster's pods (and the operator)."""
+    documents = list(yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text()))
+    rayservice = next(d for d in documents if d["kind"] == "RayService")
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    for template in templates:  # the policy covers every pod of the cluster
+        assert selected.items() <= template["metadata"]["labels"].items(), template["metadata"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+    head_ports = {p["containerPort"] for p in templates[0]["spec"]["containers"][0]["ports"]}
+    assert 10001 not in head_ports  # the Ray client is not used: not even declared
+    for rule in policy["spec"]["ingress"]:
+        sources = rule.get("from")
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if not sources:  # open to every source: the job API only
+            assert ports == {8000}, rule
+            continue
+        for source in sources:
+            if "podSelector" in source and "namespaceSelector" not in source:
+                assert source["podSelector"]["matchLabels"] == selected  # the cluster's own pods
+            else:  # another namespace (the operator, Prometheus) reaches named ports only, never the GCS or client
+                assert ports and not ports & {6379, 10001}, rule
+    docs = (DEPLOY.parent / "docs" / "service.md").read_text()
+    assert "NetworkPolicy" in docs and "8265" in docs

@@ -259,3 +259,45 @@ def test_an_s3_checkpoint_is_downloaded_once_per_node_and_verified(imported, s3_
     with pytest.raises(ModelComponentError, match="config.json: does not match"):
         local_checkpoint("s3://models/bad", store, tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [Path(results[0]).name]
+
+
+def test_a_job_renders_with_an_imported_checkpoint_from_s3(ray_cluster, s3_server, imported, tmp_path):
+    """`run` / the service: settings name an s3:// checkpoint; the actor downloads it to its node's cache once and
+    renders at the checkpoint's own size and rate."""
+    from actors import job_workers
+    from model.media.video import probe
+    from pipeline.job import JobSpec, run_job
+    from pipeline.settings import PipelineSettings
+    from pipeline.storage import ObjectStore
+
+    store = ObjectStore(s3_server)
+    if "models" not in [b["Name"] for b in store._s3().list_buckets()["Buckets"]]:
+        store._s3().create_bucket(Bucket="models")
+    for path in (p for p in imported.rglob("*") if p.is_file()):
+        store.put_file(f"s3://models/job-checkpoint/{path.relative_to(imported).as_posix()}", path)
+    settings = PipelineSettings(storage=s3_server, checkpoint="s3://models/job-checkpoint",
+                                model_cache_dir=str(tmp_path / "cache"), segment_blocks=2)  # fmt: skip
+    row = {"id": "talk", "portrait": str(EXAMPLES / "synth-1.png"), "audio": str(EXAMPLES / "synth-1.wav")}
+    report = run_job(JobSpec(job_id="imported", rows=[row], output=str(tmp_path / "out")), settings, job_workers())
+    assert report.counts == {"succeeded": 1}, report.rows
+    info = probe(tmp_path / "out" / "talk.mp4")
+    assert info["width"] == SIZE and info["fps"] == 16
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_a_job_without_the_encoders_its_model_needs_fails_before_any_actor_starts(imported, tmp_path):
+    import shutil
+
+    from actors import job_workers
+    from pipeline.job import JobSpec, run_job
+    from pipeline.settings import PipelineSettings
+
+    row = {"id": "talk", "portrait": str(EXAMPLES / "synth-1.png"), "audio": str(EXAMPLES / "synth-1.wav")}
+    spec = JobSpec(job_id="no-encoders", rows=[row], output=str(tmp_path / "out"))
+    with pytest.raises(ModelComponentError, match="wav2vec2"):
+        run_job(spec, PipelineSettings(preset="wan2.1-1.3b"), job_workers())
+    broken = tmp_path / "no-text"
+    shutil.copytree(imported, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(ModelComponentError, match="umT5"):
+        run_job(spec, PipelineSettings(checkpoint=str(broken)), job_workers())

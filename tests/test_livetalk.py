@@ -75,6 +75,15 @@ class Case:
         padded = torch.cat([feats[:, :1].expand(-1, 3, -1), feats], dim=1)
         return padded[:, : 4 * frames].unflatten(1, (frames, 4))
 
+    def forward(self, timesteps: torch.Tensor, **attention) -> torch.Tensor:
+        """One full-sequence forward on `train.x` with the fixture's conditioning (reference | mask, raw audio)."""
+        x = self.tensors["train.x"]
+        frames = x.shape[2]
+        text = self.dit.embed_text(self.tensors["text_context"])
+        with torch.no_grad():
+            return self.dit(x, timesteps, text, torch.arange(frames), self.cond(frames), self.packed_audio(frames),
+                            **attention)  # fmt: skip
+
     def model(self) -> AvatarModel:
         model = AvatarModel(self.preset, self.dit, WanVAE(self.preset.vae), description=f"fixture {self.root.name}")
         model.text_encoder = FixtureText(model.dit.cfg.text_dim, self.tensors["text_context"])
@@ -130,21 +139,10 @@ def test_schedule_matches_the_reference_timesteps(case):
 
 def test_training_forward_matches(case):
     """LiveTalk's training mode: block-causal over 3-frame blocks, each block seeing the last local_attn_size frames."""
-    x, t = case.tensors["train.x"], case.tensors["train.timesteps"]
-    frames = x.shape[2]
+    frames, n = case.tensors["train.x"].shape[2], case.config["frames_per_block"]
     window = case.config["model"].get("local_attn_size", -1)
-    with torch.no_grad():
-        out = case.dit(
-            x,
-            t,
-            case.dit.embed_text(case.tensors["text_context"]),
-            torch.arange(frames),
-            case.cond(frames),
-            case.packed_audio(frames),
-            attention="block_causal",
-            frame_groups=[case.config["frames_per_block"]] * (frames // case.config["frames_per_block"]),
-            window_frames=None if window == -1 else window,
-        )
+    out = case.forward(case.tensors["train.timesteps"], attention="block_causal", frame_groups=[n] * (frames // n),
+                       window_frames=None if window == -1 else window)  # fmt: skip
     assert relative_error(out, case.tensors["train.out"]) < TOLERANCE
 
 
@@ -154,18 +152,8 @@ def test_teacher_forward_matches(case):
     if not path.exists():
         pytest.skip(f"{case.root.name} has no teacher tensors")
     teacher = load_file(path)
-    x = case.tensors["train.x"]
-    frames = x.shape[2]
-    t = teacher["teacher.timestep"].view(-1, 1).expand(x.shape[0], frames)
-    with torch.no_grad():
-        out = case.dit(
-            x,
-            t,
-            case.dit.embed_text(case.tensors["text_context"]),
-            torch.arange(frames),
-            case.cond(frames),
-            case.packed_audio(frames),
-        )
+    batch, _, frames = case.tensors["train.x"].shape[:3]
+    out = case.forward(teacher["teacher.timestep"].view(-1, 1).expand(batch, frames))
     assert relative_error(out, teacher["teacher.out"]) < TOLERANCE
 
 
@@ -189,13 +177,12 @@ def render_latents(case: Case, blocks: int, extra_features: int = 0) -> tuple[li
         outputs.append([])
     engine = Engine(model)
     latents: dict = {s: [] for s in sessions}
-    original_emit = type(sessions[0]).emit
     for session in sessions:
-        session.emit = lambda clean, s=session: latents[s].append(clean) or original_emit(s, clean)
         engine.add(session)
     with torch.no_grad():
         while engine.active:
-            engine.step()
+            for session, block in engine.step():
+                latents[session].append(block.latents)
     assert not engine.failures, engine.failures
     return [torch.cat(latents[s], dim=2) for s in sessions], sessions
 

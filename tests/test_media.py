@@ -91,8 +91,11 @@ def _bad_audio_files(tmp_path) -> dict[str, str]:
     files["truncated"] = str(tmp_path / "truncated.m4a")
     save_wav(tmp_path / "zero.wav", np.zeros(0), 16000)
     files["zero length"] = str(tmp_path / "zero.wav")
+    with VideoWriter(tmp_path / "silent.mp4", FPS, 48, 32) as writer:
+        writer.write(frames_pattern(5))
+    files["no audio stream"] = str(tmp_path / "silent.mp4")
     Image.new("RGB", (16, 16)).save(tmp_path / "picture.png")
-    files["no audio stream"] = str(tmp_path / "picture.png")
+    files["unsupported format"] = str(tmp_path / "picture.png")
     return files
 
 
@@ -104,6 +107,7 @@ def test_load_audio_bad_inputs_raise_input_error_naming_the_file(tmp_path):
         "truncated": "cannot decode",
         "zero length": "zero length",
         "no audio stream": "no audio stream",
+        "unsupported format": "not a supported audio format",
     }
     for kind, path in _bad_audio_files(tmp_path).items():
         with pytest.raises(InputError) as err:

@@ -1,12 +1,15 @@
 """A real Prometheus (the Debian package) scrapes the service on loopback while a real job renders; PromQL over
-its HTTP API then returns the frames rendered."""
+its HTTP API then returns the frames rendered, and every query of the Grafana dashboard returns data for the
+time the job ran (so deploy/grafana/dashboard.json is known to work where Grafana exists)."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +18,9 @@ from test_service_jobs import FPS, ServiceThread, free_port, make_inputs, servic
 
 from cli.main import main
 from deploy.app import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 
 
 def service_output_root(tmp_path) -> str:
@@ -69,6 +75,18 @@ class Prometheus:
         result = body["data"]["result"]
         return float(result[0]["value"][1]) if result else None
 
+    def query_range(self, promql: str, start: float, end: float, step: float = 1.0) -> list[dict]:
+        params = {"query": promql, "start": start, "end": end, "step": step}
+        body = httpx.get(f"{self.url}/api/v1/query_range", params=params, timeout=10).json()
+        assert body["status"] == "success", (promql, body)
+        return body["data"]["result"]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every panel of the Grafana dashboard."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(panel["title"], target["expr"]) for panel in panels for target in panel.get("targets", [])]
+
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="needs the Debian prometheus package (make system-deps)")
 def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
@@ -79,24 +97,29 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         ServiceThread(create_app(service_settings(tmp_path)), port) as service,
         Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}") as prometheus,
     ):
-        # The job goes in through the CLI client, which follows it to the end.
+        # A refused request and a row that fails: the dashboard's failure panels have something to show.
+        assert httpx.post(f"{service.url}/v1/jobs", json={"rows": []}).status_code == 422
+        # The job goes in through the CLI client, which follows it to the end (exit 1: a row failed).
         manifest = tmp_path / "job.jsonl"
-        manifest.write_text(json.dumps({"id": "a", **media}) + "\n")
-        assert main(["submit", str(manifest), "--url", service.url, "--wait", "--poll", "0.2"]) == 0
+        missing = {"id": "b", "portrait": media["portrait"], "audio": str(tmp_path / "in" / "gone.wav")}
+        manifest.write_text(json.dumps({"id": "a", **media}) + "\n" + json.dumps(missing) + "\n")
+        assert main(["submit", str(manifest), "--url", service.url, "--wait", "--poll", "0.2"]) == 1
         (job,) = httpx.get(f"{service.url}/v1/jobs").json()["jobs"]
         assert job["state"] == "succeeded" and job["frames"] == int(seconds * FPS), job
+        assert job["counts"] == {"succeeded": 1, "failed": 1}, job
         assert job["output"].startswith(service_output_root(tmp_path))
 
         # Wait for a scrape after the job ended, then ask Prometheus.
-        # (Frames and the finished row are separate events: one scrape can fall between them, so wait for both.)
+        # (Frames and the finished rows are separate events: one scrape can fall between them, so wait for all.)
         frames = wait_for(
             lambda: {
                 "state": "",
                 "frames": prometheus.query("sum(avatar_render_frames_rendered_total)"),
                 "rows": prometheus.query('avatar_render_rows_total{status="succeeded"}'),
+                "failed": prometheus.query('sum(avatar_render_row_failures_total{kind="input"})'),
             },
-            lambda s: s["frames"] == seconds * FPS and s["rows"] == 1,
-            "Prometheus to see every frame and the row",
+            lambda s: s["frames"] == seconds * FPS and s["rows"] == 1 and s["failed"] == 1,
+            "Prometheus to see every frame and both rows",
         )["frames"]
         assert frames == int(seconds * FPS)
         assert prometheus.query('max_over_time(avatar_render_jobs{state="running"}[10m])') == 1  # seen mid-job
@@ -104,3 +127,17 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         assert prometheus.query('avatar_render_rows_total{status="succeeded"}') == 1
         assert prometheus.query("max(avatar_render_actor_fps)") > 0
         assert prometheus.query('up{job="avatar-render"}') == 1
+
+        # Every query of the Grafana dashboard, evaluated at each second the job ran, returns data: some series
+        # with a finite value (a quantile over no observations is NaN, which Grafana draws as nothing).
+        queries = dashboard_queries()
+        assert len(queries) >= 8 and not [q for _, q in queries if "$" in q]  # no Grafana variables to fill in
+        empty = []
+        for title, promql in queries:
+            series = prometheus.query_range(promql, job["started"], job["finished"])
+            values = [float(v) for s in series for _, v in s["values"]]
+            if not any(math.isfinite(v) for v in values):
+                empty.append(f"{title}: {promql} -> {str(series)[:200]}")
+        assert empty == [], "\n".join(empty)
+        peak = prometheus.query_range(queries[0][1], job["started"], job["finished"])
+        assert max(float(v) for s in peak for _, v in s["values"]) > 0  # frames / s while it rendered

@@ -9,7 +9,8 @@ import pytest
 from model.config import get_preset
 from pipeline.manifest import read_manifest, validate_rows
 from pipeline.settings import LimitSettings
-from pipeline.storage import ObjectStore, normalize_uri
+from pipeline.storage import ObjectStore
+from pipeline.uri import normalize_uri
 
 ROWS = [
     {"id": "a", "portrait": "faces/a.png", "audio": "speech/a.wav", "prompt": "a person talking"},

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 from PIL import Image
+from test_security import make_playlist, silent_flac
 
 from actors import job_workers
 from model.media import read_video, save_wav
@@ -49,6 +50,9 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
     (inputs / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage" + os.urandom(300))
     (inputs / "text.png").write_text("this is not an image")
     save_wav(inputs / "empty.wav", np.zeros(0, dtype=np.float32), SAMPLE_RATE)
+    Image.new("RGB", (8, 8)).save(inputs / "tiny.png")
+    make_playlist(inputs, tmp_path / "elsewhere")  # in/speech.m3u8, its segments outside in/
+    silent_flac(inputs / "long.flac", 120)
     good = {"portrait": "in/face.png", "audio": "in/speech.wav"}
     rows = [
         {"id": "good-1", **good},
@@ -59,10 +63,14 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
         {"id": "good-1", **good, "seed": 3},
         {"id": "unknown-column", **good, "voice": "deep"},
         {"id": "good-2", **good, "seed": 5},
+        {"id": "tiny-portrait", "portrait": "in/tiny.png", "audio": "in/speech.wav"},
+        {"id": "playlist", "portrait": "in/face.png", "audio": "in/speech.m3u8"},
+        {"id": "too-long", "portrait": "in/face.png", "audio": " in/long.flac"},
     ]
     manifest = tmp_path / "job.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setenv("AVATAR_RENDER_SEGMENT_BLOCKS", str(SEGMENT_BLOCKS))
+    monkeypatch.setenv("AVATAR_RENDER_LIMITS__MAX_AUDIO_SECONDS", "60")
 
     assert main(["run", str(manifest), "--output", str(tmp_path / "out")]) == 1
 
@@ -83,11 +91,14 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
         "not-an-image": ("input", "text.png: not an image"),
         "zero-length": ("input", "empty.wav"),
         "unknown-column": ("validation", "unknown column(s) 'voice'"),
+        "tiny-portrait": ("input", "tiny.png: image is 8x8 pixels; a portrait needs at least 32 px"),
+        "playlist": ("input", "speech.m3u8: cannot decode audio: not a supported audio format"),
+        "too-long": ("input", "long.flac: audio lasts longer than the limit of 60 s"),
     }
     for row_id, (kind, text) in expected.items():
         assert report[row_id]["status"] == "failed" and report[row_id]["error_kind"] == kind, report[row_id]
         assert text in report[row_id]["error"], report[row_id]["error"]
-    assert "8 rows: 6 failed, 2 succeeded" in capsys.readouterr().out
+    assert "11 rows: 9 failed, 2 succeeded" in capsys.readouterr().out
     assert not os.listdir(tmp_path / "out" / ".segments")  # finished rows leave no segments
 
 

@@ -156,7 +156,7 @@ def test_console_script_end_to_end(files, tmp_path):
     )
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines() == [
-        f"avatar-render render-one: error: {files['text_png']}: not an image (PIL cannot identify the file format)"
+        f"avatar-render render-one: error: {files['text_png']}: not an image in a supported format (PNG, JPEG, WebP)"
     ]
 
 

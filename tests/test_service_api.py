@@ -119,11 +119,33 @@ def test_no_5xx_for_garbage_input(client):
         b'{"manifest": "\\u0000"}',
         b'{"rows": [{}], "options": []}',
         json.dumps({"rows": [{"id": "x" * 10_000}]}).encode(),
+        b'{"rows": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"manifest": "s3://bucket/jobs.jsonl"}',  # storage that refuses (no credentials here)
+        b'{"manifest": "/' + b"c" * 5000 + b'.jsonl"}',
+        b'{"manifest": "/tmp/\ud800.jsonl"}',
+        b'{"manifest": " file:/etc/passwd.jsonl"}',
+        b'{"rows": [{"id": "\ud800", "portrait": "/p\ud800", "audio": "/a"}]}',
+        b'{"rows": [{"id": "a", "portrait": "/p", "audio": "/a", "height": 1e400, "seed": 1e30}]}',
+        b'{"rows": [{"id": "a", "portrait": "/p", "audio": "/a", "output": "' + b"a" * 3000 + b'.mp4"}]}',
+        b'{"rows": [{"id": "a", "portrait": "/p", "audio": "/a"}], "options": {"segment_blocks": 1e400}}',
+        b'{"rows": [{"id": "a", "portrait": "/p", "audio": "/a"}], "options": {"segment_blocks": 1' + b"0" * 30 + b"}}",
+        b'{"rows": [{"id": "a", "portrait": "/p", "audio": "/a"}], "options": {"checkpoint": "/' + b"d" * 5000 + b'"}}',
+        b'{"rows": [{"id": "a", "portrait": "/p", "audio": "/a"}], "output": "/' + b"b" * 5000 + b'"}',
+        b'{"rows": [{"id": "a", "portrait": "/p", "audio": "/a"}], "actors": 1' + b"0" * 30 + b"}",
     ]
     for body in bodies:
         response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
         assert response.status_code < 500, (body[:40], response.status_code, response.text)
-    for path in ("/v1/jobs/%00", "/v1/jobs/..%2F..%2Fetc", "/v1/jobs?state=bogus", "/v1/jobs?offset=-1"):
+    for path in (
+        "/v1/jobs/%00",
+        "/v1/jobs/..%2F..%2Fetc",
+        "/v1/jobs?state=bogus",
+        "/v1/jobs?offset=-1",
+        "/v1/jobs?offset=99999999999999999999",
+        "/v1/jobs?limit=1e3",
+        "/v1/jobs/" + "x" * 10_000,
+        "/v1/jobs/" + "x" * 10_000 + "/rows",
+    ):
         assert client.get(path).status_code < 500, path
 
 

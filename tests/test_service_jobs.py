@@ -94,6 +94,8 @@ def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path):
     assert done["counts"] == {"succeeded": 1, "failed": 1} and done["progress"] == 1.0
     long = rows_out["long"]
     assert long["status"] == "succeeded" and long["frames"] == int(seconds * FPS)
+    # Started once in the second attempt, after the segments the first one stored: the row list says so.
+    assert long["render_attempts"] == 1 and long["resumed_from_segment"] >= 0, long
     info = probe(long["output"].removeprefix("file://"))
     assert info["frames"] == int(seconds * FPS) and info["has_audio"]
     assert rows_out["missing"]["status"] == "failed" and rows_out["missing"]["error_kind"] == "input"

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from pipeline.settings import MIB, StorageSettings
-from pipeline.storage import ObjectStore, confined_uri, normalize_uri, safe_name
+from pipeline.storage import ObjectStore
+from pipeline.uri import confined_uri, normalize_uri, safe_name
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -120,3 +121,74 @@ def test_uri_normalisation(tmp_path):
     with pytest.raises(ValueError, match="scheme"):
         normalize_uri("http://example.com/x.png")
     assert StorageSettings().multipart_chunk_size >= 5 * MIB
+
+
+def test_s3_outage_mid_upload_is_retried_and_never_shows_a_partial_object(tmp_path):
+    """The S3 endpoint goes down for 3 s while a multipart upload is under way: the upload starts again
+    when it is back and completes; a reader polling the key meanwhile never sees anything but the whole
+    object, and no incomplete upload is left behind."""
+    import threading
+    import time
+
+    from conftest import _free_port, s3_client
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+    # botocore alone gets 2 tries per request here, far too few for a 3-s outage: the store's own retry
+    # (retry_seconds) is what carries the upload through.
+    settings = StorageSettings(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        access_key_id="testing",
+        secret_access_key="testing",
+        multipart_threshold=5 * MIB,
+        multipart_chunk_size=5 * MIB,
+        max_attempts=2,
+        retry_seconds=30,
+    )
+    raw = s3_client(settings)
+    raw.create_bucket(Bucket="outage")
+    src = tmp_path / "video.mp4"
+    src.write_bytes(os.urandom(16 * MIB))  # 4 parts
+    whole = src.read_bytes()
+
+    def outage() -> None:
+        servers[0].stop()
+        time.sleep(3.0)
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+
+    cut = threading.Thread(target=outage)
+    seen: list[int] = []  # sizes of the object a reader found while the upload ran
+    uploading = threading.Event()
+    uploading.set()
+
+    def reader() -> None:
+        watcher = s3_client(settings.model_copy(update={"max_attempts": 1}))
+        while uploading.is_set():
+            try:
+                seen.append(len(watcher.get_object(Bucket="outage", Key="out/video.mp4")["Body"].read()))
+            except Exception:  # not there yet, or the endpoint is down
+                pass
+            time.sleep(0.05)
+
+    def progress(_bytes: int) -> None:
+        if not cut.is_alive() and len(servers) == 1:
+            cut.start()  # the first bytes are out: take the endpoint down
+
+    watching = threading.Thread(target=reader)
+    watching.start()
+    try:
+        ObjectStore(settings).put_file("s3://outage/out/video.mp4", src, progress=progress)
+    finally:
+        uploading.clear()
+        watching.join()
+        cut.join()
+    try:
+        assert len(servers) == 2, "the endpoint never went down"
+        assert raw.get_object(Bucket="outage", Key="out/video.mp4")["Body"].read() == whole
+        assert all(size == len(whole) for size in seen), seen  # never a partial object
+        assert raw.list_multipart_uploads(Bucket="outage").get("Uploads", []) == []
+    finally:
+        servers[-1].stop()

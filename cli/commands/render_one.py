@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from model.config import PRESETS  # pydantic only: --help stays instant
 
     p = sub.add_parser("render-one", help="render one portrait + speech track to an mp4 (H.264 + AAC)")
-    p.add_argument("--portrait", required=True, help="PNG/JPEG (any image PIL reads)")
+    p.add_argument("--portrait", required=True, help="PNG, JPEG or WebP")
     p.add_argument("--audio", required=True, help="speech: wav, flac, mp3, m4a/aac, ogg/opus (any rate, mono/stereo)")
     p.add_argument("--out", required=True, help="output .mp4 (written atomically)")
     model = p.add_mutually_exclusive_group()

@@ -15,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("manifest", help="manifest URI: a local path, file:// or s3://")
     p.add_argument("--output", required=True, help="output root URI: videos, report.parquet and report.jsonl")
     p.add_argument("--actors", type=int, help="render actors (default: AVATAR_RENDER_NUM_ACTORS or 1)")
+    p.add_argument(
+        "--rows-per-actor",
+        type=int,
+        help="rows each actor renders together (default: AVATAR_RENDER_ROWS_PER_ACTOR or 1)",
+    )
     p.add_argument("--force", action="store_true", help="re-render rows whose output already exists")
     p.add_argument("--job-id", help="job id (default: derived from the time)")
     p.set_defaults(func=run)
@@ -38,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         output=args.output,
         actors=args.actors,
         force=args.force,
+        options={"rows_per_actor": args.rows_per_actor} if args.rows_per_actor else {},
     )
     rows = tqdm(desc="rows", unit="row", total=_count_rows(spec.manifest), file=sys.stderr, dynamic_ncols=True)
     video_seconds = 0.0

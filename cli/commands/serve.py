@@ -38,8 +38,8 @@ def _overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from deploy.confine import normalize_uri
     from deploy.settings import ServiceSettings
+    from pipeline.uri import normalize_uri
 
     overrides = _overrides(args)
     try:
@@ -53,10 +53,15 @@ def run(args: argparse.Namespace) -> int:
         overrides["output_roots"] = [normalize_uri(root) for root in settings.output_roots]
     if args.uvicorn:
         from deploy.app import create_app
+        from deploy.store import StateDirLocked
 
+        try:
+            app = create_app(settings)  # takes the state dir's lock: a second service on it stops here
+        except StateDirLocked as err:
+            raise SystemExit(f"avatar-render serve: {err}") from None
         print(f"avatar-render service on http://{settings.host}:{settings.port} (uvicorn); Ctrl-C stops it", flush=True)
         connect_ray(settings.pipeline)
-        run_uvicorn(create_app(settings), settings.host, settings.port)
+        run_uvicorn(app, settings.host, settings.port)
         return 0
     return _run_serve(settings, overrides)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -33,31 +34,70 @@ def _pick_method(method: MouthMethod, portrait: np.ndarray, has_truth: bool) -> 
         return "facemesh" if mesh.landmarks(portrait) is not None else "synth"
 
 
-def _mouth(
-    frames: np.ndarray, portrait: np.ndarray, method: str, source: str, faceless: str = "error"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Opening per frame and the bool (H, W) mouth region left out of identity comparisons."""
-    height, width = portrait.shape[:2]
-    if method == "synth":
-        region = locate_mouth(portrait, source)
-        return mouth_opening(frames, region), region.mask(height, width)
-    if method == "facemesh":
-        from model.eval.facemesh import facemesh_mouth_box, facemesh_opening
+class _Series:
+    """The per-frame series every metric is computed from, accumulated chunk by chunk, so a video is scored
+    without ever being held whole: mouth opening, identity error outside the mouth, and the change between
+    consecutive frames (the last frame of a chunk is kept for the next chunk's first pair)."""
 
-        rows, cols = facemesh_mouth_box(portrait, source)
-        mask = np.zeros((height, width), dtype=bool)
-        mask[rows, cols] = True
-        opening = facemesh_opening(frames)
-        if np.isnan(opening).all():
-            if faceless != "closed":
-                raise InputError(source, "no face found by the face mesh in any frame")
-            opening = np.zeros(len(frames))  # no face, no mouth movement: lip-sync 0
-        return opening, mask
-    raise ValueError(f"mouth method must be auto, synth or facemesh, got {method!r}")
+    def __init__(self, portrait: np.ndarray, method: str, source: str, faceless: str = "error"):
+        height, width = portrait.shape[:2]
+        self.portrait, self.method, self.source, self.faceless = portrait, method, source, faceless
+        self.tracker = None  # the face mesh, for method "facemesh"
+        if method == "synth":
+            self.region = locate_mouth(portrait, source)
+            self.mouth_mask = self.region.mask(height, width)
+        elif method == "facemesh":
+            from model.eval.facemesh import OpeningTracker, facemesh_mouth_box
+
+            rows, cols = facemesh_mouth_box(portrait, source)
+            self.mouth_mask = np.zeros((height, width), dtype=bool)
+            self.mouth_mask[rows, cols] = True
+            self.tracker = OpeningTracker()
+        else:
+            raise ValueError(f"mouth method must be auto, synth or facemesh, got {method!r}")
+        self.opening: list[np.ndarray] = []
+        self.identity: list[np.ndarray] = []
+        self.portrait_errors: list[np.ndarray] = []  # squared error per frame, outside the mouth
+        self.changes: list[np.ndarray] = []
+        self.last: np.ndarray | None = None
+
+    def add(self, frames: np.ndarray) -> None:
+        if frames.ndim != 4 or frames.shape[1:] != self.portrait.shape:
+            raise InputError(self.source, f"portrait is {self.portrait.shape}, video frames are {frames.shape[1:]}")
+        if self.tracker is not None:
+            self.opening.append(self.tracker.update(frames))
+        else:
+            self.opening.append(mouth_opening(frames, self.region))
+        self.identity.append(metrics.identity_errors(frames, self.portrait, self.mouth_mask))
+        self.portrait_errors.append(metrics.squared_errors(frames, self.portrait, ~self.mouth_mask))
+        if self.last is not None:  # the pair across the chunk boundary
+            self.changes.append(metrics.frame_changes(np.stack([self.last, frames[0]])))
+        self.changes.append(metrics.frame_changes(frames))
+        self.last = frames[-1].copy()  # not a view: the chunk itself can go
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(opening, identity, portrait errors, changes) over every frame added."""
+        opening, identity, portrait_errors, changes = (
+            np.concatenate(parts) if parts else np.zeros(0)
+            for parts in (self.opening, self.identity, self.portrait_errors, self.changes)
+        )
+        if self.tracker is not None:
+            from model.eval.facemesh import fill_missing
+
+            opening = fill_missing(opening)
+            if len(opening) and np.isnan(opening).all():
+                if self.faceless != "closed":
+                    raise InputError(self.source, "no face found by the face mesh in any frame")
+                opening = np.zeros(len(opening))  # no face, no mouth movement: lip-sync 0
+        return opening, identity, portrait_errors, changes
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def score(
-    frames: np.ndarray,
+    frames: np.ndarray | Iterable[np.ndarray],
     fps: float,
     portrait: np.ndarray,
     audio: np.ndarray,
@@ -70,28 +110,31 @@ def score(
     source: str = "portrait",
     faceless: Literal["error", "closed"] = "error",
 ) -> dict:
-    """All metrics for frames uint8 (N, H, W, 3) and a portrait uint8 (H, W, 3) of the same size.
+    """All metrics for frames uint8 (N, H, W, 3), or an iterable of such chunks (a `stream_video`), and a
+    portrait uint8 (H, W, 3) of the same size. The numbers do not depend on how the frames are chunked.
 
     `phones` (list of PhoneTiming) gives the lip-sync reference; without it the speech envelope does.
     `faceless`: when the face mesh finds no face in any frame, raise an InputError ("error") or score the mouth as
     closed throughout ("closed": lip-sync 0), so a render that lost the face still gets its other numbers.
     """
-    if frames.ndim != 4 or len(frames) < 2:
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or len(frames) < 2):
         raise InputError(source, f"need a video of at least 2 frames, got shape {frames.shape}")
-    if portrait.shape != frames.shape[1:]:
-        raise InputError(source, f"portrait is {portrait.shape}, video frames are {frames.shape[1:]}")
-    num_frames = len(frames)
-    method = _pick_method(mouth, portrait, phones is not None)
-    measured, mouth_mask = _mouth(frames, portrait, method, source, faceless)
+    series = _Series(portrait, _pick_method(mouth, portrait, phones is not None), source, faceless)
+    try:
+        for chunk in [frames] if isinstance(frames, np.ndarray) else frames:
+            series.add(chunk)
+    finally:
+        series.close()
+    measured, identity, portrait_errors, changes = series.finish()
+    num_frames = len(identity)
+    if num_frames < 2:
+        raise InputError(source, f"need a video of at least 2 frames, got {num_frames}")
     if phones is not None:
         from model.synth.articulation import mouth_track
 
         reference, reference_name = mouth_track(phones, num_frames, fps)[:, 0], "phones"
     else:
         reference, reference_name = metrics.speech_envelope(audio, sample_rate, num_frames, fps), "envelope"
-    changes = metrics.frame_changes(frames)
-    identity = metrics.identity_errors(frames, portrait, mouth_mask)
-    portrait_errors = metrics.squared_errors(frames, portrait, ~mouth_mask)  # per frame, outside the mouth
     boundaries = metrics.block_boundaries(num_frames, block_frames, first_block_frames)
 
     def window(start: int, end: int) -> dict:
@@ -115,7 +158,7 @@ def score(
     return {
         **{name: overall[name] for name in METRICS},
         "lipsync_reference": reference_name,
-        "mouth_method": method,
+        "mouth_method": series.method,
         "frames": num_frames,
         "fps": float(fps),
         "seconds": num_frames / fps,
@@ -136,13 +179,14 @@ def evaluate(
     mouth: MouthMethod = "auto",
     window_seconds: float = WINDOW_SECONDS,
 ) -> dict:
-    """Read the files and `score` them. The portrait is fitted (centre crop, resize) to the video's size."""
+    """Read the files and `score` them, the video streamed (memory holds one chunk of frames, however long
+    it is). The portrait is fitted (centre crop, resize) to the video's size."""
     from model.media.audio import load_audio
     from model.media.image import load_portrait
-    from model.media.video import read_video
+    from model.media.video import stream_video
 
-    frames, fps = read_video(video_path)
-    portrait = load_portrait(portrait_path, frames.shape[1], frames.shape[2])
+    video = stream_video(video_path)
+    portrait = load_portrait(portrait_path, video.height, video.width)
     audio = load_audio(audio_path, SAMPLE_RATE)
     phones = None
     if truth_path is not None:
@@ -156,8 +200,8 @@ def evaluate(
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise InputError(os.fspath(truth_path), f"not a SynthTalk truth file: {err}") from None
     return score(
-        frames,
-        fps,
+        video,
+        video.fps,
         portrait,
         audio,
         SAMPLE_RATE,

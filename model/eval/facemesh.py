@@ -58,19 +58,43 @@ def opening_from_landmarks(points: np.ndarray) -> float:
     return gap / max(eyes, 1e-6)
 
 
-def facemesh_opening(frames: np.ndarray) -> np.ndarray:
-    """(N,) mouth opening per frame; frames where no face is found are filled from their neighbours
-    (NaN if no frame has a face)."""
-    with FaceMesh(tracking=True) as mesh:
+class OpeningTracker:
+    """Mouth opening frame after frame, the face followed across calls (`update` chunk by chunk)."""
+
+    def __init__(self):
+        self._mesh = FaceMesh(tracking=True)
+
+    def update(self, frames: np.ndarray) -> np.ndarray:
+        """(n,) opening of uint8 (n, H, W, 3) frames; NaN where no face is found."""
         values = []
         for frame in frames:
-            points = mesh.landmarks(frame)
+            points = self._mesh.landmarks(frame)
             values.append(np.nan if points is None else opening_from_landmarks(points))
-    values = np.array(values, dtype=np.float64)
+        return np.array(values, dtype=np.float64)
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> OpeningTracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fill_missing(values: np.ndarray) -> np.ndarray:
+    """Openings of frames without a face, filled from their neighbours (all NaN if no frame has one)."""
     found = ~np.isnan(values)
     if found.any() and not found.all():
         values = np.interp(np.arange(len(values)), np.nonzero(found)[0], values[found])
     return values
+
+
+def facemesh_opening(frames: np.ndarray) -> np.ndarray:
+    """(N,) mouth opening per frame; frames where no face is found are filled from their neighbours
+    (NaN if no frame has a face)."""
+    with OpeningTracker() as tracker:
+        return fill_missing(tracker.update(frames))
 
 
 def facemesh_mouth_box(portrait: np.ndarray, source: str = "portrait", pad: float = 0.5) -> tuple[slice, slice]:

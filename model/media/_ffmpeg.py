@@ -12,6 +12,25 @@ import imageio_ffmpeg
 # Only errors on stderr: its last line is then the reason a command failed.
 QUIET = ("-hide_banner", "-nostdin", "-loglevel", "error")
 
+# What ffmpeg may open for an input: only local files, and only these demuxers. Playlists (hls, dash), concat
+# lists, image sequences and every other demuxer that reads *other* files or the network are refused, so a
+# file inside an input root can never make ffmpeg read outside it. The audio list is the documented formats:
+# wav, flac, mp3, m4a/aac (mov, adts), ogg/opus; video is our own mp4 output (mov).
+AUDIO_DEMUXERS = ("wav", "flac", "mp3", "mov", "aac", "ogg")
+VIDEO_DEMUXERS = ("mov",)
+AUDIO_FORMATS_TEXT = "wav, flac, mp3, m4a/aac, ogg/opus"
+NOT_ON_WHITELIST = "not on whitelist"  # ffmpeg's complaint when a file is of a demuxer not allowed
+
+
+def input_args(path: str | os.PathLike, demuxers: tuple[str, ...], forced_format: str | None = None) -> list[str]:
+    """`-i` for a local file, with ffmpeg confined to the file protocol and the given demuxers."""
+    forced = ["-f", forced_format] if forced_format else []
+    return [
+        *("-protocol_whitelist", "file", "-format_whitelist", ",".join(demuxers)),
+        *forced,
+        *("-i", "file:" + os.path.abspath(os.fspath(path))),
+    ]
+
 
 @functools.cache
 def ffmpeg_exe() -> str:

@@ -1,17 +1,33 @@
-"""Speech in and out: decode any audio ffmpeg reads to mono float32 at a fixed rate; write 16-bit wav."""
+"""Speech in and out: decode the documented audio formats to mono float32 at a fixed rate; write 16-bit wav."""
 
 from __future__ import annotations
 
+import math
 import os
+import subprocess
+import tempfile
 import wave
 
 import ffmpeg
 import numpy as np
 
 from model.errors import InputError
-from model.media._ffmpeg import FFmpegError, check_input_file, run_ffmpeg
+from model.media._ffmpeg import (
+    AUDIO_DEMUXERS,
+    AUDIO_FORMATS_TEXT,
+    NOT_ON_WHITELIST,
+    QUIET,
+    FFmpegError,
+    check_input_file,
+    ffmpeg_exe,
+    input_args,
+    run_ffmpeg,
+    stderr_tail,
+)
 
 PCM16_SCALE = 32767.0
+BYTES_PER_SAMPLE = 4  # float32
+PIPE_CHUNK = 1 << 20
 
 # Audio codec and muxer implied by an output file's extension.
 _AUDIO_FORMATS: dict[str, dict[str, str]] = {
@@ -25,28 +41,53 @@ _AUDIO_FORMATS: dict[str, dict[str, str]] = {
 }
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
     """Decode the first audio stream of `path` to float32 mono in [-1, 1] at `sample_rate` Hz.
 
-    Any container/codec ffmpeg reads works; stereo is down-mixed, the rate is resampled.
-    Raises InputError (naming the file) for a missing, empty, non-audio, corrupt or silent-by-length file.
+    The documented formats (wav, flac, mp3, m4a/aac, ogg/opus) work; stereo is down-mixed, the rate is
+    resampled. The decode streams, and with `max_seconds` it stops there: a long file costs at most
+    max_seconds of samples, whatever its length or compression ratio.
+    Raises InputError (naming the file) for a missing, empty, unsupported, non-audio, corrupt, silent-by-length
+    or too long file.
     """
     path = check_input_file(path)
     # rematrix_maxval=1 normalises the down-mix matrix: stereo becomes (L + R) / 2, which cannot clip.
-    stream = ffmpeg.input(path).output(
-        "pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate, map="0:a:0", rematrix_maxval=1.0
-    )
-    try:
-        pcm = run_ffmpeg(stream.get_args(), capture_stdout=True)
-    except FFmpegError as err:
-        reason = err.reason
-        if "matches no streams" in err.stderr:
-            reason = "no audio stream in file"
-        raise InputError(path, f"cannot decode audio: {reason}") from None
+    output = ["-map", "0:a:0", "-ac", "1", "-ar", str(sample_rate), "-rematrix_maxval", "1.0"]
+    limit_bytes = None
+    if max_seconds is not None:
+        output += ["-t", f"{max_seconds + 1:.3f}"]  # ffmpeg stops a little past the limit: enough to tell
+        limit_bytes = math.floor(max_seconds * sample_rate) * BYTES_PER_SAMPLE
+    output += ["-c:a", "pcm_f32le", "-f", "f32le", "pipe:"]
+    pcm = bytearray()
+    with (
+        tempfile.TemporaryFile() as err,
+        subprocess.Popen(
+            [ffmpeg_exe(), *QUIET, *input_args(path, AUDIO_DEMUXERS), *output],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        ) as proc,
+    ):
+        while chunk := proc.stdout.read(PIPE_CHUNK):
+            pcm += chunk
+            if limit_bytes is not None and len(pcm) > limit_bytes:
+                proc.kill()
+                raise InputError(path, f"audio lasts longer than the limit of {max_seconds:g} s")
+        if proc.wait() != 0:
+            err.seek(0)
+            raise InputError(path, f"cannot decode audio: {_audio_reason(err.read().decode('utf-8', 'replace'))}")
     samples = np.frombuffer(pcm, dtype=np.float32)
     if samples.size == 0:
         raise InputError(path, "audio has zero length (decodes to 0 samples)")
-    return np.clip(samples, -1.0, 1.0)
+    return np.clip(samples, -1.0, 1.0, out=samples)
+
+
+def _audio_reason(stderr: str) -> str:
+    if "matches no streams" in stderr:
+        return "no audio stream in file"
+    if NOT_ON_WHITELIST in stderr:
+        return f"not a supported audio format ({AUDIO_FORMATS_TEXT})"
+    return stderr_tail(stderr)
 
 
 def save_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> None:

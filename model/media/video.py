@@ -1,4 +1,9 @@
-"""H.264 mp4 video through ffmpeg: a streaming writer, a reader, a prober and a re-encode-free concatenation.
+"""H.264 mp4 video through ffmpeg: a streaming writer, a streaming reader, a prober and a re-encode-free
+concatenation.
+
+Every input ffmpeg opens here is confined to local files and to the demuxers it needs (`input_args`): our
+own mp4 files, and speech only in the documented audio formats, so that no playlist can make a mux read
+other files.
 
 Every file is written to a temporary name in its destination directory and renamed when complete, so a
 reader never sees a half-written mp4. Audio is muxed as AAC in a second, video-copying pass. Durations
@@ -13,6 +18,8 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -20,11 +27,25 @@ import ffmpeg
 import numpy as np
 
 from model.errors import InputError
-from model.media._ffmpeg import QUIET, FFmpegError, check_input_file, ffmpeg_exe, run_ffmpeg, stderr_tail
+from model.media._ffmpeg import (
+    AUDIO_DEMUXERS,
+    AUDIO_FORMATS_TEXT,
+    NOT_ON_WHITELIST,
+    QUIET,
+    VIDEO_DEMUXERS,
+    FFmpegError,
+    check_input_file,
+    ffmpeg_exe,
+    input_args,
+    run_ffmpeg,
+    stderr_tail,
+)
 
 AAC_SAMPLE_RATE = 48000  # AAC frames are 1024 samples: ~21 ms at 48 kHz, finer than one video frame at 25 fps
 AAC_BITRATE = "128k"
 _PIPE_CHUNK = 1 << 20
+STREAM_CHUNK_BYTES = 8 << 20  # decoded frames held at once by stream_video
+MEDIA_DEMUXERS = tuple(dict.fromkeys(VIDEO_DEMUXERS + AUDIO_DEMUXERS))
 
 
 def _temp_path_beside(path: str) -> str:
@@ -48,7 +69,8 @@ def measure_audio_duration(path: str | os.PathLike) -> float:
     """Exact duration in seconds of the first audio stream, by decoding it (streamed: memory stays bounded)."""
     path = check_input_file(path)
     bytes_per_sample = 2  # s16le mono
-    args = ["-i", path, "-map", "0:a:0", "-ac", "1", "-ar", str(AAC_SAMPLE_RATE), "-f", "s16le", "pipe:"]
+    args = [*input_args(path, MEDIA_DEMUXERS), "-map", "0:a:0", "-ac", "1", "-ar", str(AAC_SAMPLE_RATE)]
+    args += ["-f", "s16le", "pipe:"]
     with (
         tempfile.TemporaryFile() as err,
         subprocess.Popen(
@@ -60,12 +82,21 @@ def measure_audio_duration(path: str | os.PathLike) -> float:
             total += len(chunk)
         if proc.wait() != 0:
             err.seek(0)
-            raise InputError(path, f"cannot decode audio: {stderr_tail(err.read())}")
+            stderr = err.read().decode("utf-8", "replace")
+            reason = f"not a supported audio format ({AUDIO_FORMATS_TEXT})" if NOT_ON_WHITELIST in stderr else None
+            raise InputError(path, f"cannot decode audio: {reason or stderr_tail(stderr)}")
     return total / bytes_per_sample / AAC_SAMPLE_RATE
+
+
+def _mux_reason(err: FFmpegError) -> str:
+    if NOT_ON_WHITELIST in err.stderr:  # our own video inputs are mp4: it is the speech track
+        return f"the audio is not a supported audio format ({AUDIO_FORMATS_TEXT})"
+    return err.reason
 
 
 def _mux_args(video_input: list[str], audio_path: str | None, audio_seconds: float | None, out: str) -> list[str]:
     """ffmpeg args copying the first input's video and (optionally) the first `audio_seconds` of audio as AAC.
+    The audio is opened like any speech input: local file, documented formats only.
 
     The video is copied whole: cutting H.264 with B-frames by stream copy is not frame-exact, so callers
     make the video the right length and only the (decoded, sample-exact) audio is trimmed.
@@ -73,7 +104,7 @@ def _mux_args(video_input: list[str], audio_path: str | None, audio_seconds: flo
     args = [*video_input]
     if audio_path is not None:
         trim = [] if audio_seconds is None else ["-t", f"{audio_seconds:.6f}"]
-        args += [*trim, "-i", audio_path, "-map", "0:v:0", "-map", "1:a:0"]
+        args += [*trim, *input_args(audio_path, AUDIO_DEMUXERS), "-map", "0:v:0", "-map", "1:a:0"]
         args += ["-c:a", "aac", "-b:a", AAC_BITRATE, "-ar", str(AAC_SAMPLE_RATE)]
     else:
         args += ["-map", "0:v:0"]
@@ -176,10 +207,11 @@ class VideoWriter:
                 return
             out_tmp = _temp_path_beside(self.path)
             try:
-                run_ffmpeg(_mux_args(["-i", self._video_tmp], self.audio_path, self.frames_written / self.fps, out_tmp))
+                video_input = input_args(self._video_tmp, VIDEO_DEMUXERS)
+                run_ffmpeg(_mux_args(video_input, self.audio_path, self.frames_written / self.fps, out_tmp))
                 os.replace(out_tmp, self.path)
             except FFmpegError as err:
-                raise RuntimeError(f"ffmpeg failed to mux audio into {self.path}: {err.reason}") from None
+                raise RuntimeError(f"ffmpeg failed to mux audio into {self.path}: {_mux_reason(err)}") from None
             finally:
                 _remove_quietly(out_tmp)
         finally:
@@ -209,7 +241,7 @@ class VideoWriter:
 def _parse_stream_info(path: str) -> dict:
     """Container duration, video size/fps and audio presence from the header `ffmpeg -i` prints."""
     proc = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path],
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", *input_args(path, MEDIA_DEMUXERS)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -249,7 +281,18 @@ def count_video_frames(path: str | os.PathLike) -> int:
     path = os.fspath(path)
     try:
         progress = run_ffmpeg(
-            ["-i", path, "-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-"],
+            [
+                *input_args(path, VIDEO_DEMUXERS),
+                "-map",
+                "0:v:0",
+                "-c",
+                "copy",
+                "-f",
+                "null",
+                "-progress",
+                "pipe:1",
+                "-",
+            ],
             capture_stdout=True,
         ).decode()
     except FFmpegError as err:
@@ -270,21 +313,59 @@ def probe(path: str | os.PathLike) -> dict:
     return info
 
 
-def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """Decode every frame of the first video stream: (uint8 (N, H, W, 3), fps)."""
+@dataclass(frozen=True)
+class VideoStream:
+    """The frames of a video file, decoded as they are iterated: uint8 (n, H, W, 3) chunks of `chunk_frames`
+    (the last may be shorter). Memory holds one chunk, however long the video; each iteration decodes anew."""
+
+    path: str
+    fps: float
+    height: int
+    width: int
+    chunk_frames: int
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        frame_bytes = self.height * self.width * 3
+        args = [*input_args(self.path, VIDEO_DEMUXERS), "-map", "0:v:0", "-fps_mode", "passthrough"]
+        args += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
+        with (
+            tempfile.TemporaryFile() as err,
+            subprocess.Popen(
+                [ffmpeg_exe(), *QUIET, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
+            ) as proc,
+        ):
+            try:
+                while data := proc.stdout.read(self.chunk_frames * frame_bytes):  # blocks for a whole chunk
+                    whole = len(data) // frame_bytes
+                    if whole:
+                        yield np.frombuffer(data, np.uint8, count=whole * frame_bytes).reshape(
+                            whole, self.height, self.width, 3
+                        )
+            finally:
+                if proc.poll() is None:  # the consumer stopped early
+                    proc.kill()
+            if proc.wait() != 0:
+                err.seek(0)
+                raise InputError(self.path, f"cannot decode video: {stderr_tail(err.read())}")
+
+
+def stream_video(path: str | os.PathLike, chunk_bytes: int = STREAM_CHUNK_BYTES) -> VideoStream:
+    """The first video stream of `path`, to iterate in chunks of at most `chunk_bytes` (one frame at least)."""
     path = check_input_file(path)
     info = _parse_stream_info(path)
     if not info["has_video"] or info["width"] is None:
         raise InputError(path, "no video stream in file")
-    try:
-        raw = run_ffmpeg(
-            ["-i", path, "-map", "0:v:0", "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"],
-            capture_stdout=True,
-        )
-    except FFmpegError as err:
-        raise InputError(path, f"cannot decode video: {err.reason}") from None
-    frames = np.frombuffer(raw, dtype=np.uint8).reshape(-1, info["height"], info["width"], 3)
-    return frames, info["fps"]
+    height, width = info["height"], info["width"]
+    return VideoStream(path, info["fps"], height, width, max(1, chunk_bytes // (height * width * 3)))
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Decode every frame of the first video stream: (uint8 (N, H, W, 3), fps). Holds the whole video in
+    memory: for long videos, iterate `stream_video`."""
+    stream = stream_video(path)
+    chunks = list(stream)
+    frames = np.concatenate(chunks) if chunks else np.zeros((0, stream.height, stream.width, 3), np.uint8)
+    return frames, stream.fps
 
 
 def _concat_list_line(path: str) -> str:
@@ -320,11 +401,42 @@ def concat_mp4(
     list_path = out_tmp + ".txt"
     try:
         Path(list_path).write_text("".join(_concat_list_line(p) for p in segments))
-        video_input = ["-f", "concat", "-safe", "0", "-i", list_path]
+        # The list is ours (absolute segment paths): the concat demuxer, then mp4 segments only.
+        video_input = ["-safe", "0", *input_args(list_path, ("concat", *VIDEO_DEMUXERS), forced_format="concat")]
         run_ffmpeg(_mux_args(video_input, audio_path, audio_seconds, out_tmp))
         os.replace(out_tmp, out_path)
     except FFmpegError as err:
-        raise RuntimeError(f"ffmpeg failed to concatenate into {out_path}: {err.reason}") from None
+        raise RuntimeError(f"ffmpeg failed to concatenate into {out_path}: {_mux_reason(err)}") from None
     finally:
         _remove_quietly(out_tmp)
         _remove_quietly(list_path)
+
+
+def read_key_frames(source: str, middle_s: float, height: int) -> list[np.ndarray]:
+    """The first frame, the frame at `middle_s` and the last frame of an mp4, scaled to `height` rows (the width
+    keeps the aspect ratio): uint8 (height, W, 3) each. `source` is a local path or an http(s) URL (a presigned
+    S3 one); ffmpeg seeks in it, so a two-hour video costs what a short one does. Only the mp4 demuxer and, for
+    a URL, only the web protocols are allowed: the source is read as a video and nothing else."""
+    from PIL import Image
+
+    remote = source.startswith(("http://", "https://"))
+    if not remote:
+        source = check_input_file(source)
+    source_args = ["-protocol_whitelist", "http,https,tls,tcp" if remote else "file", "-f", "mp4"]
+    scale = ["-map", "0:v:0", "-vf", f"scale=-2:{int(height)}", "-c:v", "png"]
+    seeks = [["-ss", "0"], ["-ss", f"{max(0.0, middle_s):.3f}"], ["-sseof", "-1"]]  # last: decode the final second
+    frames = []
+    with tempfile.TemporaryDirectory(prefix="avatar-frames-") as tmp:
+        for i, seek in enumerate(seeks):
+            out = os.path.join(tmp, f"{i}.png")
+            # -update 1: each decoded frame overwrites the file, so it ends holding the last one asked for.
+            last = [] if i == 2 else ["-frames:v", "1"]
+            try:
+                run_ffmpeg([*source_args, *seek, "-i", source, *scale, *last, "-update", "1", "-y", out])
+            except FFmpegError as err:
+                raise InputError(source if not remote else "video URL", f"cannot read video: {err.reason}") from None
+            if not os.path.exists(out):
+                raise InputError(source if not remote else "video URL", "no video frame at the requested time")
+            with Image.open(out) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+    return frames
