@@ -105,6 +105,8 @@ bench-gpu: install
 # One render actor at 1, 2, 4, 8 rows in flight (the bundled model, this machine): docs/performance.md.
 bench-batching: install
 	$(PY) benchmarks/actor_batching.py --rows 8 --seconds 4 --batch 1,2,4,8 --out docs/perf/cpu-actor-batching.json
+	$(PY) benchmarks/actor_batching.py --rows 8 --seconds 4 --batch 1,2,4,8 --overlap on \
+		--out docs/perf/cpu-actor-batching-overlap.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
