@@ -177,17 +177,3 @@ def test_facemesh_finds_and_tracks_the_astronauts_mouth():
     assert not np.isnan(opening).any()
     assert spearmanr(opening, gaps).statistic > 0.8
     assert opening[-1] > 2 * opening[0]
-
-
-def test_evaluation_imports_nothing_from_training():
-    """Training may use evaluation (the recipe's VAE gate, the deflicker calibration), not the other way round."""
-    import ast
-    from pathlib import Path
-
-    import model.eval
-
-    for path in Path(model.eval.__file__).parent.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-        assert not [m for m in names if m == "model.train" or m.startswith("model.train.")], path.name
