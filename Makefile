@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps vendor-js console-screenshots lint test demo examples train-tiny eval-tiny ablation-mci-off bench-long bench-pipeline bench-service bench-gpu bench-batching clean
+.PHONY: install system-deps vendor-js console-screenshots lint test demo examples train-tiny eval-tiny eval-tiny-stages ablation-mci-off bench-long bench-pipeline bench-service bench-gpu bench-batching clean
 
 # torch is installed first and pinned: a looser resolution pulls several GB of CUDA wheels.
 $(STAMP): pyproject.toml
@@ -64,31 +64,40 @@ examples: install
 train-tiny: install
 	$(PY) -m model.train.recipe --out runs/tiny --threads 2
 
-# docs/results.md's rows for a trained run: held-out metrics, ablations, 10-minute drift with and without URCR.
+# docs/results.md's rows of the shipped model: held-out metrics, ablations at inference, 10-minute drift with and without
+# URCR, the plots and the table. Needs only a clone and `make install` (JSON files go to $(EVAL)).
 RUN ?= runs/tiny
 MODEL ?= model/weights/tiny
-HELDOUT := $(PY) -m model.train.heldout --clips 4 --seconds 8
+EVAL ?= $(RUN)/eval
+HELDOUT := $(PY) -m model.eval.heldout --clips 4 --seconds 8
 eval-tiny: install
 	$(PY) -m model.train.calibrate_deflicker --checkpoint $(MODEL) --clips 8 --seconds 8 --thresholds 16,24,32,40,48,64
-	$(HELDOUT) --checkpoint $(MODEL) --out $(RUN)/eval/default.json
-	$(HELDOUT) --checkpoint $(MODEL) --no-deflicker --out $(RUN)/eval/deflicker-off.json
-	$(PY) -m model.train.heldout --clips 8 --seconds 8 --checkpoint $(MODEL) --out $(RUN)/eval/default-8clips.json
-	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(RUN)/eval/espeak.json
-	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(RUN)/eval/psb-off.json
-	$(HELDOUT) --checkpoint $(MODEL) --t-mci 0 --out $(RUN)/eval/mci-off-inference.json
-	$(HELDOUT) --checkpoint $(RUN)/teacher_model --teacher-steps 32 --out $(RUN)/eval/teacher-32-steps.json
-	$(HELDOUT) --checkpoint $(RUN)/student_model --step-plan 16 --out $(RUN)/eval/student-16-euler-steps.json
-	$(PY) -m model.train.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --out $(RUN)/eval/urcr-10min.json
-	$(PY) -m model.train.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --no-urcr --out $(RUN)/eval/no-urcr-10min.json
-	$(PY) -m model.train.drift_plot $(RUN)/eval/urcr-10min.json $(RUN)/eval/no-urcr-10min.json --label "URCR on" --label "URCR off" --out docs/img/drift_urcr.png
-	$(PY) -m model.train.seam_plot --checkpoint $(MODEL) --clip 0 --seconds 2 --out docs/img/seams_deflicker.png
-	$(PY) -m model.train.results_table $(RUN)/eval/*.json
+	$(HELDOUT) --checkpoint $(MODEL) --out $(EVAL)/default.json
+	$(HELDOUT) --checkpoint $(MODEL) --no-deflicker --out $(EVAL)/deflicker-off.json
+	$(PY) -m model.eval.heldout --clips 8 --seconds 8 --checkpoint $(MODEL) --out $(EVAL)/default-8clips.json
+	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(EVAL)/espeak.json
+	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(EVAL)/psb-off.json
+	$(HELDOUT) --checkpoint $(MODEL) --t-mci 0 --out $(EVAL)/mci-off-inference.json
+	$(PY) -m model.eval.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --out $(EVAL)/urcr-10min.json
+	$(PY) -m model.eval.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --no-urcr --out $(EVAL)/no-urcr-10min.json
+	$(PY) -m model.eval.drift_plot $(EVAL)/urcr-10min.json $(EVAL)/no-urcr-10min.json --label "URCR on" --label "URCR off" --out docs/img/drift_urcr.png
+	$(PY) -m model.eval.seam_plot --checkpoint $(MODEL) --clip 0 --seconds 2 --out docs/img/seams_deflicker.png
+	$(PY) -m model.eval.results_table $(EVAL)/*.json
+
+# The rows of a training run's intermediate models (the bidirectional teacher, the causal student before distillation).
+# They are not shipped: `make train-tiny` writes them into $(RUN) (about 1.6 h on 2 cores).
+eval-tiny-stages: install
+	@test -d $(RUN)/teacher_model -a -d $(RUN)/student_model || { echo "$(RUN)/teacher_model and $(RUN)/student_model \
+	come from a training run: run 'make train-tiny' first, or pass RUN=<a model.train.recipe --out directory>"; exit 1; }
+	$(PY) -m model.train.teacher --clips 4 --seconds 8 --checkpoint $(RUN)/teacher_model --steps 32 --out $(EVAL)/teacher-32-steps.json
+	$(HELDOUT) --checkpoint $(RUN)/student_model --step-plan 16 --out $(EVAL)/student-16-euler-steps.json
+	$(PY) -m model.eval.results_table $(EVAL)/*.json
 
 # The MCI-off training ablation: the same VAE and teacher, student and DMD trained with clean context (t_mci = 0).
 ablation-mci-off: install
 	$(PY) -m model.train.recipe --out $(RUN)-mci-off --reuse $(RUN) --mci-off --threads 2 --ship-to ''
-	$(HELDOUT) --checkpoint $(RUN)-mci-off/final_model --out $(RUN)/eval/mci-off-training.json
-	$(PY) -m model.train.heldout --checkpoint $(RUN)-mci-off/final_model --clips 1 --seconds 600 --no-references --out $(RUN)/eval/mci-off-training-10min.json
+	$(HELDOUT) --checkpoint $(RUN)-mci-off/final_model --out $(EVAL)/mci-off-training.json
+	$(PY) -m model.eval.heldout --checkpoint $(RUN)-mci-off/final_model --clips 1 --seconds 600 --no-references --out $(EVAL)/mci-off-training-10min.json
 
 bench-long: install
 	$(PY) benchmarks/long_render.py

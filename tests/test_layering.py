@@ -55,3 +55,11 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones():
     source = "import model.config\n\ndef run():\n    from deploy.app import create_app\n    from ..storage import x\n"
     found = sorted(imported_modules(source, "pipeline.commands"))
     assert found == [(1, "model.config"), (4, "deploy.app"), (5, "pipeline.storage")]
+
+
+def test_evaluation_imports_nothing_from_training():
+    """Inside `model`: training may use evaluation (the recipe's VAE gate, the deflicker calibration), not the other
+    way round."""
+    for path in (ROOT / "model" / "eval").glob("*.py"):
+        names = [name for _, name in imported_modules(path.read_text(), "model.eval")]
+        assert not [n for n in names if n == "model.train" or n.startswith("model.train.")], path.name

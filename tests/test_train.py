@@ -11,14 +11,14 @@ import torch
 from model.checkpoint import read_checkpoint
 from model.config import DeflickerConfig, DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
 from model.dit import CausalWanDiT
+from model.eval.heldout import HELD_OUT, drift_check, window_is_worse
 from model.generator import AvatarModel, RenderSettings
 from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
 from model.train.distill import DistillConfig, DistillStage
-from model.train.heldout import drift_check, sample_teacher, window_is_worse
 from model.train.loop import run_stage
 from model.train.recipe import RecipeConfig, run_recipe
 from model.train.student import StudentStage, student_from_teacher
-from model.train.teacher import DiTTrainConfig, TeacherStage
+from model.train.teacher import DiTTrainConfig, TeacherStage, sample_teacher
 from model.train.vae import VAEStage, VAETrainConfig, latent_statistics, residual_temporal_convs
 from model.vae import WanVAE
 
@@ -80,7 +80,10 @@ def test_data_matches_the_generators_audio_and_shapes(setup):
         vae.encode(torch.from_numpy(clip.portrait).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1)[0],
     )
     # Held-out seeds never overlap training seeds.
-    assert DATA.eval_identity_base > DATA.identity_base + DATA.num_identities
+    default = DataConfig()
+    assert HELD_OUT.identity_base > default.identity_base + default.num_identities
+    assert HELD_OUT.speaker_base > default.speaker_base + default.num_speakers
+    assert HELD_OUT.content_base > default.data_seed * 100_000 + default.num_clips
 
 
 def test_teacher_and_student_learn_and_resume(setup, tmp_path):
@@ -261,8 +264,7 @@ def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(
 
 
 def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():
-    from model.eval.metrics import block_boundaries, block_layout, boundary_jitter, frame_changes
-    from model.train.heldout import latent_seam_jitter
+    from model.eval.metrics import block_boundaries, block_layout, boundary_jitter, frame_changes, latent_seam_jitter
 
     n = 9 + 12 * 4
     index = np.arange(n)
@@ -279,7 +281,7 @@ def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():
 
 
 def test_startup_excess_error_splits_the_start_of_a_render_by_latent_frame_and_block():
-    from model.train.heldout import startup_excess_error
+    from model.eval.heldout import startup_excess_error
 
     truth = np.full((40, 4, 4, 3), 100, np.uint8)
     recon = truth + 2  # the VAE's own error: 2 everywhere
@@ -332,12 +334,13 @@ def test_teacher_samples_independent_windows_of_the_whole_clip(setup):
 
 def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_path):
     from model.checkpoint import save_checkpoint
-    from model.train.heldout import evaluate_checkpoint
+    from model.eval.heldout import evaluate_checkpoint
+    from model.train.teacher import main as teacher_main
 
     preset, _, vae, _ = setup
     save_checkpoint(tmp_path / "m", preset, {"dit": CausalWanDiT(preset.dit), "vae": vae}, {})
     result = evaluate_checkpoint(
-        str(tmp_path / "m"), clips=1, seconds=2.4, urcr=False, window_seconds=0.8, data=DATA, progress=lambda *_: None
+        str(tmp_path / "m"), clips=1, seconds=2.4, urcr=False, window_seconds=0.8, progress=lambda *_: None
     )
     assert result["urcr"] is False and len(result["windows"][0]) == 3
     assert isinstance(result["drift_passed"], bool)
@@ -349,16 +352,14 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
         "latent_seam_jitter",
     }
     assert list(result["startup_excess_error"]) == ["frame 0", "latent frame 1", "rest of block 0", "block 1", "later"]
-    teacher = evaluate_checkpoint(
-        str(tmp_path / "m"),
-        clips=1,
-        seconds=2.4,
-        teacher_steps=2,
-        references=False,
-        data=DATA,
-        progress=lambda *_: None,
+    out = tmp_path / "teacher.json"
+    teacher_main(
+        ["--checkpoint", str(tmp_path / "m"), "--steps", "2", "--clips", "1", "--seconds", "2.4"]
+        + ["--no-references", "--out", str(out)]
     )
+    teacher = json.loads(out.read_text())
     assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None
+    assert teacher["command"].startswith("python -m model.train.teacher --checkpoint")
 
 
 def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):
@@ -377,10 +378,10 @@ def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):
 
 def test_vae_report_locates_seams_at_latent_frame_boundaries(setup):
     """The truth has no seams; an untrained VAE's reconstruction is scored with the same per-position changes."""
-    from model.train.vae_report import vae_report
+    from model.eval.vae_report import vae_report
 
     preset, _, vae, _ = setup
-    report = vae_report(vae, clips=1, seconds=2.4, data=DATA, size=SIZE)
+    report = vae_report(vae, [HELD_OUT.clip(0, 2.4, SIZE)])
     stride = preset.vae.temporal_stride
     row = report["clips"][0]
     assert len(row["mae_by_latent_frame"]) > 1

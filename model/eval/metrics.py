@@ -130,3 +130,16 @@ def window_spans(num_frames: int, window_frames: int) -> list[tuple[int, int]]:
         spans[-2] = (spans[-2][0], spans[-1][1])
         spans.pop()
     return spans
+
+
+def latent_seam_jitter(
+    frames: np.ndarray, temporal_stride: int, first_block_frames: int, block_frames: int
+) -> float | None:
+    """`boundary_jitter` measured at the latent-frame boundaries *inside* the generator's blocks.
+
+    Every block boundary is also a boundary between two latent frames' video frames, so the block seams include the
+    VAE's own seams. These boundaries have only the VAE's: next to `boundary_jitter` they tell the two apart.
+    """
+    latent_starts = np.arange(1 + temporal_stride, len(frames), temporal_stride)  # frame 1 + s*k starts latent k+1
+    inside = np.setdiff1d(latent_starts, block_boundaries(len(frames), block_frames, first_block_frames))
+    return boundary_jitter(frame_changes(frames), inside)

@@ -21,10 +21,10 @@ import torch
 
 from model.config import DeflickerConfig
 from model.eval import metrics, score
+from model.eval.heldout import render_clip
 from model.generator import AvatarModel, RenderSettings
 from model.synth import load_truth_phones
 from model.train.data import DataConfig, training_clips
-from model.train.heldout import latent_seam_jitter, render_clip
 
 THRESHOLDS = (16.0, 24.0, 32.0, 40.0, 48.0, 64.0)  # grey levels: from below the tiny VAE's seams to well into motion
 
@@ -58,7 +58,7 @@ def calibrate(
                     {
                         "lipsync_r": result["lipsync_r"],
                         "boundary_jitter": result["boundary_jitter"],
-                        "latent_seam_jitter": latent_seam_jitter(video, stride, **layout),
+                        "latent_seam_jitter": metrics.latent_seam_jitter(video, stride, **layout),
                     }
                 )
             progress(f"clip {i}: done")

@@ -1,9 +1,10 @@
 """SynthTalk clips -> training tensors: video frames, VAE latents, the portrait's latent, audio features per
 latent frame.
 
-Identities and speakers are drawn from disjoint seed ranges for training and evaluation (`DataConfig`), so evaluation
-faces and voices are never seen in training. Audio features come from the preset's featurizer through
-`block_features`, exactly as the generator computes them for a block, so training and generation agree frame by frame.
+Identities and speakers are drawn from seed ranges disjoint from the held-out evaluation's
+(`model.eval.heldout.HeldOutSet`), so evaluation faces and voices are never seen in training. Audio features come
+from the preset's featurizer through `block_features`, exactly as the generator computes them for a block, so
+training and generation agree frame by frame.
 """
 
 from __future__ import annotations
@@ -29,10 +30,8 @@ class DataConfig(BaseModel):
     # Many faces, so the DiT learns to copy the reference sink rather than memorise faces (evaluation faces are new).
     num_identities: int = 128  # training faces: identity seeds [identity_base, identity_base + n)
     num_speakers: int = 64
-    identity_base: int = 1000
+    identity_base: int = 1000  # held-out faces and voices (model.eval.heldout.HeldOutSet) are far from these
     speaker_base: int = 5000
-    eval_identity_base: int = 90_000  # held-out faces and voices: far from every training seed
-    eval_speaker_base: int = 95_000
 
 
 def training_clips(data: DataConfig, size: int) -> list[Clip]:
@@ -45,18 +44,6 @@ def training_clips(data: DataConfig, size: int) -> list[Clip]:
             make_clip(data.data_seed * 100_000 + i, data.seconds, size, identity_seed=identity, speaker_seed=speaker)
         )
     return clips
-
-
-def eval_clip(data: DataConfig, index: int, seconds: float, size: int, speech: str = "formant") -> Clip:
-    """A held-out clip: an identity and a speaker never used in training."""
-    return make_clip(
-        10_000_000 + index,
-        seconds,
-        size,
-        speech=speech,
-        identity_seed=data.eval_identity_base + index,
-        speaker_seed=data.eval_speaker_base + index,
-    )
 
 
 def usable_frames(num_frames: int, temporal_stride: int) -> int:

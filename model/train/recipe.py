@@ -27,6 +27,8 @@ from model.audio_features import build_featurizer
 from model.checkpoint import save_checkpoint
 from model.config import DeflickerConfig, Preset, get_preset
 from model.dit import CausalWanDiT
+from model.eval.heldout import HELD_OUT
+from model.eval.vae_report import vae_report
 from model.generator import BUNDLED_MODEL, AvatarModel
 from model.train.calibrate_deflicker import THRESHOLDS, calibrate
 from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
@@ -35,7 +37,6 @@ from model.train.loop import run_stage
 from model.train.student import StudentStage, student_from_teacher
 from model.train.teacher import DiTTrainConfig, TeacherStage
 from model.train.vae import VAEStage, VAETrainConfig, latent_statistics
-from model.train.vae_report import vae_report
 from model.vae import WanVAE
 
 
@@ -104,7 +105,7 @@ def run_recipe(
     preset = preset.model_copy(update={"vae": vae_config})
     log(f"latent normalisation: std {[round(v, 2) for v in vae_config.latents_std]}")
     if cfg.vae_gate_lipsync_r is not None:
-        report = vae_report(vae, clips=2, seconds=8.0, data=cfg.data, size=preset.video.height)
+        report = vae_report(vae, [HELD_OUT.clip(i, 8.0, preset.video.height) for i in range(2)])
         log(
             f"VAE on held-out clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
             f"{report['recon_lipsync_r']:.3f}"
@@ -242,7 +243,7 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
 - Data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s, data seed {cfg.data.data_seed}; training identity
   seeds {cfg.data.identity_base}..{cfg.data.identity_base + cfg.data.num_identities - 1}, speaker seeds
   {cfg.data.speaker_base}..{cfg.data.speaker_base + cfg.data.num_speakers - 1}. Held-out evaluation uses identity seeds
-  from {cfg.data.eval_identity_base} and speaker seeds from {cfg.data.eval_speaker_base} (never seen in training).
+  from {HELD_OUT.identity_base} and speaker seeds from {HELD_OUT.speaker_base} (never seen in training).
 - DiT: {sum(p.numel() for p in dit.parameters()):,} parameters; VAE: tiny Wan2.1-style causal 3D VAE trained here.
 - Generator: step plan {list(preset.generator.step_plan)} (PSB), sampler `{preset.generator.sampler}`,
   t_mci {preset.generator.t_mci} (MCI), horizon {preset.generator.horizon_frames} latent frames with URCR resets;

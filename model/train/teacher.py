@@ -2,19 +2,32 @@
 
 Windows of latent frames follow the reference sink and sit at random temporal positions inside the trained horizon,
 so the teacher scores any window a student rollout produces, before or after a URCR reset.
+
+A teacher cannot stream, so it has its own sampler (`sample_teacher`), and its held-out evaluation is the
+evaluation command's with that sampler:
+
+    python -m model.train.teacher --checkpoint runs/tiny/teacher_model --steps 32 --clips 4 --seconds 8 \
+        --out runs/tiny/eval/teacher-32-steps.json
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from model.config import Preset
+from model.deflicker import deflicker_video
 from model.dit import CausalWanDiT
+from model.eval import heldout
+from model.generator import AvatarModel
 from model.scheduler import FlowMatchSchedule
+from model.synth import Clip
 from model.train.common import SinkDenoiser, flow_matching_loss, sample_sigmas
 from model.train.data import LatentDataset
+from model.vae import frames_to_tensor, tensor_to_frames
 
 
 class DiTTrainConfig(BaseModel):
@@ -81,3 +94,55 @@ class TeacherStage(DiTStage):
         torch.nn.utils.clip_grad_norm_(self.dit.parameters(), 1.0)
         self.opt.step()
         return {"flow": loss.item()}
+
+
+@torch.no_grad()
+def sample_teacher(
+    model: AvatarModel, clip: Clip, steps: int, window_frames: int, seed: int, deflicker: bool = True
+) -> np.ndarray:
+    """A bidirectional teacher's video: independent windows of `window_frames` latent frames after the sink, each at
+    the positions the teacher was trained on, integrated with `steps` Euler steps; decoded as one clip (then the
+    preset's deflicker, as the generator would apply it)."""
+    preset, dit = model.preset, model.dit
+    stride = preset.vae.temporal_stride
+    total = 1 + (len(clip.frames) - 1) // stride  # latent frames of the clip
+    reference = model.vae.encode(frames_to_tensor(clip.portrait[None]))
+    audio = model.featurizer.block_features(clip.audio, 0, total, stride)[None]
+    denoiser = SinkDenoiser(dit, preset.text.max_length)
+    schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
+    sigmas = schedule.sigmas(steps).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    latents = []
+    for start in range(0, total, window_frames):
+        n = min(window_frames, total - start)
+        x = torch.randn(
+            1, preset.dit.latent_channels, n, preset.latent_height, preset.latent_width, generator=generator
+        )
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            t = schedule.timestep(torch.full((1, n), sigma))
+            x = x + (sigma_next - sigma) * denoiser(
+                x, t, reference, audio[:, start : start + n], preset.generator.sink_frames
+            )
+        latents.append(x)
+    video = model.vae.decode(torch.cat(latents, dim=2)).clamp(-1.0, 1.0)
+    if deflicker:
+        video = deflicker_video(video, stride, preset.generator.deflicker)
+    return tensor_to_frames(video)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = heldout.build_parser("Evaluate a bidirectional teacher checkpoint on the held-out clips")
+    parser.add_argument("--steps", type=int, default=32, help="Euler steps per window")
+    args = parser.parse_args(argv)
+    window = DiTTrainConfig().window_blocks  # the teacher's training window, in generation blocks
+
+    def render(model: AvatarModel, clip: Clip, index: int) -> np.ndarray:
+        frames = window * model.preset.generator.frames_per_block
+        return sample_teacher(model, clip, args.steps, frames, seed=index, deflicker=not args.no_deflicker)
+
+    command = "python -m model.train.teacher " + " ".join(sys.argv[1:] if argv is None else argv)
+    heldout.run(args, command, render=render, sampler=f"teacher, {args.steps} Euler steps")
+
+
+if __name__ == "__main__":
+    main()

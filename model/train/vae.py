@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from model.synth import Clip
 from model.train.data import clip_video
-from model.vae import WanVAE, frames_to_tensor, tensor_to_frames
+from model.vae import WanVAE, frames_to_tensor
 
 
 class VAETrainConfig(BaseModel):
@@ -107,16 +107,6 @@ def zero_temporal_taps(vae: WanVAE) -> None:
     """Keep only each conv's current-frame tap (the last along time: causal padding puts the past first)."""
     for conv in residual_temporal_convs(vae):
         conv.weight[:, :, :-1].zero_()
-
-
-@torch.no_grad()
-def reconstruct_clip(vae: WanVAE, clip: Clip, temporal_stride: int) -> np.ndarray:
-    """The VAE's own reconstruction of a clip (encode -> decode), uint8 frames: the floor generators are judged by."""
-    was_training = vae.training
-    vae.eval()
-    recon = vae.decode(vae.encode(clip_video(clip, temporal_stride)))
-    vae.train(was_training)
-    return tensor_to_frames(recon)
 
 
 @torch.no_grad()

@@ -1,17 +1,19 @@
 """Evaluate a checkpoint on SynthTalk identities and speakers never seen in training (model.eval metrics).
 
-    python -m model.train.heldout --checkpoint model/weights/tiny --clips 2 --seconds 8 \
+    python -m model.eval.heldout --checkpoint model/weights/tiny --clips 2 --seconds 8 \
         --out runs/tiny/eval/default.json
-    python -m model.train.heldout --seconds 600 --clips 1 --no-urcr --out runs/tiny/eval/no-urcr-10min.json
-    python -m model.train.heldout --checkpoint runs/tiny/teacher_model --teacher-steps 32 --clips 2 --seconds 4
+    python -m model.eval.heldout --seconds 600 --clips 1 --no-urcr --out runs/tiny/eval/no-urcr-10min.json
 
 Per clip it renders with the real generator (any step plan / t_mci override, URCR and the deflicker on or off),
 scores the video with `model.eval.score` against the truth phones, and scores two references on the same clip: the
 VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait repeated
 (what "no model" would give).
 The per-30-second windows of every clip are compared with its first window (`drift_check`, the drift test).
-`--teacher-steps` samples a bidirectional teacher instead: independent windows of the length it was trained on, each
-integrated with that many Euler steps (a teacher cannot stream, so there is no cache and no context between windows).
+The held-out clips are `HeldOutSet`'s: faces, voices and content seeds that training never draws from.
+A bidirectional teacher is evaluated the same way through `python -m model.train.teacher` (its own sampler).
+
+Evaluation imports nothing from `model.train`: training may use it (the recipe's gate and calibration), not the
+other way round.
 """
 
 from __future__ import annotations
@@ -21,25 +23,49 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from model.deflicker import deflicker_video
 from model.eval import metrics, score
 from model.generator import AvatarModel, RenderSettings
-from model.scheduler import FlowMatchSchedule, StepPlan
-from model.synth import Clip, load_truth_phones
-from model.train.common import SinkDenoiser
-from model.train.data import DataConfig, eval_clip
-from model.train.teacher import DiTTrainConfig
-from model.train.vae import reconstruct_clip
-from model.vae import frames_to_tensor, tensor_to_frames
+from model.scheduler import StepPlan
+from model.synth import Clip, load_truth_phones, make_clip
+from model.vae import WanVAE, frames_to_tensor, tensor_to_frames
 
 KEYS = ("lipsync_r", "av_offset_frames", "identity_error", "boundary_jitter")
 ROW_KEYS = KEYS + ("latent_seam_jitter",)
 DRIFT_TOLERANCE = 0.10  # a window may be at most 10% worse than the first (the drift target)
+
+# render(model, clip, clip_index) -> uint8 frames (N, H, W, 3)
+Render = Callable[[AvatarModel, Clip, int], np.ndarray]
+
+
+class HeldOutSet(BaseModel):
+    """The held-out clips: clip i has identity `identity_base + i`, speaker `speaker_base + i` and content seed
+    `content_base + i`, far from every seed training draws from (`model.train.data.DataConfig`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    identity_base: int = 90_000
+    speaker_base: int = 95_000
+    content_base: int = 10_000_000
+
+    def clip(self, index: int, seconds: float, size: int, speech: str = "formant") -> Clip:
+        return make_clip(
+            self.content_base + index,
+            seconds,
+            size,
+            speech=speech,
+            identity_seed=self.identity_base + index,
+            speaker_seed=self.speaker_base + index,
+        )
+
+
+HELD_OUT = HeldOutSet()
 
 
 def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.ndarray:
@@ -49,21 +75,32 @@ def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.
     return np.concatenate([b.frames for b in session])
 
 
-def latent_seam_jitter(
-    frames: np.ndarray, temporal_stride: int, first_block_frames: int, block_frames: int
-) -> float | None:
-    """`boundary_jitter` measured at the latent-frame boundaries *inside* the generator's blocks.
-
-    Every block boundary is also a boundary between two latent frames' video frames, so the block seams include the
-    VAE's own seams. These boundaries have only the VAE's: next to `boundary_jitter` they tell the two apart.
-    """
-    latent_starts = np.arange(1 + temporal_stride, len(frames), temporal_stride)  # frame 1 + s*k starts latent k+1
-    inside = np.setdiff1d(latent_starts, metrics.block_boundaries(len(frames), block_frames, first_block_frames))
-    return metrics.boundary_jitter(metrics.frame_changes(frames), inside)
-
-
 def _metrics(result: dict, frames: np.ndarray, temporal_stride: int, layout: dict) -> dict:
-    return {**{k: result[k] for k in KEYS}, "latent_seam_jitter": latent_seam_jitter(frames, temporal_stride, **layout)}
+    return {
+        **{k: result[k] for k in KEYS},
+        "latent_seam_jitter": metrics.latent_seam_jitter(frames, temporal_stride, **layout),
+    }
+
+
+def generator_render(settings: RenderSettings) -> Render:
+    """Render through the real generator with these settings; the clip index is the seed."""
+
+    def render(model: AvatarModel, clip: Clip, index: int) -> np.ndarray:
+        return render_clip(model, clip, settings.model_copy(update={"seed": index}))
+
+    return render
+
+
+@torch.no_grad()
+def reconstruct_clip(vae: WanVAE, clip: Clip) -> np.ndarray:
+    """The VAE's own reconstruction of a clip (encode -> decode, as many frames as it takes: 1 + s*k), uint8 frames:
+    the floor generators are judged by."""
+    was_training = vae.training
+    vae.eval()
+    frames = clip.frames[: vae.num_video_frames(vae.num_latent_frames(len(clip.frames)))]
+    recon = vae.decode(vae.encode(frames_to_tensor(frames)))
+    vae.train(was_training)
+    return tensor_to_frames(recon)
 
 
 def startup_excess_error(
@@ -128,40 +165,6 @@ def drift_check(windows: list[dict]) -> dict:
     return out
 
 
-@torch.no_grad()
-def sample_teacher(
-    model: AvatarModel, clip: Clip, steps: int, window_frames: int, seed: int, deflicker: bool = True
-) -> np.ndarray:
-    """A bidirectional teacher's video: independent windows of `window_frames` latent frames after the sink, each at
-    the positions the teacher was trained on, integrated with `steps` Euler steps; decoded as one clip (then the
-    preset's deflicker, as the generator would apply it)."""
-    preset, dit = model.preset, model.dit
-    stride = preset.vae.temporal_stride
-    total = 1 + (len(clip.frames) - 1) // stride  # latent frames of the clip
-    reference = model.vae.encode(frames_to_tensor(clip.portrait[None]))
-    audio = model.featurizer.block_features(clip.audio, 0, total, stride)[None]
-    denoiser = SinkDenoiser(dit, preset.text.max_length)
-    schedule = FlowMatchSchedule(preset.generator.shift, preset.generator.num_train_timesteps)
-    sigmas = schedule.sigmas(steps).tolist()
-    generator = torch.Generator().manual_seed(seed)
-    latents = []
-    for start in range(0, total, window_frames):
-        n = min(window_frames, total - start)
-        x = torch.randn(
-            1, preset.dit.latent_channels, n, preset.latent_height, preset.latent_width, generator=generator
-        )
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            t = schedule.timestep(torch.full((1, n), sigma))
-            x = x + (sigma_next - sigma) * denoiser(
-                x, t, reference, audio[:, start : start + n], preset.generator.sink_frames
-            )
-        latents.append(x)
-    video = model.vae.decode(torch.cat(latents, dim=2)).clamp(-1.0, 1.0)
-    if deflicker:
-        video = deflicker_video(video, stride, preset.generator.deflicker)
-    return tensor_to_frames(video)
-
-
 def evaluate_checkpoint(
     checkpoint: str | None,
     clips: int,
@@ -170,29 +173,28 @@ def evaluate_checkpoint(
     step_plan: tuple[int, ...] | None = None,
     t_mci: float | None = None,
     urcr: bool = True,
-    teacher_steps: int | None = None,
     window_seconds: float = 30.0,
     references: bool = True,
-    data: DataConfig | None = None,
+    heldout: HeldOutSet = HELD_OUT,
     deflicker: bool = True,
+    render: Render | None = None,
+    sampler: str = "generator",
     progress=print,
 ) -> dict:
-    data = data or DataConfig()
+    """Score `clips` held-out clips of `seconds`. `render` replaces the generator (a teacher's sampler), named by
+    `sampler` in the result; the generator's settings (step plan, t_mci, URCR, deflicker) apply only without it."""
     model = AvatarModel.load(checkpoint)
     size = model.preset.video.height
     stride = model.preset.vae.temporal_stride
     layout = metrics.block_layout(stride, model.preset.generator.frames_per_block)
+    if render is None:
+        render = generator_render(RenderSettings(step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker))
     rendered, vae_rows, still_rows, windows, checks, startup, seconds_taken = [], [], [], [], [], [], 0.0
     for i in range(clips):
-        clip = eval_clip(data, i, seconds, size, speech)
+        clip = heldout.clip(i, seconds, size, speech)
         phones = load_truth_phones(clip.truth)
         started = time.monotonic()
-        if teacher_steps:
-            window = DiTTrainConfig().window_blocks * model.preset.generator.frames_per_block  # its training window
-            frames = sample_teacher(model, clip, teacher_steps, window, seed=i, deflicker=deflicker)
-        else:
-            settings = RenderSettings(seed=i, step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker)
-            frames = render_clip(model, clip, settings)
+        frames = render(model, clip, i)
         seconds_taken += time.monotonic() - started
         result = score(
             frames, clip.fps, clip.portrait, clip.audio, phones=phones, window_seconds=window_seconds, **layout
@@ -201,7 +203,7 @@ def evaluate_checkpoint(
         windows.append(result["windows"])
         checks.append(drift_check(result["windows"]))
         if references:
-            recon = reconstruct_clip(model.vae, clip, stride)
+            recon = reconstruct_clip(model.vae, clip)
             vae_rows.append(
                 _metrics(
                     score(recon, clip.fps, clip.portrait, clip.audio, phones=phones, **layout), recon, stride, layout
@@ -218,10 +220,11 @@ def evaluate_checkpoint(
     return {
         "checkpoint": checkpoint or "bundled",
         "model": model.description,
+        "heldout": heldout.model_dump(),
         "clips": clips,
         "seconds": seconds,
         "speech": speech,
-        "sampler": f"teacher, {teacher_steps} Euler steps" if teacher_steps else "generator",
+        "sampler": sampler,
         "step_plan": list(step_plan or model.preset.generator.step_plan),
         "t_mci": model.preset.generator.t_mci if t_mci is None else t_mci,
         "urcr": urcr,
@@ -241,8 +244,8 @@ def evaluate_checkpoint(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--checkpoint", default=None, help="our checkpoint directory (default: the bundled model)")
     parser.add_argument("--clips", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -255,17 +258,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="the decoder's frames without the preset's deflicker (generator.deflicker)",
     )
-    parser.add_argument(
-        "--teacher-steps",
-        type=int,
-        default=None,
-        help="the checkpoint is a bidirectional teacher: sample it with this many Euler steps",
-    )
     parser.add_argument("--window-seconds", type=float, default=30.0, help="drift windows")
     parser.add_argument("--no-references", action="store_true", help="skip the VAE-reconstruction and still rows")
+    parser.add_argument("--identity-base", type=int, default=HELD_OUT.identity_base, help="held-out face seeds")
+    parser.add_argument("--speaker-base", type=int, default=HELD_OUT.speaker_base, help="held-out voice seeds")
+    parser.add_argument("--content-base", type=int, default=HELD_OUT.content_base, help="held-out content seeds")
     parser.add_argument("--out", default=None, help="write the JSON here too")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, command: str, render: Render | None = None, sampler: str = "generator") -> dict:
+    """The command line's evaluation: evaluate, record the command, write `--out`, print the summary."""
     plan = StepPlan.parse(args.step_plan).plan if args.step_plan else None
+    bases = {k: getattr(args, k) for k in ("identity_base", "speaker_base", "content_base")}
+    heldout = HeldOutSet(**bases)
     result = evaluate_checkpoint(
         args.checkpoint,
         args.clips,
@@ -274,13 +280,15 @@ def main(argv: list[str] | None = None) -> None:
         plan,
         args.t_mci,
         not args.no_urcr,
-        args.teacher_steps,
         args.window_seconds,
         not args.no_references,
+        heldout=heldout,
         deflicker=not args.no_deflicker,
+        render=render,
+        sampler=sampler,
         progress=lambda line: print(line, file=sys.stderr),
     )
-    result["command"] = "python -m model.train.heldout " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["command"] = command
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +298,12 @@ def main(argv: list[str] | None = None) -> None:
             {k: result[k] for k in ("model_metrics", "vae_reconstruction", "still_portrait", "drift_passed")}, indent=2
         )
     )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    run(args, "python -m model.eval.heldout " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

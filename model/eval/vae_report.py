@@ -1,6 +1,6 @@
 """How well a trained VAE reconstructs held-out SynthTalk clips, and whether that holds over a clip's length.
 
-    python -m model.train.vae_report runs/tiny/vae/checkpoint.pt --clips 2 --seconds 8
+    python -m model.eval.vae_report runs/tiny/vae/checkpoint.pt --clips 2 --seconds 8
 
 Per clip: the mean absolute error (0-255) of every latent frame's video frames after encode -> decode of the whole clip
 (a VAE whose causal state drifts shows it growing with the index), and the lip-sync, identity and boundary-jitter
@@ -20,9 +20,8 @@ import torch
 
 from model.config import get_preset
 from model.eval import metrics, score
-from model.synth import load_truth_phones
-from model.train.data import DataConfig, eval_clip
-from model.train.vae import reconstruct_clip
+from model.eval.heldout import HELD_OUT, reconstruct_clip
+from model.synth import Clip, load_truth_phones
 from model.vae import WanVAE
 
 
@@ -33,12 +32,12 @@ def load_stage_vae(path: str, preset_name: str = "tiny") -> WanVAE:
     return vae.eval()
 
 
-def vae_report(vae: WanVAE, clips: int, seconds: float, data: DataConfig | None = None, size: int = 64) -> dict:
-    data, stride = data or DataConfig(), vae.temporal_stride
+def vae_report(vae: WanVAE, clips: list[Clip]) -> dict:
+    """The report over these clips (the command line's: held-out clips; the recipe's gate: validation clips)."""
+    stride = vae.temporal_stride
     rows = []
-    for i in range(clips):
-        clip = eval_clip(data, i, seconds, size)
-        recon = reconstruct_clip(vae, clip, stride)
+    for clip in clips:
+        recon = reconstruct_clip(vae, clip)
         truth_frames = clip.frames[: len(recon)]
         error = np.abs(recon.astype(np.float32) - truth_frames.astype(np.float32)).mean(axis=(1, 2, 3))
         per_latent = [float(error[0])] + [
@@ -73,10 +72,13 @@ def vae_report(vae: WanVAE, clips: int, seconds: float, data: DataConfig | None 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a VAE stage checkpoint, <run>/vae/checkpoint.pt")
+    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--clips", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
-    print(json.dumps(vae_report(load_stage_vae(args.checkpoint), args.clips, args.seconds), indent=1))
+    size = get_preset(args.preset).video.height
+    clips = [HELD_OUT.clip(i, args.seconds, size) for i in range(args.clips)]
+    print(json.dumps(vae_report(load_stage_vae(args.checkpoint, args.preset), clips), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Plot each metric per window over a long render, one line per evaluation (e.g. URCR on and off).
 
-    python -m model.train.drift_plot runs/tiny/eval/urcr-10min.json runs/tiny/eval/no-urcr-10min.json \
+    python -m model.eval.drift_plot runs/tiny/eval/urcr-10min.json runs/tiny/eval/no-urcr-10min.json \
         --label "URCR on" --label "URCR off" --out docs/img/drift_urcr.png
 
-Inputs are `model.train.heldout` JSON files; the first clip of each is plotted.
+Inputs are `model.eval.heldout` JSON files; the first clip of each is plotted.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model.train.heldout import DRIFT_TOLERANCE, KEYS
+from model.eval.heldout import DRIFT_TOLERANCE, KEYS
 
 
 def plot_drift(results: list[dict], labels: list[str], out: str | Path, title: str = "") -> None:
@@ -52,7 +52,7 @@ def plot_drift(results: list[dict], labels: list[str], out: str | Path, title: s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="model.train.heldout JSON files")
+    parser.add_argument("results", nargs="+", help="model.eval.heldout JSON files")
     parser.add_argument("--label", action="append", default=None, help="one per result (default: file names)")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", required=True)

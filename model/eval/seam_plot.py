@@ -1,6 +1,6 @@
 """Plot the frame-to-frame change of a held-out render with and without the deflicker, against the truth.
 
-    python -m model.train.seam_plot --checkpoint model/weights/tiny --clip 0 --seconds 2 --out docs/img/seams.png
+    python -m model.eval.seam_plot --checkpoint model/weights/tiny --clip 0 --seconds 2 --out docs/img/seams.png
 
 One line per video: the mean absolute change (0-255) between consecutive frames. Thin grey lines mark latent-frame
 crossings, thick ones block boundaries; a seam is a spike on a crossing. Points above the scale are clipped to its
@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from model.eval import metrics
+from model.eval.heldout import HELD_OUT, render_clip
 from model.generator import AvatarModel, RenderSettings
-from model.train.data import DataConfig, eval_clip
-from model.train.heldout import render_clip
 
 
 def plot_seams(model: AvatarModel, clip_index: int, seconds: float, out: str | Path) -> None:
@@ -28,9 +27,9 @@ def plot_seams(model: AvatarModel, clip_index: int, seconds: float, out: str | P
     import matplotlib.pyplot as plt
 
     preset = model.preset
-    clip = eval_clip(DataConfig(), clip_index, seconds, preset.video.height)
+    clip = HELD_OUT.clip(clip_index, seconds, preset.video.height)
     videos = {
-        "truth": clip.frames,  # seeds as in model.train.heldout: the same renders as its rows
+        "truth": clip.frames,  # seeds as in model.eval.heldout: the same renders as its rows
         "render, deflicker off": render_clip(model, clip, RenderSettings(seed=clip_index, deflicker=False)),
         "render (default: deflicker on)": render_clip(model, clip, RenderSettings(seed=clip_index)),
     }

@@ -1,6 +1,6 @@
-"""Markdown rows for docs/results.md from `model.train.heldout` JSON files, each with the command that made it.
+"""Markdown rows for docs/results.md from `model.eval.heldout` JSON files, each with the command that made it.
 
-python -m model.train.results_table runs/tiny/eval/*.json
+python -m model.eval.results_table runs/tiny/eval/*.json
 """
 
 from __future__ import annotations
