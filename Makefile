@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=20
 
 .PHONY: install system-deps vendor-js console-screenshots lint test demo examples train-tiny eval-tiny eval-tiny-stages ablation-mci-off bench-long bench-pipeline bench-service bench-gpu bench-batching clean
 
