@@ -261,8 +261,11 @@ def test_job_page_links_keep_the_status_filter_url_encoded(tmp_path):
         assert c.get(f"/console/jobs/{job_id}", params={"status": "failed&offset=9"}).status_code == 422
 
 
-def test_store_errors_on_the_video_routes_are_a_clean_answer_not_a_500(tmp_path, s3_server, s3_bucket, monkeypatch):
-    """An S3 output the service has no credentials for: the video link is a 502 page, the thumbnail a 502."""
+def test_video_routes_serve_only_confined_outputs_and_store_errors_are_no_500(
+    tmp_path, s3_server, s3_bucket, monkeypatch
+):
+    """A row's video outside the output roots is not served; an S3 output the service has no credentials for is
+    a 502 page (the video link) and a 502 thumbnail."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
@@ -278,11 +281,13 @@ def test_store_errors_on_the_video_routes_are_a_clean_answer_not_a_500(tmp_path,
         pipeline=PipelineSettings(storage=storage),
     )
     with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
-        job_id = c.post("/v1/jobs", json={"rows": [{"id": "talk", "portrait": "/p.png", "audio": "/a.wav"}]})
-        job_id = job_id.json()["job_id"]
-        output = f"{s3_bucket}/renders/talk.mp4"
-        row = RowResult(id="talk", status=RowStatus.SUCCEEDED, output=output, frames=FPS, video_seconds=1.0)
-        c.app.state.manager.store.put_row(job_id, row)
+        rows = [{"id": name, "portrait": "/p.png", "audio": "/a.wav"} for name in ("talk", "outside")]
+        job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
+        for name, output in (("talk", f"{s3_bucket}/renders/talk.mp4"), ("outside", video.as_uri())):
+            row = RowResult(id=name, status=RowStatus.SUCCEEDED, output=output, frames=FPS, video_seconds=1.0)
+            c.app.state.manager.store.put_row(job_id, row)
+        for route in ("video", "thumbnail"):  # a store record naming a file elsewhere: not served
+            assert c.get(f"/console/jobs/{job_id}/{route}", params={"row": "outside"}).status_code == 404
         video_page = c.get(f"/console/jobs/{job_id}/video", params={"row": "talk"}, follow_redirects=False)
         assert video_page.status_code == 502 and "credentials" in video_page.text, video_page.text
         assert c.get(f"/console/jobs/{job_id}/thumbnail", params={"row": "talk"}).status_code == 502
