@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests drive for real: prometheus (scrapes the service in the metrics test) and chromium with
-# its driver (headless, drives the web console in tests/test_console.py through Playwright).
+# Debian packages the tests drive for real: prometheus (scrapes the service in the metrics test) and chromium
+# (headless, drives the web console in tests/test_console.py through Playwright, which talks to it directly: no
+# WebDriver).
 $(SYSTAMP):
 	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@mkdir -p $(VENV) && touch $@
 
 system-deps: $(SYSTAMP)

@@ -101,7 +101,9 @@ def test_whitespace_around_a_path_cannot_walk_out_of_the_input_root(tmp_path):
     manifest = write_jsonl(
         inputs / "job.jsonl", [{"id": "a", "portrait": good["portrait"], "audio": f" {outside['audio']}"}]
     )
-    with TestClient(create_app(make_settings(tmp_path, input_roots=[str(inputs)]), run_jobs=False)) as c:
+    with TestClient(
+        create_app(make_settings(tmp_path, input_roots=[str(inputs)]), run_jobs=False), base_url="http://127.0.0.1"
+    ) as c:
         response = c.post("/v1/jobs", json={"manifest": manifest})
         assert response.status_code == 422 and response.json()["field"] == "manifest.rows.0.audio", response.json()
         rows = [{"id": "a", "portrait": f"\t{outside['portrait']} ", "audio": good["audio"]}]
@@ -127,7 +129,7 @@ def test_whitespace_cannot_turn_an_s3_row_into_a_local_file(tmp_path, s3_server,
     store.put_bytes(f"{s3_bucket}/in/job.jsonl", json.dumps(rows[0]).encode())
     pipeline = PipelineSettings(storage=s3_server)
     settings = make_settings(tmp_path, input_roots=[f"{s3_bucket}/in"], pipeline=pipeline)
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         response = c.post("/v1/jobs", json={"manifest": f"{s3_bucket}/in/job.jsonl"})
         assert response.status_code == 422 and response.json()["field"] == "manifest.rows.0.audio"
         assert "/etc/hostname" in response.json()["error"]
@@ -153,10 +155,10 @@ def test_a_manifest_rewritten_after_the_202_renders_nothing_it_names(ray_cluster
     write_jsonl(manifest, [{"id": "checked", **good}])
     pipeline = PipelineSettings(segment_blocks=4)
     settings = make_settings(tmp_path, input_roots=[str(inputs)], max_rows_per_job=2, pipeline=pipeline)
-    with TestClient(create_app(settings, run_jobs=False)) as c:  # accepted, not yet run
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:  # accepted, not yet run
         job_id = c.post("/v1/jobs", json={"manifest": str(manifest)}).json()["job_id"]
     write_jsonl(manifest, [{"id": f"swapped-{i}", **outside} for i in range(5)])
-    with TestClient(create_app(settings)) as c:  # the restarted service runs it
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:  # the restarted service runs it
         status = wait_until_finished(c, job_id)
         rows = c.get(f"/v1/jobs/{job_id}/rows").json()["rows"]
     assert status["state"] == "succeeded" and status["rows_total"] == 1, status
@@ -219,7 +221,7 @@ def test_parquet_manifest_bounded_by_its_footer_before_any_row_is_built(tmp_path
     pq.write_table(table, manifest, compression="zstd")
     del table, ids
     assert manifest.stat().st_size < 200_000  # a small file ...
-    with TestClient(create_app(make_settings(tmp_path), run_jobs=False)) as c:
+    with TestClient(create_app(make_settings(tmp_path), run_jobs=False), base_url="http://127.0.0.1") as c:
         tracemalloc.start()
         try:
             response = c.post("/v1/jobs", json={"manifest": str(manifest)})
@@ -236,7 +238,9 @@ def test_manifest_bounded_by_its_size(tmp_path):
     manifest = tmp_path / "big.jsonl"
     manifest.write_text(json.dumps({"id": "a", "portrait": "p.png", "audio": "a.wav", "prompt": "x" * 3000}) + "\n")
     pipeline = PipelineSettings(limits=LimitSettings(max_manifest_bytes=2000))
-    with TestClient(create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False)) as c:
+    with TestClient(
+        create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False), base_url="http://127.0.0.1"
+    ) as c:
         response = c.post("/v1/jobs", json={"manifest": str(manifest)})
     assert response.status_code == 413 and response.json()["field"] == "manifest"
 
@@ -247,7 +251,7 @@ def test_a_fifo_or_device_as_manifest_is_refused_not_read_forever(tmp_path):
     os.mkfifo(inputs / "job.jsonl")  # opening it for reading would block until a writer comes
     (inputs / "zero.jsonl").symlink_to("/dev/zero")  # would stream zeros forever
     settings = make_settings(tmp_path, input_roots=[str(inputs)])
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         answers = {}
 
         def submit(name):
@@ -383,7 +387,7 @@ def test_checkpoint_option_is_confined_and_checked(tmp_path):
     (inputs / "sneaky").symlink_to(outside)
     row = {"id": "a", "portrait": str(inputs / "face.png"), "audio": str(inputs / "speech.wav")}
     settings = make_settings(tmp_path, input_roots=[str(inputs)])
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         for checkpoint in (
             str(outside),
             str(inputs / "sneaky"),
@@ -420,7 +424,9 @@ def client_factory(tmp_path):
     clients = []
 
     def make(**overrides):
-        client = TestClient(create_app(make_settings(tmp_path, **overrides), run_jobs=False))
+        client = TestClient(
+            create_app(make_settings(tmp_path, **overrides), run_jobs=False), base_url="http://127.0.0.1"
+        )
         clients.append(client.__enter__())
         return clients[-1]
 
@@ -462,14 +468,15 @@ def test_a_second_service_on_the_same_state_dir_refuses_to_start(tmp_path):
     from deploy.store import StateDirLocked
 
     settings = make_settings(tmp_path)
-    with TestClient(create_app(settings, run_jobs=False)):
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1"):
         with pytest.raises(StateDirLocked, match="in use by another avatar-render service"):
             create_app(settings, run_jobs=False)
         code = "import sys; from deploy.store import JobStore; from pathlib import Path; JobStore(Path(sys.argv[1]))"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         other = subprocess.run([sys.executable, "-c", code, str(settings.state_dir)], env=env, capture_output=True)
         assert other.returncode != 0 and b"in use by another avatar-render service" in other.stderr
-    with TestClient(create_app(settings, run_jobs=False)) as c:  # the first one stopped: free again
+    # The first one stopped: free again.
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         assert c.get("/healthz").status_code == 200
 
 
@@ -481,7 +488,7 @@ def test_s3_secret_is_never_shown(tmp_path, monkeypatch):
     storage = StorageSettings(secret_access_key="wJalrXUtnFEMI-very-secret")
     for text in (repr(settings), str(settings), settings.model_dump_json(), repr(storage), storage.model_dump_json()):
         assert "very-secret" not in text
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         job = c.post("/v1/jobs", json={"rows": [{"id": "a", "portrait": "/p.png", "audio": "/a.wav"}]}).json()
         for path in ("/v1/jobs", f"/v1/jobs/{job['job_id']}", "/openapi.json", "/metrics", "/healthz"):
             assert "very-secret" not in c.get(path).text
@@ -498,7 +505,7 @@ def test_a_failed_jobs_error_is_one_short_line(ray_cluster, tmp_path):
     shutil.copy(BUNDLED_CONFIG, inputs / "model" / "config.json")  # a valid config ...
     (inputs / "model" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")  # ... bad weights
     settings = make_settings(tmp_path, input_roots=[str(inputs)])
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         body = {"rows": [{"id": "a", **good}], "options": {"checkpoint": str(inputs / "model")}}
         status = wait_until_finished(c, c.post("/v1/jobs", json=body).json()["job_id"])
     error = status["error"]
