@@ -232,6 +232,42 @@ def test_parquet_manifest_bounded_by_its_footer_before_any_row_is_built(tmp_path
     assert peak < 50 * 2**20, peak
 
 
+def test_parquet_manifest_bounded_by_what_it_decodes_to(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # One row holding a 20 MiB prompt: under 2 KB of zstd, whose footer says 20 MB decoded.
+    one = pa.table({"id": ["a"], "portrait": ["p.png"], "audio": ["a.wav"], "prompt": ["x" * (20 * 2**20)]})
+    pq.write_table(one, tmp_path / "prompt.parquet", compression="zstd")
+    # 64 rows sharing one 1 MiB prompt through a dictionary: the footer says 1 MB, the rows would hold 64 MB. Written
+    # without the Arrow schema, so a reader decodes it as plain text unless it keeps the dictionary.
+    n = 64
+    shared = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array(["y" * 2**20]))
+    table = pa.table({"id": [str(i) for i in range(n)], "portrait": ["p.png"] * n, "audio": ["a.wav"] * n,
+                      "prompt": shared})  # fmt: skip
+    pq.write_table(table, tmp_path / "shared.parquet", compression="zstd", dictionary_pagesize_limit=4 * 2**20,
+                   store_schema=False)  # fmt: skip
+    assert pq.ParquetFile(tmp_path / "shared.parquet").schema_arrow.field("prompt").type == pa.string()
+    for name in ("prompt.parquet", "shared.parquet"):
+        assert (tmp_path / name).stat().st_size < 30_000  # small files ...
+    pipeline = PipelineSettings(limits=LimitSettings(max_manifest_bytes=4 * 2**20))
+    with TestClient(create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False)) as c:
+        for name, decoded in (("prompt.parquet", 20 * 2**20), ("shared.parquet", 64 * 2**20)):
+            response = c.post("/v1/jobs", json={"manifest": str(tmp_path / name)})
+            # ... refused like a manifest over the size limit, before their rows are built
+            assert response.status_code == 413 and response.json()["field"] == "manifest", (name, response.json())
+            error = response.json()["error"]
+            assert "rows decode to" in error and int(error.split("decode to ")[1].split()[0]) >= decoded, error
+        # A manifest of text, numbers and lists of numbers (a step plan) reads as before; a list of text is refused.
+        ok = pa.table({"id": ["a"], "portrait": ["/in/p.png"], "audio": ["/in/a.wav"], "steps": [[4, 2]]})
+        pq.write_table(ok, tmp_path / "ok.parquet")
+        assert c.post("/v1/jobs", json={"manifest": str(tmp_path / "ok.parquet")}).status_code == 202
+        tags = ok.append_column("tags", pa.array([["x", "y"]]))
+        pq.write_table(tags, tmp_path / "tags.parquet")
+        response = c.post("/v1/jobs", json={"manifest": str(tmp_path / "tags.parquet")})
+        assert response.status_code == 422 and "column 'tags'" in response.json()["error"], response.json()
+
+
 def test_manifest_bounded_by_its_size(tmp_path):
     manifest = tmp_path / "big.jsonl"
     manifest.write_text(json.dumps({"id": "a", "portrait": "p.png", "audio": "a.wav", "prompt": "x" * 3000}) + "\n")
