@@ -29,6 +29,7 @@ import io
 import json
 import math
 import posixpath
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -107,9 +108,19 @@ def _too_many(uri: str, count: int, limit: float) -> None:
         raise TooManyRows(uri, count, int(limit))
 
 
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text` one at a time (a list of them all would cost the memory the row limit bounds)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
+
+
 def _read_jsonl(data: bytes, uri: str, limit: float) -> list[dict[str, Any] | str]:
     rows: list[dict[str, Any] | str] = []
-    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(_lines(data.decode("utf-8-sig")), start=1):
         if not line.strip():
             continue
         _too_many(uri, len(rows) + 1, limit)

@@ -254,7 +254,9 @@ def test_parquet_manifest_bounded_by_what_it_decodes_to(tmp_path):
     for name in ("prompt.parquet", "shared.parquet"):
         assert (tmp_path / name).stat().st_size < 30_000  # small files ...
     pipeline = PipelineSettings(limits=LimitSettings(max_manifest_bytes=4 * 2**20))
-    with TestClient(create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False)) as c:
+    with TestClient(
+        create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False), base_url="http://127.0.0.1"
+    ) as c:
         for name, decoded in (("prompt.parquet", 20 * 2**20), ("shared.parquet", 64 * 2**20)):
             response = c.post("/v1/jobs", json={"manifest": str(tmp_path / name)})
             # ... refused like a manifest over the size limit, before their rows are built
@@ -458,7 +460,9 @@ def test_files_inside_a_checkpoint_are_read_confined_and_bounded(tmp_path):
         (inputs / name).mkdir()
         make(inputs / name / "config.json")
     for roots in ([str(inputs)], []):
-        with TestClient(create_app(make_settings(tmp_path, input_roots=roots), run_jobs=False)) as c:
+        with TestClient(
+            create_app(make_settings(tmp_path, input_roots=roots), run_jobs=False), base_url="http://127.0.0.1"
+        ) as c:
             answers = {}
 
             def submit(name, answers=answers):
@@ -518,7 +522,7 @@ def test_an_oversized_checkpoint_config_on_s3_is_refused_without_reading_it_whol
     settings = make_settings(tmp_path, input_roots=[f"{s3_bucket}/in"], pipeline=PipelineSettings(storage=storage))
     row = {"id": "a", "portrait": f"{s3_bucket}/in/p.png", "audio": f"{s3_bucket}/in/a.wav"}
     try:
-        with TestClient(create_app(settings, run_jobs=False)) as c:
+        with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
             response = c.post("/v1/jobs", json={"rows": [row], "options": {"checkpoint": f"{s3_bucket}/in/model"}})
     finally:
         forwarder.close()
@@ -884,7 +888,9 @@ def test_a_job_keeps_the_model_it_was_checked_for(tmp_path):
     row = {"id": "a", **media(tmp_path / "in")}
 
     def submit(pipeline: PipelineSettings) -> str:
-        with TestClient(create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False)) as c:
+        with TestClient(
+            create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False), base_url="http://127.0.0.1"
+        ) as c:
             response = c.post("/v1/jobs", json={"rows": [row]})
             assert response.status_code == 202, response.json()
             return response.json()["job_id"]
@@ -892,7 +898,7 @@ def test_a_job_keeps_the_model_it_was_checked_for(tmp_path):
     with_checkpoint = submit(PipelineSettings(checkpoint=str(first)))
     bundled = submit(PipelineSettings())
     restarted = make_settings(tmp_path, pipeline=PipelineSettings(checkpoint=str(second), preset="wan2.1-1.3b"))
-    with TestClient(create_app(restarted, run_jobs=False)) as c:
+    with TestClient(create_app(restarted, run_jobs=False), base_url="http://127.0.0.1") as c:
         manager = c.app.state.manager
         for job_id, checkpoint, preset in ((with_checkpoint, str(first), None), (bundled, None, "tiny")):
             spec = manager._spec_to_run(manager.store.get(job_id))
