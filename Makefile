@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 SYSTAMP := $(VENV)/.system-stamp
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=20
 
 .PHONY: install system-deps vendor-js console-screenshots lint test demo examples train-tiny eval-tiny eval-tiny-stages ablation-mci-off bench-long bench-pipeline bench-service bench-gpu bench-batching clean
 
@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests drive for real: prometheus (scrapes the service in the metrics test) and chromium with
-# its driver (headless, drives the web console in tests/test_console.py through Playwright).
+# Debian packages the tests drive for real: prometheus (scrapes the service in the metrics test) and chromium
+# (headless, drives the web console in tests/test_console.py through Playwright, which talks to it directly: no
+# WebDriver).
 $(SYSTAMP):
 	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@mkdir -p $(VENV) && touch $@
 
 system-deps: $(SYSTAMP)
@@ -116,6 +117,8 @@ bench-gpu: install
 # One render actor at 1, 2, 4, 8 rows in flight (the bundled model, this machine): docs/performance.md.
 bench-batching: install
 	$(PY) benchmarks/actor_batching.py --rows 8 --seconds 4 --batch 1,2,4,8 --out docs/perf/cpu-actor-batching.json
+	$(PY) benchmarks/actor_batching.py --rows 8 --seconds 4 --batch 1,2,4,8 --overlap on \
+		--out docs/perf/cpu-actor-batching-overlap.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -5,13 +5,13 @@
 Every client error is a 4xx with a JSON body `{"error", "field", "problems"}` naming the offending field;
 an over-limit submission is 413 (request or manifest bytes) or 429 (rows, pending jobs); an output that
 overlaps another job's is 409. A bearer token, when set, guards every /v1 route; /healthz and /metrics stay
-open for probes and scrapers. The web console for people (`/console`, deploy/console.py) is part of the same
-app and follows the same token rule.
+open for probes and scrapers. A request naming a host the service does not answer to (`allowed_hosts`; without a
+token only the loopback names) is a 400 before any route runs (deploy/auth.py). The web console for people
+(`/console`, deploy/console.py) is part of the same app and follows the same rules.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -23,18 +23,27 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deploy.auth import HostCheck, has_bearer_token
 from deploy.console import mount_console
 from deploy.history import ThroughputHistory
 from deploy.jobs import JobManager, SubmitError
 from deploy.metrics import ServiceMetrics
-from deploy.schemas import ErrorBody, FieldProblem, JobAccepted, JobList, JobRequest, JobStatus, RowList
+from deploy.schemas import (
+    MAX_LIST_OFFSET,
+    ErrorBody,
+    FieldProblem,
+    JobAccepted,
+    JobList,
+    JobRequest,
+    JobStatus,
+    RowList,
+)
 from deploy.settings import ServiceSettings
 from deploy.store import JobStore
 
 log = logging.getLogger(__name__)
 
 ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 422, 429)}
-MAX_LIST_OFFSET = 1_000_000_000  # far past any store's job count; larger values are a 422, not a database error
 
 
 def _error(status: int, error: str, field: str | None = None, problems: list[FieldProblem] | None = None):
@@ -109,6 +118,7 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
         try:
             yield
         finally:
+            close_console()
             metrics.history.stop()
             manager.stop()
             store.close()
@@ -125,14 +135,12 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
         max_bytes=settings.max_request_bytes,
         on_reject=lambda: metrics.requests_rejected.labels("413").inc(),
     )
+    app.add_middleware(HostCheck, allowed_hosts=settings.effective_allowed_hosts())  # outermost: before the body
 
-    token = settings.auth_token.get_secret_value().encode() if settings.auth_token else None
+    token = settings.bearer_token
 
     async def require_token(request: Request) -> None:
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+        if token is not None and not has_bearer_token(request, token):
             raise HTTPException(401, "missing or wrong bearer token")
 
     @app.exception_handler(RequestValidationError)
@@ -169,8 +177,9 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
             raise error
 
     guarded = [Depends(require_token)]
-    # Reads answer from sqlite in well under a millisecond, so they run on the event loop (`async def`):
-    # a thread-pool hop would cost more than the query. Submission may read a manifest, so it stays sync.
+    # Reads answer from sqlite in well under a millisecond (a job's status parses its small request; its checked
+    # rows, megabytes for a big job, live in their own table and are read only to run it), so they run on the event
+    # loop (`async def`): a thread-pool hop would cost more than the query. Submission may read a manifest: sync.
 
     @app.post("/v1/jobs", status_code=202, response_model=JobAccepted, dependencies=guarded, responses=ERROR_RESPONSES)
     def submit_job(request: JobRequest) -> JobAccepted:
@@ -215,5 +224,5 @@ def create_app(settings: ServiceSettings, *, run_jobs: bool = True) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    mount_console(app, manager, metrics.history, settings)
+    close_console = mount_console(app, manager, metrics.history, settings)
     return app

@@ -8,13 +8,16 @@ status, error, duration, frames, quality metrics, a thumbnail strip and a link t
 The one script, deploy/static/console.js, refreshes the page while a job runs and draws the charts with uPlot
 (vendored under deploy/static/vendor, `make vendor-js`); without it the pages still work and reload themselves.
 
-Auth follows the API's rule: when the service has a token (it must, unless bound to loopback), every console
-route asks for it, as a bearer header or as the session cookie the login form sets (an HMAC of the token,
-HttpOnly, SameSite=Lax, path /console). Every form also carries a CSRF token derived from a per-process
-secret, so that no other web site can make a browser submit or cancel jobs, not even on a loopback service
-without a token. Submissions go through `JobManager.submit` exactly as a JSON one does: an uploaded manifest
-(`.jsonl` or `.csv`, within the request-size limit) becomes inline rows, whose media are confined to the input
-roots like any other.
+Auth follows the API's rules (deploy/auth.py). When the service has a token (it must, unless bound to loopback),
+every console route asks for it, as a bearer header or as the session cookie the login form sets (its issue time
+signed with a key derived from the token, HttpOnly, SameSite=Lax, path /console, `Secure` over https or behind a
+TLS proxy; it stops working after `console.session_hours`, and logging out revokes it in this process). Every
+form carries a CSRF token derived from a per-process secret and is refused when the browser says it was posted
+from another origin. Without a token, the service answers only to the loopback host names, so a web page whose
+DNS name is rebound to 127.0.0.1 cannot read the console or post to it; any local program can, which is what a
+loopback service without a token means. Submissions go through `JobManager.submit` exactly as a JSON one does:
+an uploaded manifest (`.jsonl` or `.csv`, within the request-size and row limits) becomes inline rows, whose
+media are confined to the input roots like any other.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
@@ -37,13 +42,14 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from deploy.auth import has_bearer_token, is_same_origin
 from deploy.history import ThroughputHistory
 from deploy.jobs import TERMINAL_STATES, JobManager, SubmitError
-from deploy.schemas import JobRequest
+from deploy.schemas import MAX_LIST_OFFSET, JobRequest
 from deploy.settings import ServiceSettings
-from deploy.thumbnails import ThumbnailCache
-from pipeline.events import OK_STATUSES, RowResult
-from pipeline.manifest import read_manifest
+from deploy.thumbnails import ThumbnailCache, ThumbnailsBusy
+from pipeline.events import OK_STATUSES, RowResult, RowStatus
+from pipeline.manifest import TooManyRows, read_manifest
 from pipeline.storage import ObjectStore
 from pipeline.uri import confine
 
@@ -51,10 +57,11 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "avatar_render_session"
 UPLOAD_FORMATS = (".jsonl", ".csv")  # text manifests: their memory is bounded by their bytes
 JOBS_PER_PAGE = 50
-MAX_OFFSET = 1_000_000_000  # paging past any store's size; more is a 422, not a database error
+MAX_REVOKED_SESSIONS = 10_000  # sessions ended by logging out, remembered until they would have expired anyway
 ERROR_CHARS = 200  # a row's error in the table: its first line, this long at most (the whole text on hover)
 REFRESH_ACTIVE_S = 2  # while a job is queued or running
 REFRESH_IDLE_S = 15  # the job list, so that a job submitted elsewhere shows up
+THUMBNAIL_RETRY_S = 2  # Retry-After of a thumbnail refused because too many are waiting to be made
 
 
 class ConsoleRefused(Exception):
@@ -65,8 +72,12 @@ class ConsoleRefused(Exception):
         self.status, self.reason, self.login_next = status, reason, login_next
 
 
-def mount_console(app: FastAPI, manager: JobManager, history: ThroughputHistory, settings: ServiceSettings) -> None:
-    app.include_router(_router(manager, history, settings))
+def mount_console(
+    app: FastAPI, manager: JobManager, history: ThroughputHistory, settings: ServiceSettings
+) -> Callable[[], None]:
+    """Add the console's routes to `app`; returns what to call when the app stops."""
+    router, close = _router(manager, history, settings)
+    app.include_router(router)
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
 
     @app.exception_handler(ConsoleRefused)
@@ -75,8 +86,12 @@ def mount_console(app: FastAPI, manager: JobManager, history: ThroughputHistory,
             return RedirectResponse(f"/console/login?next={quote(exc.login_next)}", status_code=303)
         return PlainTextResponse(exc.reason, status_code=exc.status)
 
+    return close
 
-def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSettings) -> APIRouter:
+
+def _router(
+    manager: JobManager, history: ThroughputHistory, settings: ServiceSettings
+) -> tuple[APIRouter, Callable[[], None]]:
     router = APIRouter(include_in_schema=False)
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(
@@ -89,18 +104,38 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
         store,
         height=console.thumbnail_height,
         max_bytes=console.thumbnail_cache_bytes,
+        max_waiting=console.thumbnails_waiting,
     )
-    token = settings.auth_token.get_secret_value().encode() if settings.auth_token else None
-    session_value = hmac.new(token, b"avatar-render console session", hashlib.sha256).hexdigest() if token else ""
+    token = settings.bearer_token
+    # A session cookie is "<issued at>.<nonce>.<signature>", signed with a key derived from the token: changing the
+    # token ends every session, and a cookie stops working session_hours after it was issued.
+    session_key = hmac.new(token, b"avatar-render console session", hashlib.sha256).digest() if token else b""
+    session_s = round(console.session_hours * 3600)
+    revoked: dict[str, float] = {}  # cookies ended by logging out -> when they would have expired anyway
     csrf_token = hmac.new(secrets.token_bytes(32), b"avatar-render console form", hashlib.sha256).hexdigest()
 
+    def sign(payload: str) -> str:
+        return hmac.new(session_key, payload.encode(), hashlib.sha256).hexdigest()
+
+    def new_session() -> str:
+        payload = f"{int(time.time())}.{secrets.token_hex(8)}"
+        return f"{payload}.{sign(payload)}"
+
+    def session_expiry(cookie: str) -> float | None:
+        """When a session cookie this service issued expires; None if it did not issue it, or it ended."""
+        payload, _, signature = cookie.rpartition(".")
+        issued = payload.partition(".")[0]
+        if not issued.isdigit() or len(issued) > 12:
+            return None
+        if not hmac.compare_digest(signature.encode(), sign(payload).encode()):
+            return None
+        expires = int(issued) + session_s
+        return expires if time.time() < expires and cookie not in revoked else None
+
     def signed_in(request: Request) -> bool:
-        if token is None:
+        if token is None or has_bearer_token(request, token):
             return True
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token):
-            return True
-        return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), session_value.encode())
+        return session_expiry(request.cookies.get(SESSION_COOKIE, "")) is not None
 
     def require_session(request: Request, *, page: bool = True) -> None:
         """A page (GET) without a session goes to the login form; anything else is a 401."""
@@ -111,9 +146,14 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
             raise ConsoleRefused(401, "log in", login_next=path)
         raise ConsoleRefused(401, "log in to the console, or send the bearer token")
 
+    def require_same_origin(request: Request) -> None:
+        if not is_same_origin(request):
+            raise ConsoleRefused(403, "this form was posted from another site")
+
     async def checked_form(request: Request, *, max_files: int = 0):
         """The form of a console POST: signed in (checked before the body is read) and carrying the CSRF token."""
         require_session(request, page=False)
+        require_same_origin(request)
         form = await request.form(max_files=max_files, max_fields=8)
         given = form.get("csrf")
         if not isinstance(given, str) or not hmac.compare_digest(given.encode(), csrf_token.encode()):
@@ -166,6 +206,7 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
 
     @router.post("/console/login")
     async def login(request: Request):
+        require_same_origin(request)
         form = await request.form(max_files=0, max_fields=4)
         next_path = _safe_next(str(form.get("next") or "/console"))
         given = form.get("token")
@@ -176,10 +217,11 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
         response = RedirectResponse(next_path, status_code=303)
         response.set_cookie(
             SESSION_COOKIE,
-            session_value,
+            new_session(),
+            max_age=session_s,
             httponly=True,
             samesite="lax",  # sent when a link is followed from elsewhere, never with another site's POST
-            secure=request.url.scheme == "https",
+            secure=console.behind_tls or request.url.scheme == "https",
             path="/console",
         )
         return response
@@ -187,12 +229,21 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
     @router.post("/console/logout")
     async def logout(request: Request):
         await checked_form(request)
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        expires = session_expiry(cookie)
+        if expires is not None:  # a copy of the cookie stops working too (in this process: a restart forgets)
+            now = time.time()
+            for ended in [c for c, t in revoked.items() if t <= now]:
+                del revoked[ended]
+            if len(revoked) >= MAX_REVOKED_SESSIONS:  # the oldest revocation is forgotten first
+                del revoked[next(iter(revoked))]
+            revoked[cookie] = expires
         response = RedirectResponse("/console/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/console")
         return response
 
     @router.get("/console")
-    async def jobs(request: Request, offset: int = Query(default=0, ge=0, le=MAX_OFFSET)):
+    async def jobs(request: Request, offset: int = Query(default=0, ge=0, le=MAX_LIST_OFFSET)):
         require_session(request)
         return jobs_page(request, offset=offset)
 
@@ -208,7 +259,7 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
             if (upload is None) == (not manifest):
                 raise SubmitError(422, "manifest", "give a manifest URI or upload a manifest file, not both")
             if upload is not None:
-                rows = await _uploaded_rows(upload, settings.max_request_bytes)
+                rows = await _uploaded_rows(upload, settings.max_request_bytes, settings.max_rows_per_job)
                 job_request = JobRequest(rows=rows, output=output)
             else:
                 job_request = JobRequest(manifest=manifest, output=output)
@@ -231,7 +282,10 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
 
     @router.get("/console/jobs/{job_id}")
     async def job_page(
-        request: Request, job_id: str, status: str | None = None, offset: int = Query(default=0, ge=0, le=MAX_OFFSET)
+        request: Request,
+        job_id: str,
+        status: RowStatus | None = None,
+        offset: int = Query(default=0, ge=0, le=MAX_LIST_OFFSET),
     ):
         require_session(request)
         job = manager.status(job_id)
@@ -240,7 +294,7 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
         rows = manager.rows(job_id) or []
         statuses = sorted({row.status.value for row in rows})
         if status:
-            rows = [row for row in rows if row.status.value == status]
+            rows = [row for row in rows if row.status == status]
         per_page = console.rows_per_page
         return page(
             request,
@@ -250,7 +304,7 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
             rows_shown=len(rows),
             offset=offset,
             per_page=per_page,
-            status_filter=status or "",
+            status_filter=status.value if status else "",
             statuses=statuses,
             ok_statuses={s.value for s in OK_STATUSES},
             refresh=REFRESH_ACTIVE_S if job.state not in TERMINAL_STATES else 0,
@@ -265,15 +319,19 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
         return RedirectResponse(f"/console/jobs/{quote(job_id)}", status_code=303)
 
     @router.get("/console/jobs/{job_id}/thumbnail")
-    def thumbnail(request: Request, job_id: str, row: str):
+    async def thumbnail(request: Request, job_id: str, row: str):
         require_session(request, page=False)
         found = row_output(job_id, row)
         if found is None:
             return Response(status_code=404)
         try:
-            data = thumbnails.strip(job_id, *found)
+            data = await thumbnails.strip(job_id, *found)
+        except ThumbnailsBusy:
+            return Response(status_code=503, headers={"Retry-After": str(THUMBNAIL_RETRY_S)})
         except (OSError, ValueError):  # the video went missing or cannot be read: no strip, the page stays
             return Response(status_code=404)
+        except (BotoCoreError, ClientError):  # the store cannot sign or serve it (credentials, endpoint)
+            return Response(status_code=502)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @router.get("/console/jobs/{job_id}/video")
@@ -284,37 +342,47 @@ def _router(manager: JobManager, history: ThroughputHistory, settings: ServiceSe
             return not_found(request, f"no video for row {row!r} of job {job_id!r}")
         _, uri = found
         if uri.startswith("s3://"):
-            return RedirectResponse(store.presigned_url(uri, expires_s=900), status_code=307)
+            try:
+                url = store.presigned_url(uri, expires_s=900)
+            except (BotoCoreError, ClientError) as err:
+                message = f"the object store cannot give a link to this video: {one_line(str(err))}"
+                return page(request, "message.html", 502, title="Storage unavailable", message=message, refresh=0)
+            return RedirectResponse(url, status_code=307)
         path = uri.removeprefix("file://")
         if not os.path.isfile(path):
             return not_found(request, f"the video of row {row!r} is gone")
         return FileResponse(path, media_type="video/mp4")
 
-    return router
+    return router, thumbnails.close
 
 
-async def _uploaded_rows(upload: UploadFile, max_bytes: int) -> list[dict]:
-    """An uploaded manifest's rows, read by the pipeline's own reader; a line it cannot parse refuses the upload
-    (the person is there to fix it)."""
+async def _uploaded_rows(upload: UploadFile, max_bytes: int, max_rows: int) -> list[dict]:
+    """An uploaded manifest's rows, read by the pipeline's own reader, which stops after `max_rows` (429); a line
+    it cannot parse refuses the upload (the person is there to fix it)."""
     ext = os.path.splitext(upload.filename or "")[1].lower()
     if ext not in UPLOAD_FORMATS:
         raise SubmitError(422, "upload", f"upload a {' or '.join(UPLOAD_FORMATS)} manifest (Parquet: give its URI)")
     data = await upload.read(max_bytes + 1)  # the body limit already bounds it; this bounds the read anyway
     if len(data) > max_bytes:
         raise SubmitError(413, "upload", f"manifest over {max_bytes} bytes")
-    return await run_in_threadpool(_parse_upload, data, ext, upload.filename)
+    return await run_in_threadpool(_parse_upload, data, ext, upload.filename, max_rows)
 
 
-def _parse_upload(data: bytes, ext: str, filename: str) -> list[dict]:
+def _parse_upload(data: bytes, ext: str, filename: str, max_rows: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="avatar-upload-") as tmp:
         path = os.path.join(tmp, "manifest" + ext)
         with open(path, "wb") as f:
             f.write(data)
+
+        def reason(err: Exception) -> str:  # named by the uploaded file's name, not the temporary path
+            return str(err).replace("file://" + path, filename).replace(path, filename)
+
         try:
-            rows = read_manifest(path, ObjectStore())
+            rows = read_manifest(path, ObjectStore(), max_rows=max_rows)
+        except TooManyRows as err:
+            raise SubmitError(429, "upload", reason(err)) from None
         except (ValueError, UnicodeDecodeError) as err:
-            reason = str(err).replace("file://" + path, filename).replace(path, filename)
-            raise SubmitError(422, "upload", f"cannot read the manifest: {reason}") from None
+            raise SubmitError(422, "upload", f"cannot read the manifest: {reason(err)}") from None
     problems = [row for row in rows if isinstance(row, str)]
     if problems:
         raise SubmitError(422, "upload", problems[0])

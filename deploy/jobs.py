@@ -5,10 +5,12 @@ flight and their frames so far) lives here. Jobs outlive the service: on start, 
 queued again and run to the end; the pipeline skips rows already rendered and resumes rows from their last
 stored segment, so nothing is rendered twice.
 
-Submission checks a job completely and once: its options are validated into the job's settings, its
-manifest is read (bounded) and every row validated into the `RowTask`s the pipeline will run, each input
-URI normalised exactly as it will be read and confined to the input roots; those tasks are what the store
-keeps and what the job runs, so rewriting the manifest after the 202 changes nothing.
+Submission checks a job completely and once: its options are validated into the job's settings, its model
+is fixed (the service's checkpoint or preset written into the job's options, so a restart with another model
+configured does not resume its rows with that one), its manifest is read (bounded) and every row validated
+into the `RowTask`s the pipeline will run, each input URI normalised exactly as it will be read and confined
+to the input roots; those tasks are what the store keeps (apart from the request, read only to run the job)
+and what the job runs, so rewriting the manifest after the 202 changes nothing.
 """
 
 from __future__ import annotations
@@ -133,12 +135,11 @@ class JobManager:
             force=request.force,
             options=self._checked_options(request.options),
         )
-        tasks = self._checked_tasks(spec)
+        tasks = self._checked_tasks(spec, checkpoint_from_job=request.options.get("checkpoint") is not None)
         record = JobRecord(
             job_id=job_id,
             request={
-                "manifest": manifest,  # shown in the job's status; the job runs `tasks`, never the file again
-                "tasks": [task.model_dump(mode="json") for task in tasks],
+                "manifest": manifest,  # shown in the job's status; the job runs its tasks, never the file again
                 "output": spec.output,
                 "actors": spec.actors,
                 "force": spec.force,
@@ -153,7 +154,7 @@ class JobManager:
             if unfinished["queued"] + unfinished["running"] >= limits.max_pending_jobs:
                 raise SubmitError(429, "job", f"{limits.max_pending_jobs} jobs are already pending; retry later")
             self._check_output_is_its_own(spec.output)
-            self.store.add(record)
+            self.store.add(record, tasks=[task.model_dump(mode="json") for task in tasks])
         self.metrics.jobs_submitted.inc()
         with self._wake:
             self._queue.append(job_id)
@@ -326,15 +327,19 @@ class JobManager:
 
     def _spec_to_run(self, job: JobRecord) -> JobSpec:
         request = dict(job.request)
-        if "tasks" not in request:  # stored by a service before submissions kept their checked rows
+        tasks = self.store.tasks(job.job_id)
+        if tasks is None:  # stored by a service before submissions kept their checked rows
             spec = JobSpec(job_id=job.job_id, **request)
-            return spec.model_copy(update={"tasks": self._checked_tasks(spec), "manifest": None, "rows": None})
+            checked = self._checked_tasks(spec, checkpoint_from_job=spec.options.get("checkpoint") is not None)
+            return spec.model_copy(update={"tasks": checked, "manifest": None, "rows": None})
         request.pop("manifest", None)
-        return JobSpec(job_id=job.job_id, **request)
+        return JobSpec(job_id=job.job_id, tasks=tasks, **request)
 
     def _checked_options(self, options: dict) -> dict:
         """Only known options; a checkpoint is an input, confined like the others and kept as what it resolves to
-        (the values are validated with the job's settings, in _job_settings)."""
+        (the values are validated with the job's settings, in _job_settings). Without one, the service's model is
+        written in (its checkpoint, resolved; or none and its preset): the job runs with that model whatever the
+        service is configured with when it resumes, since its rows' stored segments are that model's."""
         unknown = sorted(set(options) - JOB_OPTIONS)
         if unknown:
             raise SubmitError(422, f"options.{unknown[0]}", f"unknown job option; allowed: {sorted(JOB_OPTIONS)}")
@@ -342,14 +347,24 @@ class JobManager:
         if options.get("checkpoint") is not None:  # whether it holds a checkpoint: _model_preset reads its config
             uri = self._confine_input("options.checkpoint", options["checkpoint"])
             options["checkpoint"] = uri.removeprefix("file://")  # a local directory, or an s3:// prefix
+        elif "checkpoint" not in options and self.settings.pipeline.checkpoint:
+            try:
+                options["checkpoint"] = normalize_uri(self.settings.pipeline.checkpoint).removeprefix("file://")
+            except ValueError as err:
+                raise SubmitError(422, "options.checkpoint", f"the service's checkpoint: {err}") from None
+        else:
+            options["checkpoint"] = None  # not the one a later configuration names
+            options.setdefault("preset", self.settings.pipeline.preset)
         return options
 
-    def _checked_tasks(self, spec: JobSpec) -> list[RowTask]:
-        """The rows the job will run: read, validated and confined, or a SubmitError."""
+    def _checked_tasks(self, spec: JobSpec, *, checkpoint_from_job: bool) -> list[RowTask]:
+        """The rows the job will run: read, validated and confined, or a SubmitError. A checkpoint the job named
+        is read confined to the input roots (the service's own, from its settings, is the operator's)."""
         settings = self._job_settings(spec)
         field_prefix = "rows" if spec.rows is not None else "manifest.rows"
+        roots = self.settings.input_roots if checkpoint_from_job else None
         try:
-            preset = self._model_preset(settings)
+            preset = self._model_preset(settings, roots)
             store = ObjectStore(settings.storage)
             tasks = plan_tasks(spec, settings, preset, store, max_rows=self.settings.max_rows_per_job)
         except TooManyRows as err:
@@ -366,10 +381,10 @@ class JobManager:
                         self._confine_input(f"{field_prefix}.{task.index}.{column}", uri)
         return tasks
 
-    def _model_preset(self, settings: PipelineSettings) -> Preset:
+    def _model_preset(self, settings: PipelineSettings, roots: list[str] | None) -> Preset:
         """The preset the job's rows are validated for: its checkpoint's own (read from config.json)."""
         try:
-            return model_preset(settings)
+            return model_preset(settings, roots or None)
         except Exception as err:  # not a checkpoint's config, or a model without its encoders: found now
             if settings.checkpoint:
                 raise SubmitError(422, "options.checkpoint", f"cannot use the checkpoint: {err}") from None

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from deploy.store import JobState
 from pipeline.events import RowResult
 
+MAX_LIST_OFFSET = 1_000_000_000  # paging past any store's size (API and console); more is a 422, not a database error
+
 
 class JobRequest(BaseModel):
     """Submit either a manifest URI or inline rows (exactly one). Rows use the manifest's columns:

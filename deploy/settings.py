@@ -27,7 +27,12 @@ class ConsoleSettings(BaseModel):
     throughput_hours: float = Field(default=6.0, gt=0, le=48)  # how far back the chart reaches (kept in memory)
     thumbnail_height: int = Field(default=96, ge=16, le=360)  # pixels; a strip is three frames side by side
     thumbnail_cache_bytes: int = Field(default=64 * MIB, ge=0)  # on disk under <state_dir>/thumbnails, LRU
+    thumbnails_waiting: int = Field(default=64, ge=0, le=10_000)  # strips waiting for an ffmpeg turn; more: 503
     rows_per_page: int = Field(default=100, ge=1, le=1000)
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)  # a login lasts this long, then the form again
+    # Reached over https through a proxy that terminates TLS: the session cookie is always `Secure` (without it,
+    # only when the request itself is https).
+    behind_tls: bool = False
 
 
 class ServiceSettings(BaseSettings):
@@ -39,6 +44,10 @@ class ServiceSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     # Bearer token for every /v1 route. Required unless `host` is a loopback address.
     auth_token: SecretStr | None = None
+    # Host names (the Host header, any port) the service answers to; `*.example.com` matches its subdomains.
+    # Unset: without a token only localhost, 127.0.0.1 and [::1] (so that a web page whose DNS name is rebound
+    # to 127.0.0.1 cannot drive a tokenless service from a browser); with a token any name.
+    allowed_hosts: list[str] | None = None
     state_dir: Path = Path("service-state")  # the job store lives here; keep it on a persistent volume
     # Where jobs may write: URI prefixes (`file:///data/out`, `s3://bucket/renders`). Empty: only under
     # `<state_dir>/outputs`. A job's output must lie under one of them.
@@ -60,6 +69,19 @@ class ServiceSettings(BaseSettings):
         return self.pipeline.limits.max_audio_seconds
 
     @property
+    def bearer_token(self) -> bytes | None:
+        """The token every guarded request must present, or None when the service has none."""
+        secret = self.auth_token.get_secret_value() if self.auth_token else ""
+        return secret.encode() if secret else None
+
+    def effective_allowed_hosts(self) -> list[str]:
+        if self.allowed_hosts is not None:
+            return list(self.allowed_hosts)
+        if self.bearer_token is not None:
+            return ["*"]
+        return list(dict.fromkeys(["localhost", "127.0.0.1", "[::1]", self.host]))
+
+    @property
     def is_loopback(self) -> bool:
         if self.host == "localhost":
             return True
@@ -74,6 +96,11 @@ class ServiceSettings(BaseSettings):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address, so the service requires a bearer token: "
                 "set AVATAR_RENDER_AUTH_TOKEN (or --token), or bind to 127.0.0.1"
+            )
+        if self.bearer_token is None and "*" in (self.allowed_hosts or []):
+            raise ValueError(
+                "allowed_hosts '*' without a token would let any web page a local browser opens drive the service "
+                "(DNS rebinding): name the hosts, or set AVATAR_RENDER_AUTH_TOKEN"
             )
         return self
 

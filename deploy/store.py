@@ -1,7 +1,9 @@
 """The persistent job store: one sqlite file in the service's state dir.
 
 Jobs outlive the service: a job's request, state and every finished row are written here as they happen, so a
-restarted service lists the same jobs and re-queues the ones that had not finished. One store owns a state dir
+restarted service lists the same jobs and re-queues the ones that had not finished. A job's checked rows (its
+tasks, up to thousands) live in a table of their own, read only when the job runs: status and list reads parse
+the small request alone. One store owns a state dir
 at a time: it holds an exclusive lock on `<state_dir>/service.lock` while open, and a second store (a second
 service on the same directory) refuses to open (StateDirLocked) instead of running the same jobs twice.
 """
@@ -56,6 +58,10 @@ CREATE TABLE IF NOT EXISTS rows (
     rows_in_batch INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, row_id)
 );
+CREATE TABLE IF NOT EXISTS job_tasks (
+    job_id TEXT PRIMARY KEY,
+    tasks TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 """
 
@@ -72,7 +78,7 @@ class JobOutput(BaseModel):
 
 class JobRecord(BaseModel):
     job_id: str
-    request: dict  # the accepted submission, confined URIs filled in: what a restart runs again
+    request: dict  # the accepted submission, confined URIs and the model filled in (its tasks: JobStore.tasks)
     state: JobState
     created: float
     started: float | None = None
@@ -123,7 +129,15 @@ class JobStore:
                 "rows_in_batch": "INTEGER NOT NULL DEFAULT 0",
             },
         )
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self._db.executescript(_SCHEMA)
+        if "jobs" in tables and "job_tasks" not in tables:  # a store that kept the tasks inside the request
+            self._db.executescript(
+                "BEGIN; INSERT INTO job_tasks (job_id, tasks) SELECT job_id, json_extract(request, '$.tasks') "
+                "FROM jobs WHERE json_type(request, '$.tasks') = 'array'; "
+                "UPDATE jobs SET request = json_remove(request, '$.tasks') WHERE json_type(request, '$.tasks') "
+                "IS NOT NULL; COMMIT;"
+            )
 
     def _add_missing_columns(self, table: str, columns: dict[str, str]) -> list[str]:
         """Columns added since a store was created, added to it; returns those that were missing."""
@@ -138,24 +152,42 @@ class JobStore:
             self._db.close()
             os.close(self._owner)  # releases the state dir
 
-    def add(self, job: JobRecord) -> None:
+    def add(self, job: JobRecord, tasks: list[dict] | None = None) -> None:
+        """A new job, and the rows it will run (`tasks`, kept apart from the request: see `tasks`)."""
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.job_id,
-                    json.dumps(job.request),
-                    job.state,
-                    job.created,
-                    job.started,
-                    job.finished,
-                    job.rows_total,
-                    int(job.cancel_requested),
-                    job.attempts,
-                    job.error,
-                    job.request.get("output"),
-                ),
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    f"INSERT INTO jobs ({_JOB_COLUMNS}, output) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job.job_id,
+                        json.dumps(job.request),
+                        job.state,
+                        job.created,
+                        job.started,
+                        job.finished,
+                        job.rows_total,
+                        int(job.cancel_requested),
+                        job.attempts,
+                        job.error,
+                        job.request.get("output"),
+                    ),
+                )
+                if tasks is not None:
+                    self._db.execute(
+                        "INSERT INTO job_tasks (job_id, tasks) VALUES (?, ?)", (job.job_id, json.dumps(tasks))
+                    )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def tasks(self, job_id: str) -> list[dict] | None:
+        """The rows a job runs, as submission checked them (None: a job stored before submissions kept them). Read
+        only to run a job: a 10,000-row job's tasks are megabytes of JSON that no status read should parse."""
+        with self._lock:
+            row = self._db.execute("SELECT tasks FROM job_tasks WHERE job_id = ?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,6 +235,7 @@ def load_wan_checkpoint(dit: torch.nn.Module, path: str | Path, strict: bool = T
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+MAX_CONFIG_BYTES = 1024 * 1024  # config.json and MANIFEST.json: a few KB each; anything larger is not ours
 
 
 def save_checkpoint(
@@ -258,7 +261,7 @@ def read_checkpoint(directory: str | Path) -> tuple[Preset, dict[str, dict[str, 
     if not config_path.exists():
         raise CheckpointError(f"{directory}: not an avatar-render checkpoint (no {CONFIG_FILE})")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(read_small_file(config_path))
         preset = Preset.model_validate(config.pop("preset"))
     except (ValueError, KeyError) as err:
         raise CheckpointError(
@@ -278,10 +281,10 @@ def read_preset(directory: str | Path) -> Preset:
     config_path = Path(directory) / CONFIG_FILE
     if not config_path.exists():
         raise ModelComponentError(f"{directory}: not an avatar-render checkpoint directory (no {CONFIG_FILE})")
-    return preset_from_config(config_path.read_text(), str(config_path))
+    return preset_from_config(read_small_file(config_path), str(config_path))
 
 
-def preset_from_config(text: str, source: str) -> Preset:
+def preset_from_config(text: str | bytes, source: str) -> Preset:
     """The Preset inside a checkpoint's config.json text; a clear error naming `source` if it is not one."""
     try:
         return Preset.model_validate(json.loads(text)["preset"])
@@ -289,6 +292,38 @@ def preset_from_config(text: str, source: str) -> Preset:
         raise ModelComponentError(
             f"{source}: not a valid avatar-render config ({err}); re-import the checkpoint"
         ) from None
+
+
+def read_small_file(path: str | Path) -> bytes:
+    """A checkpoint's own JSON file (config.json, MANIFEST.json): a regular file of at most MAX_CONFIG_BYTES, opened
+    without blocking, so a FIFO or a device in its place is refused instead of waited on or read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise ModelComponentError(f"{path}: cannot open ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelComponentError(f"{path}: not a regular file")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelComponentError(f"{path}: larger than the limit of {MAX_CONFIG_BYTES} bytes; not a checkpoint's file")
+    return data
+
+
+def check_files_inside(directory: str | Path) -> None:
+    """Every entry of a local checkpoint directory resolves inside it and every file is a regular one: a symbolic
+    link out of the directory (to another tenant's file, to /dev/zero) or a FIFO is one `ModelComponentError`
+    naming it, before anything of the checkpoint is read."""
+    root = os.path.realpath(directory)
+    for parent, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = os.path.join(parent, name)
+            real = os.path.realpath(path)
+            if real != root and not real.startswith(root + os.sep):
+                raise ModelComponentError(f"{path}: leads out of the checkpoint directory {root} (a symbolic link)")
+            if name in files and not os.path.isfile(real):
+                raise ModelComponentError(f"{path}: not a regular file (a FIFO, a device or a broken link)")
 
 
 def load_module_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -350,7 +385,7 @@ def read_manifest(directory: str | Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_small_file(path))
     except ValueError as err:
         raise ModelComponentError(f"{path}: not valid JSON ({err}); re-import the checkpoint") from None
 

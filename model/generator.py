@@ -31,6 +31,7 @@ from model.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    check_files_inside,
     checkpoint_components,
     load_module_strict,
     missing_encoder,
@@ -247,6 +248,7 @@ class AvatarModel:
             return model
         if not (path / CONFIG_FILE).exists():
             raise ModelComponentError(f"{path}: not an avatar-render checkpoint directory (no {CONFIG_FILE})")
+        check_files_inside(path)  # what is read below is the directory's own files, never a link out of it
         verify_checkpoint(path)
         try:
             loaded_preset, modules, _ = read_checkpoint(path)

@@ -31,7 +31,7 @@ from pipeline.events import Event, RowFinished, RowResult, RowStatus, StageTimed
 from pipeline.manifest import RowTask, manifest_dir, read_manifest, validate_rows
 from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
-from pipeline.uri import normalize_uri
+from pipeline.uri import confine, is_under, normalize_uri
 
 POLL_SECONDS = 0.2  # how often the driver reads new events
 EXISTS_CHECKS_IN_FLIGHT = 16  # concurrent existence checks of outputs (S3 HEAD requests)
@@ -133,34 +133,46 @@ def job_settings(spec: JobSpec, settings: PipelineSettings) -> PipelineSettings:
     return type(settings).model_validate({**settings.model_dump(), **update}) if update else settings
 
 
-def model_preset(settings: PipelineSettings) -> Preset:
+def model_preset(settings: PipelineSettings, roots: list[str] | None = None) -> Preset:
     """The preset of the model the render actors load (the choice AvatarModel.load makes): a checkpoint's own,
     read from its config.json without the weights; with no checkpoint, the bundled model's for `tiny`, else the
-    named preset's (a seeded random model). Rows are validated and their inputs decoded for this preset."""
-    from model.checkpoint import read_preset, require_components
+    named preset's (a seeded random model). Rows are validated and their inputs decoded for this preset.
+
+    A checkpoint's config.json is read like any input: through the store, bounded (MAX_CONFIG_BYTES), a FIFO or a
+    device refused, inside the checkpoint (a symbolic link out of it is refused) and, with `roots`, inside them."""
+    from model.checkpoint import MAX_CONFIG_BYTES, preset_from_config, read_preset, require_components
     from model.config import get_preset
     from model.errors import ModelComponentError
     from model.generator import BUNDLED_MODEL
 
-    if settings.checkpoint and settings.checkpoint.startswith("s3://"):
-        from model.checkpoint import CONFIG_FILE, preset_from_config
-
-        uri = f"{settings.checkpoint.rstrip('/')}/{CONFIG_FILE}"
-        try:
-            return preset_from_config(ObjectStore(settings.storage).get_bytes(uri).decode(), uri)
-        except FileNotFoundError:
-            raise ModelComponentError(
-                f"{uri}: missing; the checkpoint must be a directory `avatar-render import` built"
-            ) from None
     if settings.checkpoint:
-        preset = read_preset(settings.checkpoint)
-        require_components(settings.checkpoint, preset)  # fail the job now, not in every actor
+        uri = checkpoint_config_uri(settings.checkpoint, roots)
+        try:
+            preset = preset_from_config(ObjectStore(settings.storage).get_bytes(uri, max_bytes=MAX_CONFIG_BYTES), uri)
+        except FileNotFoundError as err:
+            raise ModelComponentError(
+                f"{err}; the checkpoint must be a directory that training or `avatar-render import` wrote"
+            ) from None
+        if not uri.startswith("s3://"):
+            require_components(settings.checkpoint, preset)  # fail the job now, not in every actor
         return preset
     if settings.preset == "tiny" and (BUNDLED_MODEL / "config.json").exists():
         return read_preset(BUNDLED_MODEL)
     preset = get_preset(settings.preset)
     require_components(None, preset)
     return preset
+
+
+def checkpoint_config_uri(checkpoint: str, roots: list[str] | None = None) -> str:
+    """The URI of a checkpoint's config.json as it will be read: inside the checkpoint directory and, with `roots`,
+    inside one of them; ValueError otherwise."""
+    from model.checkpoint import CONFIG_FILE
+
+    directory = normalize_uri(checkpoint)
+    uri = normalize_uri(f"{directory.rstrip('/')}/{CONFIG_FILE}")
+    if not is_under(uri, directory):
+        raise ValueError(f"{checkpoint}: its {CONFIG_FILE} leads out of the checkpoint directory (a symbolic link)")
+    return confine(uri, roots) if roots else uri
 
 
 def plan_tasks(

@@ -13,7 +13,12 @@ such as `seeed` is never silently ignored, while a CSV column left empty on a ro
 Only an unreadable manifest (missing, unknown format, over its limits) fails the whole job.
 
 Reading is bounded before anything is allocated: the object by `max_bytes` (ObjectTooLarge), the rows by
-`max_rows` (TooManyRows), a Parquet file by its footer's row count before any row is decoded.
+`max_rows` (TooManyRows). A Parquet file is small when compressed and may decode to far more, so it is also
+bounded by what it decodes to, against the same `max_bytes` (ManifestTooLarge, an ObjectTooLarge): from its
+footer before any row is decoded (row count, the row groups' decoded size, the number of values), then
+batch by batch with text columns kept dictionary-encoded until their expanded size is counted (a value
+repeated through a dictionary costs its full size once per row in Python). Its columns must hold text,
+numbers or lists of numbers (a step plan).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import io
 import json
 import math
 import posixpath
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from model.config import Preset, RenderSettings
 from pipeline.settings import LimitSettings
-from pipeline.storage import ObjectStore
+from pipeline.storage import ObjectStore, ObjectTooLarge
 from pipeline.uri import confined_uri, is_under, normalize_uri, parent_uri, safe_name
 
 REQUIRED = ("id", "portrait", "audio")
@@ -38,6 +44,9 @@ OPTIONAL = ("prompt", "output", "seed", "steps", "height", "width")
 KNOWN_COLUMNS = frozenset(REQUIRED + OPTIONAL)
 SEGMENTS_DIR = ".segments"  # under the output root: one folder per row in progress
 PARQUET_BATCH_ROWS = 1024
+# A value counts at least this many bytes of a Parquet manifest's decoded size: what the smallest value costs in a
+# JSONL manifest ("1,"), so that a Parquet manifest never builds more Python objects than a JSONL one of that limit.
+MIN_VALUE_BYTES = 2
 
 
 class RowTask(BaseModel):
@@ -65,6 +74,14 @@ class TooManyRows(ValueError):
         self.rows, self.limit = rows, limit
 
 
+class ManifestTooLarge(ObjectTooLarge):
+    """A manifest whose rows decode to more than the size limit (a compressed Parquet file may be tiny)."""
+
+    def __init__(self, uri: str, decoded: int, limit: int):
+        ValueError.__init__(self, f"{uri}: its rows decode to {decoded} bytes or more; the limit is {limit} bytes")
+        self.uri, self.limit, self.decoded = uri, limit, decoded
+
+
 def read_manifest(
     uri: str, store: ObjectStore, *, max_rows: int | None = None, max_bytes: int | None = None
 ) -> list[dict[str, Any] | str]:
@@ -82,7 +99,7 @@ def read_manifest(
     elif ext == ".csv":
         rows = _read_csv(data, uri, limit)
     else:
-        rows = _read_parquet(data, uri, limit)
+        rows = _read_parquet(data, uri, limit, max_bytes if max_bytes is not None else math.inf)
     return rows
 
 
@@ -91,9 +108,19 @@ def _too_many(uri: str, count: int, limit: float) -> None:
         raise TooManyRows(uri, count, int(limit))
 
 
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text` one at a time (a list of them all would cost the memory the row limit bounds)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
+
+
 def _read_jsonl(data: bytes, uri: str, limit: float) -> list[dict[str, Any] | str]:
     rows: list[dict[str, Any] | str] = []
-    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(_lines(data.decode("utf-8-sig")), start=1):
         if not line.strip():
             continue
         _too_many(uri, len(rows) + 1, limit)
@@ -122,22 +149,67 @@ def _read_csv(data: bytes, uri: str, limit: float) -> list[dict[str, Any] | str]
     return rows
 
 
-def _read_parquet(data: bytes, uri: str, limit: float) -> list[dict[str, Any] | str]:
+def _read_parquet(data: bytes, uri: str, limit: float, max_bytes: float) -> list[dict[str, Any] | str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(pa.BufferReader(data))
-        _too_many(uri, parquet.metadata.num_rows, limit)  # from the footer: no row decoded yet
+        metadata = parquet.metadata
+        _too_many(uri, metadata.num_rows, limit)  # from the footer: no row decoded yet
+        text_columns = _parquet_text_columns(parquet.schema_arrow)
+        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+        values = sum(group.column(j).num_values for group in groups for j in range(group.num_columns))
+        decoded = max(sum(group.total_byte_size for group in groups), MIN_VALUE_BYTES * values)
+        if decoded > max_bytes:
+            raise ManifestTooLarge(uri, decoded, int(max_bytes))
+        # Text stays dictionary-encoded while it is decoded: its expanded size is counted before any row is built.
+        parquet = pq.ParquetFile(pa.BufferReader(data), read_dictionary=text_columns)
         rows: list[dict[str, Any] | str] = []
+        decoded = 0
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             _too_many(uri, len(rows) + batch.num_rows, limit)  # a footer that lies is caught batch by batch
+            decoded += sum(_expanded_bytes(column) for column in batch.columns)
+            if decoded > max_bytes:
+                raise ManifestTooLarge(uri, decoded, int(max_bytes))
             rows += batch.to_pylist()
-    except TooManyRows:
+    except (TooManyRows, ManifestTooLarge):
         raise
     except Exception as err:  # pyarrow reports a corrupt file with several exception types
         raise ValueError(f"{uri}: not a readable Parquet manifest: {err}") from None
     return rows
+
+
+def _parquet_text_columns(schema) -> list[str]:
+    """The text columns of a Parquet manifest's schema; ValueError for a column that is not text, a number or a list
+    of numbers (a struct or a list of text would decode without the bounds above)."""
+    import pyarrow as pa
+
+    text_types = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+
+    def scalar(kind) -> bool:
+        return pa.types.is_primitive(kind) or pa.types.is_decimal(kind) or pa.types.is_null(kind)
+
+    text = []
+    for field in schema:
+        kind = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+        if any(is_text(kind) for is_text in text_types):
+            text.append(field.name)
+        elif not (scalar(kind) or (pa.types.is_list(kind) and scalar(kind.value_type))):
+            raise ValueError(f"column {field.name!r} is of type {kind}; manifest columns hold text, numbers or lists "
+                             "of numbers")  # fmt: skip
+    return text
+
+
+def _expanded_bytes(column) -> int:
+    """What a decoded Arrow column costs once every value is its own: a dictionary's text counted once per use."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.DictionaryArray):
+        lengths = pc.take(pc.binary_length(column.dictionary), column.indices)
+        return int(pc.sum(lengths).as_py() or 0) + column.indices.nbytes
+    return column.nbytes
 
 
 # ---------------------------------------------------------------- validation

@@ -5,8 +5,10 @@
 A checkpoint directory carries MANIFEST.json (every file, its size and sha256; `avatar-render import` writes it).
 The first actor on a node to need it takes a file lock, downloads every listed file into a staging directory,
 verifies each sha256, and renames the directory into place; actors that wait on the lock find it there. A corrupt
-or partial download never becomes visible: the next try starts again. Local paths and `file://` URIs are used in
-place (their sizes are checked against the manifest when the model loads).
+or partial download never becomes visible: the next try starts again. MANIFEST.json is read bounded
+(MAX_CONFIG_BYTES), and an object whose size is not the listed one is refused before it is downloaded. Local paths
+and `file://` URIs are used in place (when the model loads, their files must lie inside the directory and match the
+manifest's sizes).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from model.checkpoint import MANIFEST_FILE, sha256_file
+from model.checkpoint import MANIFEST_FILE, MAX_CONFIG_BYTES, sha256_file
 from model.errors import ModelComponentError
 from pipeline.storage import ObjectStore
 from pipeline.uri import normalize_uri
@@ -53,11 +55,13 @@ def local_checkpoint(uri: str, store: ObjectStore, cache_root: Path | None = Non
 
 def _download(uri: str, store: ObjectStore, entry: Path) -> None:
     try:
-        manifest = json.loads(store.get_bytes(f"{uri}/{MANIFEST_FILE}"))
+        manifest = json.loads(store.get_bytes(f"{uri}/{MANIFEST_FILE}", max_bytes=MAX_CONFIG_BYTES))
     except FileNotFoundError:
         raise ModelComponentError(
             f"{uri}/{MANIFEST_FILE}: missing; upload a checkpoint directory built by `avatar-render import`"
         ) from None
+    except ValueError as err:  # over the limit (ObjectTooLarge), or not JSON
+        raise ModelComponentError(f"{uri}/{MANIFEST_FILE}: not a checkpoint's manifest ({err})") from None
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         for name, spec in manifest["files"].items():
@@ -65,6 +69,10 @@ def _download(uri: str, store: ObjectStore, entry: Path) -> None:
                 raise ModelComponentError(f"{uri}/{MANIFEST_FILE}: lists a file outside the checkpoint: {name!r}")
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
+            if store.size(f"{uri}/{name}") != spec["bytes"]:  # refused before a byte of it is downloaded
+                raise ModelComponentError(
+                    f"{uri}/{name}: does not match {MANIFEST_FILE} (size); upload the checkpoint again"
+                )
             store.get_file(f"{uri}/{name}", target)
             if target.stat().st_size != spec["bytes"] or sha256_file(target) != spec["sha256"]:
                 raise ModelComponentError(

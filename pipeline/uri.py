@@ -107,12 +107,6 @@ def confine(uri: str, roots: list[str], base: str | None = None) -> str:
     return normalized
 
 
-def join_uri(base: str, relative: str) -> str:
-    """A relative path joined onto a normalised directory URI, normalised (so `..` may climb: callers
-    that take the path from request data use `confined_uri`)."""
-    return normalize_uri(relative, base)
-
-
 def parent_uri(uri: str) -> str:
     scheme, rest = uri.split("://", 1)
     return f"{scheme}://{posixpath.dirname(rest)}"

@@ -8,31 +8,45 @@ screenshots it takes (always into the test's tmp dir) into docs/img.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import io
 import json
 import os
 import re
 import shutil
+import socket
+import threading
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import ValidationError
 from test_service_jobs import FPS, ServiceThread, free_port
 
 from deploy.app import create_app
+from deploy.console import SESSION_COOKIE
 from deploy.history import MAX_ACTORS_SHOWN, OTHER_ACTORS, ThroughputHistory
 from deploy.settings import ConsoleSettings, ServiceSettings
 from deploy.thumbnails import ThumbnailCache
 from model.media import load_audio, save_wav
 from model.media.video import VideoWriter
 from pipeline.events import BlockRendered, RowResult, RowStatus
-from pipeline.settings import PipelineSettings
+from pipeline.settings import PipelineSettings, StorageSettings
 from pipeline.storage import ObjectStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TOKEN = "console-test-token"
+LOCAL = "http://127.0.0.1"  # what a local browser or script calls the service by (a test client's default is refused)
+MIB = 1024 * 1024
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The flags that work on this machine (no GPU, no network, no sandbox as root), and a fresh profile per launch.
 CHROMIUM_FLAGS = [
@@ -58,7 +72,7 @@ def csrf_of(html: str) -> str:
 
 def test_console_asks_for_the_token_like_the_api(tmp_path):
     settings = ServiceSettings(state_dir=tmp_path / "state", auth_token=TOKEN)
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
         # No session: pages go to the login form, everything else is a 401, and no job is submitted.
         page = c.get("/console/jobs/x?status=failed", follow_redirects=False)
         assert (
@@ -94,13 +108,271 @@ def test_console_asks_for_the_token_like_the_api(tmp_path):
 
 
 def test_console_is_open_on_loopback_without_a_token_but_forms_need_csrf(tmp_path):
-    with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False)) as c:
+    with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False), base_url=LOCAL) as c:
         listing = c.get("/console")
         assert listing.status_code == 200 and "Log out" not in listing.text
         assert c.get("/", follow_redirects=False).headers["location"] == "/console"
         assert c.post("/console/jobs", data={"manifest": "/m.jsonl"}).status_code == 403  # CSRF even here
         assert c.get("/console/jobs/job-nope").status_code == 404
         assert c.get("/console", params={"offset": "9" * 30}).status_code == 422  # not a database error
+
+
+def eventually(get, what: str, timeout_s: float = 60):
+    """get() once it returns something true, polled until timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := get()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def test_a_tokenless_loopback_service_answers_only_to_loopback_host_names(tmp_path):
+    """DNS rebinding: a web page whose name is made to resolve to 127.0.0.1 reaches the service from the local
+    browser with its own name in the Host header. Without a token the service answers only to localhost,
+    127.0.0.1 and [::1] (any port), for the API and the console alike; nothing the page sent is acted on."""
+    app = create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False)
+    port = free_port()
+    row = {"id": "a", "portrait": "/in/face.png", "audio": "/in/a.wav"}
+    with ServiceThread(app, port) as service:
+        for host in (
+            f"evil.example:{port}",
+            "evil.example",
+            f"127.0.0.1.nip.io:{port}",
+            f"localhost.evil.example:{port}",
+        ):
+            headers = {"Host": host}
+            for method, path in (("GET", "/console"), ("GET", "/v1/jobs"), ("GET", "/healthz"), ("POST", "/v1/jobs")):
+                response = httpx.request(method, service.url + path, headers=headers, json={"rows": [row]})
+                assert response.status_code == 400, (host, path, response.text)
+                assert response.json()["field"] == "host" and repr(host) in response.json()["error"]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert httpx.get(f"{service.url}/console", headers={"Host": host}).status_code == 200, host
+        assert httpx.get(f"{service.url}/v1/jobs").json()["jobs"] == []  # the refused POSTs submitted nothing
+
+    # The console's forms also refuse a post a browser says came from another origin (CSRF token or not).
+    with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "s2"), run_jobs=False), base_url=LOCAL) as c:
+        form = {"csrf": csrf_of(c.get("/console").text), "manifest": "/nowhere/m.jsonl"}
+        for headers in (
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},
+            {"Origin": "http://127.0.0.1:9"},
+            {"Referer": "http://evil.example/night.html"},
+        ):
+            response = c.post("/console/jobs", data=form, headers=headers)
+            assert response.status_code == 403 and "another site" in response.text, headers
+        for headers in ({"Origin": "http://127.0.0.1"}, {"Referer": "http://127.0.0.1/console"}, {}):
+            assert c.post("/console/jobs", data=form, headers=headers).status_code == 422  # past the checks
+
+
+def test_with_a_token_the_host_names_are_the_operators_choice(tmp_path):
+    # A token already keeps other sites' pages out (they cannot present it): any host name by default ...
+    settings = ServiceSettings(state_dir=tmp_path / "a", auth_token=TOKEN)
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://render.studio.example") as c:
+        assert c.get("/healthz").status_code == 200
+    # ... or only the ones AVATAR_RENDER_ALLOWED_HOSTS names.
+    allowed = ["render.studio.example", "*.svc.cluster.local"]
+    settings = ServiceSettings(state_dir=tmp_path / "b", auth_token=TOKEN, allowed_hosts=allowed)
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
+        for host, expect in (
+            ("127.0.0.1:8000", 400),
+            ("render.studio.example:443", 200),
+            ("avatar.default.svc.cluster.local:8000", 200),
+            ("svc.cluster.local", 400),
+            ("render.studio.example.evil.example", 400),
+        ):
+            assert c.get("/healthz", headers={"Host": host}).status_code == expect, host
+    with pytest.raises(ValidationError, match="DNS rebinding"):
+        ServiceSettings(state_dir=tmp_path / "c", allowed_hosts=["*"])  # without a token: refused at start
+
+
+def test_a_console_session_expires_and_logging_out_revokes_it(tmp_path):
+    def status_with(c: TestClient, cookie: str) -> int:
+        return c.get("/console/throughput.json", headers={"Cookie": f"{SESSION_COOKIE}={cookie}"}).status_code
+
+    def log_in(c: TestClient) -> tuple[str, str]:
+        response = c.post("/console/login", data={"token": TOKEN}, follow_redirects=False)
+        assert response.status_code == 303
+        session = c.cookies[SESSION_COOKIE]
+        c.cookies.clear()  # each request below names its cookie
+        return session, response.headers["set-cookie"]
+
+    settings = ServiceSettings(state_dir=tmp_path / "a", auth_token=TOKEN)
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
+        session, set_cookie = log_in(c)
+        assert f"Max-Age={12 * 3600}" in set_cookie and "Secure" not in set_cookie  # 12 h; plain http
+        assert status_with(c, session) == 200
+        # The never-expiring cookie of before (a bare HMAC of the token), and this one with its time changed.
+        static = hmac.new(TOKEN.encode(), b"avatar-render console session", hashlib.sha256).hexdigest()
+        issued, nonce, signature = session.split(".")
+        for forged in (static, f"{int(issued) + 3600}.{nonce}.{signature}", f"{issued}.{nonce}.{'0' * 64}"):
+            assert status_with(c, forged) == 401, forged
+        # Logging out ends the session, not only the browser's copy of it; another session goes on.
+        other, _ = log_in(c)
+        csrf = csrf_of(c.get("/console", headers={"Cookie": f"{SESSION_COOKIE}={session}"}).text)
+        out = c.post("/console/logout", data={"csrf": csrf}, headers={"Cookie": f"{SESSION_COOKIE}={session}"})
+        assert out.status_code == 200 and "/console/login" in str(out.url)
+        assert status_with(c, session) == 401 and status_with(c, other) == 200
+
+    # Over https, or behind a proxy that terminates TLS, the cookie is Secure.
+    settings = ServiceSettings(state_dir=tmp_path / "b", auth_token=TOKEN)
+    with TestClient(create_app(settings, run_jobs=False), base_url="https://127.0.0.1") as c:
+        assert "Secure" in log_in(c)[1]
+    behind_tls = ConsoleSettings(behind_tls=True, session_hours=2 / 3600)
+    settings = ServiceSettings(state_dir=tmp_path / "c", auth_token=TOKEN, console=behind_tls)
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
+        session, set_cookie = log_in(c)
+        assert "Secure" in set_cookie and "Max-Age=2" in set_cookie
+        # session_hours later (2 s here) the cookie no longer works, whatever the browser keeps.
+        started = time.monotonic()
+        eventually(lambda: status_with(c, session) == 401, "the session to expire", timeout_s=10)
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    "name, manifest",
+    [
+        ("night.csv", b"id,portrait,audio\n" + b"x\n" * 500_000),  # 1 MB: half a million rows of two bytes
+        ("night.jsonl", b"{}\n" * 11 + b"  \n" * 1_000_000),  # 3 MB: 11 rows, then a million blank lines
+    ],
+)
+def test_an_uploaded_manifest_is_read_no_further_than_the_row_limit(tmp_path, name, manifest):
+    settings = ServiceSettings(state_dir=tmp_path / "state", max_rows_per_job=10)
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
+        csrf = csrf_of(c.get("/console").text)
+        tracemalloc.start()
+        try:
+            response = c.post("/console/jobs", data={"csrf": csrf}, files={"upload": (name, manifest)})
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert c.get("/v1/jobs").json()["jobs"] == []
+    assert response.status_code == 429
+    shown = re.search(r'id="submit-error">([^<]*)<', response.text)[1]
+    assert shown == f"Refused: upload: {name}: 11 rows or more; at most 10 per job"  # stopped after row 11
+    assert peak < 32 * MIB, peak / MIB  # rows as dicts, or a list of every line (68 MiB), would not fit
+
+
+def test_job_page_links_keep_the_status_filter_url_encoded(tmp_path):
+    settings = ServiceSettings(state_dir=tmp_path / "state", console=ConsoleSettings(rows_per_page=1))
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
+        rows = [{"id": f"r{i}", "portrait": "/in/face.png", "audio": "/in/a.wav"} for i in range(3)]
+        job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
+        for i in range(3):
+            c.app.state.manager.store.put_row(job_id, RowResult(id=f"r{i}", status=RowStatus.FAILED, error="input: x"))
+        page = c.get(f"/console/jobs/{job_id}", params={"status": "failed"})
+        assert 'href="?status=failed&amp;offset=1">next' in page.text
+        unfiltered = c.get(f"/console/jobs/{job_id}").text
+        assert 'href="?offset=1">next' in unfiltered  # no empty status=
+        assert c.get(f"/console/jobs/{job_id}?offset=1").status_code == 200
+        assert c.get(f"/console/jobs/{job_id}", params={"status": "failed&offset=9"}).status_code == 422
+
+
+def test_video_routes_serve_only_confined_outputs_and_store_errors_are_no_500(
+    tmp_path, s3_server, s3_bucket, monkeypatch
+):
+    """A row's video outside the output roots is not served; an S3 output the service has no credentials for is
+    a 502 page (the video link) and a 502 thumbnail."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to ask either
+    video = tmp_path / "talk.mp4"
+    make_video(video, 1.0)
+    ObjectStore(s3_server).put_file(f"{s3_bucket}/renders/talk.mp4", video)  # the video is there
+    storage = StorageSettings(endpoint_url=s3_server.endpoint_url, region=s3_server.region)  # no keys
+    settings = ServiceSettings(
+        state_dir=tmp_path / "state",
+        output_roots=[(tmp_path / "out").as_uri(), f"{s3_bucket}/renders"],
+        pipeline=PipelineSettings(storage=storage),
+    )
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
+        rows = [{"id": name, "portrait": "/p.png", "audio": "/a.wav"} for name in ("talk", "outside")]
+        job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
+        for name, output in (("talk", f"{s3_bucket}/renders/talk.mp4"), ("outside", video.as_uri())):
+            row = RowResult(id=name, status=RowStatus.SUCCEEDED, output=output, frames=FPS, video_seconds=1.0)
+            c.app.state.manager.store.put_row(job_id, row)
+        for route in ("video", "thumbnail"):  # a store record naming a file elsewhere: not served
+            assert c.get(f"/console/jobs/{job_id}/{route}", params={"row": "outside"}).status_code == 404
+        video_page = c.get(f"/console/jobs/{job_id}/video", params={"row": "talk"}, follow_redirects=False)
+        assert video_page.status_code == 502 and "credentials" in video_page.text, video_page.text
+        assert c.get(f"/console/jobs/{job_id}/thumbnail", params={"row": "talk"}).status_code == 502
+        assert c.get(f"/console/jobs/{job_id}").status_code == 200  # the job page itself is fine
+
+
+class StalledEndpoint:
+    """A TCP server that accepts connections and never answers: an object store that hangs."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.accepted.append(self.listener.accept()[0])
+            except OSError:  # closed
+                return
+
+    def __enter__(self) -> StalledEndpoint:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop hanging: connections made so far are closed, new ones refused."""
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(10)
+        for conn in self.accepted:
+            conn.close()
+
+    def __exit__(self, *exc) -> None:
+        if self.listener.fileno() != -1:
+            self.close()
+
+
+def test_thumbnails_waiting_for_ffmpeg_hold_no_thread_of_the_shared_pool(tmp_path):
+    """Strips waiting for one of the two ffmpeg turns await instead of blocking a thread of the pool the sync routes
+    (POST /v1/jobs) run in: 45 viewers of videos on a store that hangs do not stop submissions, and viewers past
+    CONSOLE__THUMBNAILS_WAITING are told to come back (503, Retry-After)."""
+    viewers, waiting = 45, 4  # more viewers than the 40 threads of that pool (anyio's default)
+    with StalledEndpoint() as stalled:
+        storage = StorageSettings(
+            endpoint_url=f"http://127.0.0.1:{stalled.port}", access_key_id="k", secret_access_key="s"
+        )
+        settings = ServiceSettings(
+            state_dir=tmp_path / "state",
+            output_roots=[(tmp_path / "out").as_uri(), "s3://stalled/renders"],
+            pipeline=PipelineSettings(storage=storage),
+            console=ConsoleSettings(thumbnails_waiting=waiting),
+        )
+        app = create_app(settings, run_jobs=False)
+        row = {"id": "a", "portrait": "/in/face.png", "audio": "/in/a.wav"}
+        with ServiceThread(app, free_port()) as service, ThreadPoolExecutor(viewers) as pool:
+            job_id = httpx.post(f"{service.url}/v1/jobs", json={"rows": [row]}).json()["job_id"]
+            output = "s3://stalled/renders/a.mp4"
+            app.state.manager.store.put_row(
+                job_id, RowResult(id="a", status=RowStatus.SUCCEEDED, output=output, frames=FPS, video_seconds=1.0)
+            )
+            url = f"{service.url}/console/jobs/{job_id}/thumbnail?row=a"
+            answers = [pool.submit(httpx.get, url, timeout=120) for _ in range(viewers)]
+            eventually(lambda: len(stalled.accepted) == 2, "two ffmpeg runs to reach the store")
+            made = 2 + waiting
+
+            def answered() -> list | None:
+                done = [a.result() for a in answers if a.done()]
+                return done if len(done) >= viewers - made else None
+
+            refused = eventually(answered, "the viewers past the limit to be answered")
+            assert len(refused) == viewers - made
+            assert all(r.status_code == 503 and r.headers["retry-after"] == "2" for r in refused)
+            # The shared pool is free: a submission is answered while six strips wait on the store.
+            assert httpx.post(f"{service.url}/v1/jobs", json={"rows": [row]}, timeout=10).status_code == 202
+            stalled.close()  # the store fails now: the six are answered too (no strip: 404), nothing hangs
+            rest = [a.result(timeout=60) for a in answers if a.result(timeout=60).status_code != 503]
+            assert [r.status_code for r in rest] == [404] * made
 
 
 def test_console_submissions_are_validated_like_the_api(tmp_path):
@@ -114,7 +386,7 @@ def test_console_submissions_are_validated_like_the_api(tmp_path):
     )
     row = {"id": "a", "portrait": str(inputs / "face.png"), "audio": str(inputs / "speech.wav")}
     outside = {"id": "b", "portrait": str(inputs / "face.png"), "audio": "/etc/passwd"}
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url=LOCAL) as c:
         csrf = csrf_of(c.get("/console").text)
 
         def submit(expect: int, files=None, **fields) -> str:
@@ -149,7 +421,7 @@ def test_console_submissions_are_validated_like_the_api(tmp_path):
 
 def test_job_page_shows_each_row_and_escapes_what_a_manifest_wrote(tmp_path):
     hostile = '<script>alert("x")</script>'
-    with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False)) as c:
+    with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False), base_url=LOCAL) as c:
         rows = [{"id": hostile, "portrait": "/in/face.png", "audio": "/in/a.wav"}]
         job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
         error = f"input: {hostile}: audio file not found\nTraceback (most recent call last): ..."
@@ -208,7 +480,7 @@ def test_thumbnail_strips_show_first_middle_last_and_the_cache_stays_bounded(tmp
     make_video(video, 2.0)
     row = RowResult(id="talk", status=RowStatus.SUCCEEDED, output=video.as_uri(), frames=50, video_seconds=2.0)
     cache = ThumbnailCache(tmp_path / "thumbs", ObjectStore(), height=32, max_bytes=10**6)
-    strip = Image.open(__import__("io").BytesIO(cache.strip("job-1", row, "file://" + str(video))))
+    strip = Image.open(io.BytesIO(asyncio.run(cache.strip("job-1", row, "file://" + str(video)))))
     assert strip.format == "JPEG" and strip.size == (96, 32)
     reds = [np.asarray(strip)[:, i * 32 : (i + 1) * 32, 0].mean() for i in range(3)]
     assert reds[0] < 30 and 100 < reds[1] < 160 and reds[2] > 220, reds  # first, middle and last frame
@@ -218,14 +490,14 @@ def test_thumbnail_strips_show_first_middle_last_and_the_cache_stays_bounded(tmp
     store = ObjectStore(s3_server)
     store.put_file(f"{s3_bucket}/talk.mp4", video)
     s3_cache = ThumbnailCache(tmp_path / "s3-thumbs", store, height=32, max_bytes=10**6)
-    s3_strip = Image.open(__import__("io").BytesIO(s3_cache.strip("job-1", row, f"{s3_bucket}/talk.mp4")))
+    s3_strip = Image.open(io.BytesIO(s3_cache.strip_sync("job-1", row, f"{s3_bucket}/talk.mp4")))
     assert s3_strip.size == (96, 32)
 
     # Bounded: with room for about two strips, the least recently used go first.
     one = (tmp_path / "thumbs" / next(iter(os.listdir(tmp_path / "thumbs")))).stat().st_size
     small = ThumbnailCache(tmp_path / "small", ObjectStore(), height=32, max_bytes=int(2.5 * one))
     for job in ("j1", "j2", "j3", "j4"):
-        small.strip(job, row, "file://" + str(video))
+        small.strip_sync(job, row, "file://" + str(video))
     assert small.size_bytes() <= 2.5 * one and len(os.listdir(tmp_path / "small")) == 2
 
 

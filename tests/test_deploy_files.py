@@ -33,7 +33,7 @@ def test_dashboard_has_the_panels_and_queries_only_exported_metrics(tmp_path):
         assert topic in titles, topic
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
 
-    with TestClient(create_app(ServiceSettings(state_dir=tmp_path), run_jobs=False)) as c:
+    with TestClient(create_app(ServiceSettings(state_dir=tmp_path), run_jobs=False), base_url="http://127.0.0.1") as c:
         job_id = c.post("/v1/jobs", json={"rows": [{"id": "a", "portrait": "/p", "audio": "/a"}]}).json()["job_id"]
         feed_job_events(c.app.state.manager, job_id)
         c.post("/v1/jobs", json={"rows": []})  # one rejected request, so that series exists too

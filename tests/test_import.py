@@ -220,8 +220,8 @@ class CountingStore:
     def __init__(self, store):
         self.store, self.downloads, self.lock = store, 0, threading.Lock()
 
-    def get_bytes(self, uri):
-        return self.store.get_bytes(uri)
+    def __getattr__(self, name):  # every other read goes to the real store
+        return getattr(self.store, name)
 
     def get_file(self, uri, path):
         with self.lock:

@@ -230,3 +230,27 @@ def test_concat_mp4_copies_video_exactly_and_muxes_audio(tmp_path):
     assert info["frames"] == sum(lengths) and abs(info["audio_duration"] - total) < FRAME_SECONDS
     np.testing.assert_array_equal(read_video(tmp_path / "joined_audio.mp4")[0], decoded_segments)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # temp files gone
+
+
+def test_key_frames_are_read_from_a_file_or_a_presigned_url_as_an_mp4_only(tmp_path, s3_server, s3_bucket):
+    from model.media.video import read_key_frames
+    from pipeline.storage import ObjectStore
+
+    frames = frames_pattern(50)  # 2 s
+    with VideoWriter(tmp_path / "v.mp4", FPS, 48, 32, crf=10) as writer:
+        writer.write(frames)
+    local = read_key_frames(str(tmp_path / "v.mp4"), 1.0, 16)
+    assert [f.shape for f in local] == [(16, 24, 3)] * 3
+    for got, want in zip(local, (frames[0], frames[25], frames[49])):  # first, middle, last
+        small = np.asarray(Image.fromarray(want).resize((24, 16), Image.BILINEAR))
+        assert np.abs(got.astype(int) - small).mean() < 12
+    store = ObjectStore(s3_server)
+    store.put_file(f"{s3_bucket}/out/v.mp4", tmp_path / "v.mp4")
+    remote = read_key_frames(store.presigned_url(f"{s3_bucket}/out/v.mp4"), 1.0, 16)
+    assert all(np.array_equal(a, b) for a, b in zip(local, remote))
+    # Anything but an mp4 is refused, a playlist that would make ffmpeg read other files among them.
+    (tmp_path / "list.m3u8").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{tmp_path / 'v.mp4'}\n")
+    save_wav(tmp_path / "speech.wav", speech_like(0.5, 16000), 16000)
+    for source in ("list.m3u8", "speech.wav"):
+        with pytest.raises(InputError, match="cannot read video"):
+            read_key_frames(str(tmp_path / source), 0.1, 16)

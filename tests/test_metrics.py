@@ -52,7 +52,7 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
 
 def test_events_drive_metrics_and_row_records(tmp_path):
-    with TestClient(create_app(ServiceSettings(state_dir=tmp_path), run_jobs=False)) as c:
+    with TestClient(create_app(ServiceSettings(state_dir=tmp_path), run_jobs=False), base_url="http://127.0.0.1") as c:
         rows = [{"id": i, "portrait": "/p.png", "audio": "/a.wav"} for i in ("a", "b", "c")]
         job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
         manager = c.app.state.manager

@@ -27,6 +27,19 @@ def service_output_root(tmp_path) -> str:
     return f"file://{(tmp_path / 'state' / 'outputs').resolve()}/"
 
 
+# The series this test's job feeds (frames, video-seconds, rows, a failed row, a refused request, stage and block
+# times, fps); every dashboard query over them must show a value above zero. (The queue depth may be sampled
+# at zero only: one scrape a second can miss a short job's queue.)
+FED_BY_THE_JOB = (
+    "frames_rendered_total",
+    "video_seconds_rendered_total",
+    "rows_total",
+    "row_failures_total",
+    "requests_rejected_total",
+    "stage_seconds",
+    "block_generate_seconds",
+    "actor_fps",
+)
 SCRAPE_INTERVAL = "1s"  # fast, so several scrapes land while a few-second job runs
 PROMETHEUS = shutil.which("prometheus")
 
@@ -97,7 +110,13 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         ServiceThread(create_app(service_settings(tmp_path)), port) as service,
         Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}") as prometheus,
     ):
-        # A refused request and a row that fails: the dashboard's failure panels have something to show.
+        # A refused request and a row that fails: the dashboard's failure panels have something to show. (After
+        # a first scrape: Prometheus never counts a series' first sample, so a refusal before it shows as no rise.)
+        wait_for(
+            lambda: {"state": "", "up": prometheus.query('up{job="avatar-render"}')},
+            lambda s: s["up"] == 1,
+            "a first scrape of the service",
+        )
         assert httpx.post(f"{service.url}/v1/jobs", json={"rows": []}).status_code == 422
         # The job goes in through the CLI client, which follows it to the end (exit 1: a row failed).
         manifest = tmp_path / "job.jsonl"
@@ -129,15 +148,25 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         assert prometheus.query('up{job="avatar-render"}') == 1
 
         # Every query of the Grafana dashboard, evaluated at each second the job ran, returns data: some series
-        # with a finite value (a quantile over no observations is NaN, which Grafana draws as nothing).
+        # with a finite value (a quantile over no observations is NaN, which Grafana draws as nothing). The counters
+        # start at zero, so "has data" alone would pass for a panel nothing fed: each panel the job feeds must
+        # also rise above zero (seen up to now, after the scrape that saw the job end: rows finish at its end).
         queries = dashboard_queries()
         assert len(queries) >= 8 and not [q for _, q in queries if "$" in q]  # no Grafana variables to fill in
-        empty = []
+        empty, flat = [], []
         for title, promql in queries:
             series = prometheus.query_range(promql, job["started"], job["finished"])
             values = [float(v) for s in series for _, v in s["values"]]
             if not any(math.isfinite(v) for v in values):
                 empty.append(f"{title}: {promql} -> {str(series)[:200]}")
+            if any(name in promql for name in FED_BY_THE_JOB):
+                later = prometheus.query_range(promql, job["started"], time.time())
+                if not any(float(v) > 0 for s in later for _, v in s["values"]):
+                    flat.append(f"{title}: {promql} never above 0 -> {str(later)[:200]}")
         assert empty == [], "\n".join(empty)
-        peak = prometheus.query_range(queries[0][1], job["started"], job["finished"])
-        assert max(float(v) for s in peak for _, v in s["values"]) > 0  # frames / s while it rendered
+        assert flat == [], "\n".join(flat)
+        assert {title for title, q in queries if any(name in q for name in FED_BY_THE_JOB)} >= {
+            "Throughput: frames / s",
+            "Rows finished by status",
+            "Block generation time (p50, p99)",
+        }

@@ -82,6 +82,8 @@ def test_bad_rows_fail_alone_with_a_clear_error():
         "line 15: not valid JSON (Expecting value)",
         {"id": 42, **good},  # numeric ids are fine
         {"id": "many", **good, "steps": "8,65"},  # over LimitSettings.max_steps
+        {"id": "tall", **good, "height": 1088},  # over LimitSettings.max_height (a multiple of the stride)
+        {"id": "wide", **good, "width": 1936},  # over LimitSettings.max_width
     ]
     tasks = _validate(rows)
     errors = {t.index: t.error for t in tasks}
@@ -102,6 +104,8 @@ def test_bad_rows_fail_alone_with_a_clear_error():
         13: "also the output of id 'ok'",
         14: "not valid JSON",
         16: "steps: at most 64 per block, got '8,65'",
+        17: "height must be in [1, 1080], got 1088",
+        18: "width must be in [1, 1920], got 1936",
     }
     for index, text in expected.items():
         assert errors[index] is not None and text in errors[index], (index, errors[index])

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -101,7 +102,9 @@ def test_whitespace_around_a_path_cannot_walk_out_of_the_input_root(tmp_path):
     manifest = write_jsonl(
         inputs / "job.jsonl", [{"id": "a", "portrait": good["portrait"], "audio": f" {outside['audio']}"}]
     )
-    with TestClient(create_app(make_settings(tmp_path, input_roots=[str(inputs)]), run_jobs=False)) as c:
+    with TestClient(
+        create_app(make_settings(tmp_path, input_roots=[str(inputs)]), run_jobs=False), base_url="http://127.0.0.1"
+    ) as c:
         response = c.post("/v1/jobs", json={"manifest": manifest})
         assert response.status_code == 422 and response.json()["field"] == "manifest.rows.0.audio", response.json()
         rows = [{"id": "a", "portrait": f"\t{outside['portrait']} ", "audio": good["audio"]}]
@@ -127,7 +130,7 @@ def test_whitespace_cannot_turn_an_s3_row_into_a_local_file(tmp_path, s3_server,
     store.put_bytes(f"{s3_bucket}/in/job.jsonl", json.dumps(rows[0]).encode())
     pipeline = PipelineSettings(storage=s3_server)
     settings = make_settings(tmp_path, input_roots=[f"{s3_bucket}/in"], pipeline=pipeline)
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         response = c.post("/v1/jobs", json={"manifest": f"{s3_bucket}/in/job.jsonl"})
         assert response.status_code == 422 and response.json()["field"] == "manifest.rows.0.audio"
         assert "/etc/hostname" in response.json()["error"]
@@ -153,10 +156,10 @@ def test_a_manifest_rewritten_after_the_202_renders_nothing_it_names(ray_cluster
     write_jsonl(manifest, [{"id": "checked", **good}])
     pipeline = PipelineSettings(segment_blocks=4)
     settings = make_settings(tmp_path, input_roots=[str(inputs)], max_rows_per_job=2, pipeline=pipeline)
-    with TestClient(create_app(settings, run_jobs=False)) as c:  # accepted, not yet run
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:  # accepted, not yet run
         job_id = c.post("/v1/jobs", json={"manifest": str(manifest)}).json()["job_id"]
     write_jsonl(manifest, [{"id": f"swapped-{i}", **outside} for i in range(5)])
-    with TestClient(create_app(settings)) as c:  # the restarted service runs it
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:  # the restarted service runs it
         status = wait_until_finished(c, job_id)
         rows = c.get(f"/v1/jobs/{job_id}/rows").json()["rows"]
     assert status["state"] == "succeeded" and status["rows_total"] == 1, status
@@ -219,7 +222,7 @@ def test_parquet_manifest_bounded_by_its_footer_before_any_row_is_built(tmp_path
     pq.write_table(table, manifest, compression="zstd")
     del table, ids
     assert manifest.stat().st_size < 200_000  # a small file ...
-    with TestClient(create_app(make_settings(tmp_path), run_jobs=False)) as c:
+    with TestClient(create_app(make_settings(tmp_path), run_jobs=False), base_url="http://127.0.0.1") as c:
         tracemalloc.start()
         try:
             response = c.post("/v1/jobs", json={"manifest": str(manifest)})
@@ -232,11 +235,51 @@ def test_parquet_manifest_bounded_by_its_footer_before_any_row_is_built(tmp_path
     assert peak < 50 * 2**20, peak
 
 
+def test_parquet_manifest_bounded_by_what_it_decodes_to(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # One row holding a 20 MiB prompt: under 2 KB of zstd, whose footer says 20 MB decoded.
+    one = pa.table({"id": ["a"], "portrait": ["p.png"], "audio": ["a.wav"], "prompt": ["x" * (20 * 2**20)]})
+    pq.write_table(one, tmp_path / "prompt.parquet", compression="zstd")
+    # 64 rows sharing one 1 MiB prompt through a dictionary: the footer says 1 MB, the rows would hold 64 MB. Written
+    # without the Arrow schema, so a reader decodes it as plain text unless it keeps the dictionary.
+    n = 64
+    shared = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array(["y" * 2**20]))
+    table = pa.table({"id": [str(i) for i in range(n)], "portrait": ["p.png"] * n, "audio": ["a.wav"] * n,
+                      "prompt": shared})  # fmt: skip
+    pq.write_table(table, tmp_path / "shared.parquet", compression="zstd", dictionary_pagesize_limit=4 * 2**20,
+                   store_schema=False)  # fmt: skip
+    assert pq.ParquetFile(tmp_path / "shared.parquet").schema_arrow.field("prompt").type == pa.string()
+    for name in ("prompt.parquet", "shared.parquet"):
+        assert (tmp_path / name).stat().st_size < 30_000  # small files ...
+    pipeline = PipelineSettings(limits=LimitSettings(max_manifest_bytes=4 * 2**20))
+    with TestClient(
+        create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False), base_url="http://127.0.0.1"
+    ) as c:
+        for name, decoded in (("prompt.parquet", 20 * 2**20), ("shared.parquet", 64 * 2**20)):
+            response = c.post("/v1/jobs", json={"manifest": str(tmp_path / name)})
+            # ... refused like a manifest over the size limit, before their rows are built
+            assert response.status_code == 413 and response.json()["field"] == "manifest", (name, response.json())
+            error = response.json()["error"]
+            assert "rows decode to" in error and int(error.split("decode to ")[1].split()[0]) >= decoded, error
+        # A manifest of text, numbers and lists of numbers (a step plan) reads as before; a list of text is refused.
+        ok = pa.table({"id": ["a"], "portrait": ["/in/p.png"], "audio": ["/in/a.wav"], "steps": [[4, 2]]})
+        pq.write_table(ok, tmp_path / "ok.parquet")
+        assert c.post("/v1/jobs", json={"manifest": str(tmp_path / "ok.parquet")}).status_code == 202
+        tags = ok.append_column("tags", pa.array([["x", "y"]]))
+        pq.write_table(tags, tmp_path / "tags.parquet")
+        response = c.post("/v1/jobs", json={"manifest": str(tmp_path / "tags.parquet")})
+        assert response.status_code == 422 and "column 'tags'" in response.json()["error"], response.json()
+
+
 def test_manifest_bounded_by_its_size(tmp_path):
     manifest = tmp_path / "big.jsonl"
     manifest.write_text(json.dumps({"id": "a", "portrait": "p.png", "audio": "a.wav", "prompt": "x" * 3000}) + "\n")
     pipeline = PipelineSettings(limits=LimitSettings(max_manifest_bytes=2000))
-    with TestClient(create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False)) as c:
+    with TestClient(
+        create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False), base_url="http://127.0.0.1"
+    ) as c:
         response = c.post("/v1/jobs", json={"manifest": str(manifest)})
     assert response.status_code == 413 and response.json()["field"] == "manifest"
 
@@ -247,7 +290,7 @@ def test_a_fifo_or_device_as_manifest_is_refused_not_read_forever(tmp_path):
     os.mkfifo(inputs / "job.jsonl")  # opening it for reading would block until a writer comes
     (inputs / "zero.jsonl").symlink_to("/dev/zero")  # would stream zeros forever
     settings = make_settings(tmp_path, input_roots=[str(inputs)])
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         answers = {}
 
         def submit(name):
@@ -383,7 +426,7 @@ def test_checkpoint_option_is_confined_and_checked(tmp_path):
     (inputs / "sneaky").symlink_to(outside)
     row = {"id": "a", "portrait": str(inputs / "face.png"), "audio": str(inputs / "speech.wav")}
     settings = make_settings(tmp_path, input_roots=[str(inputs)])
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         for checkpoint in (
             str(outside),
             str(inputs / "sneaky"),
@@ -398,6 +441,128 @@ def test_checkpoint_option_is_confined_and_checked(tmp_path):
         assert response.status_code == 202
         job = c.app.state.manager.store.get(response.json()["job_id"])
         assert job.request["options"]["checkpoint"] == str(inputs / "model")
+
+
+def test_files_inside_a_checkpoint_are_read_confined_and_bounded(tmp_path):
+    """options.checkpoint is a directory inside the root; what submission reads inside it is too, and bounded: a FIFO
+    config.json does not hang the submission, a link to /dev/zero or to another tenant's file is refused. Also with
+    no input roots (a loopback service): the read refuses what is not a regular file inside the checkpoint."""
+    inputs = tmp_path / "inputs"
+    row = {"id": "a", **media(inputs)}
+    other_tenant = tmp_path / "other-tenant"
+    other_tenant.mkdir()
+    shutil.copy(BUNDLED_CONFIG, other_tenant / "config.json")  # a valid config: read, it would be accepted
+    for name, make in (
+        ("fifo", os.mkfifo),  # opening it for reading would block until a writer comes
+        ("zero", lambda path: path.symlink_to("/dev/zero")),  # would stream zeros until memory runs out
+        ("leak", lambda path: path.symlink_to(other_tenant / "config.json")),
+    ):
+        (inputs / name).mkdir()
+        make(inputs / name / "config.json")
+    for roots in ([str(inputs)], []):
+        with TestClient(
+            create_app(make_settings(tmp_path, input_roots=roots), run_jobs=False), base_url="http://127.0.0.1"
+        ) as c:
+            answers = {}
+
+            def submit(name, answers=answers):
+                answers[name] = c.post("/v1/jobs", json={"rows": [row], "options": {"checkpoint": str(inputs / name)}})
+
+            workers = [threading.Thread(target=submit, args=(n,), daemon=True) for n in ("fifo", "zero", "leak")]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(30)
+            answered = set(answers)
+            with contextlib.suppress(OSError):  # a reader still blocked on the FIFO (the bug): let it go
+                os.close(os.open(inputs / "fifo" / "config.json", os.O_WRONLY | os.O_NONBLOCK))
+        assert answered == {"fifo", "zero", "leak"}, f"a submission hung (roots {roots})"
+        for name, response in answers.items():
+            assert response.status_code == 422 and response.json()["field"] == "options.checkpoint", (name, roots)
+        assert "not a regular file" in answers["fifo"].json()["error"]
+        for name in ("zero", "leak"):
+            assert "leads out of the checkpoint directory" in answers[name].json()["error"], answers[name].json()
+
+
+class CountingForwarder:
+    """A TCP forwarder on loopback in front of the S3 server: counts the bytes the server sends to its clients."""
+
+    def __init__(self, endpoint_url: str):
+        self.target = ("127.0.0.1", int(endpoint_url.rsplit(":", 1)[1]))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.received = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target)
+                threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, source, sink, count: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self.received += len(data) if count else 0
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_oversized_checkpoint_config_on_s3_is_refused_without_reading_it_whole(tmp_path, s3_server, s3_bucket):
+    from pipeline.storage import ObjectStore
+
+    ObjectStore(s3_server).put_bytes(f"{s3_bucket}/in/model/config.json", b" " * (8 * 2**20))
+    forwarder = CountingForwarder(s3_server.endpoint_url)
+    storage = s3_server.model_copy(update={"endpoint_url": forwarder.url})
+    settings = make_settings(tmp_path, input_roots=[f"{s3_bucket}/in"], pipeline=PipelineSettings(storage=storage))
+    row = {"id": "a", "portrait": f"{s3_bucket}/in/p.png", "audio": f"{s3_bucket}/in/a.wav"}
+    try:
+        with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
+            response = c.post("/v1/jobs", json={"rows": [row], "options": {"checkpoint": f"{s3_bucket}/in/model"}})
+    finally:
+        forwarder.close()
+    assert response.status_code == 422 and response.json()["field"] == "options.checkpoint", response.json()
+    assert "larger than the limit of 1048576 bytes" in response.json()["error"]
+    assert 2**20 < forwarder.received < 2 * 2**20, forwarder.received  # a ranged read of 1 MiB + 1, not 8 MiB
+
+
+def test_a_checkpoint_whose_files_lead_out_of_it_does_not_load(tmp_path, s3_server, s3_bucket):
+    """On the render actor: every file of a local checkpoint must lie inside it and be a regular file (a link to
+    another tenant's weights, or a FIFO, is an error naming it); an s3:// checkpoint's MANIFEST.json is bounded."""
+    from model.errors import ModelComponentError
+    from model.generator import AvatarModel
+    from pipeline.model_cache import local_checkpoint
+    from pipeline.storage import ObjectStore
+
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED_CONFIG.parent, model)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (model / "model.safetensors").rename(elsewhere / "model.safetensors")
+    (model / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    with pytest.raises(ModelComponentError, match=r"model/model\.safetensors: leads out of the checkpoint directory"):
+        AvatarModel.load(model)
+    (model / "model.safetensors").unlink()
+    (elsewhere / "model.safetensors").rename(model / "model.safetensors")
+    (model / "wav2vec2").symlink_to(elsewhere, target_is_directory=True)  # a folder that leads out
+    with pytest.raises(ModelComponentError, match=r"model/wav2vec2: leads out of the checkpoint directory"):
+        AvatarModel.load(model)
+    (model / "wav2vec2").unlink()
+    os.mkfifo(model / "MANIFEST.json")  # read whole, it would block the actor forever
+    with pytest.raises(ModelComponentError, match=r"MANIFEST\.json: not a regular file"):
+        AvatarModel.load(model)
+    (model / "MANIFEST.json").unlink()
+    (model / "card.md").symlink_to(model / "MODEL_CARD.md")  # a link inside the checkpoint is fine
+    assert AvatarModel.load(model).preset.name == "tiny"
+
+    ObjectStore(s3_server).put_bytes(f"{s3_bucket}/model/MANIFEST.json", b" " * (2 * 2**20))
+    with pytest.raises(ModelComponentError, match="MANIFEST.json: not a checkpoint's manifest .*larger than the limit"):
+        local_checkpoint(f"{s3_bucket}/model", ObjectStore(s3_server), tmp_path / "cache")
 
 
 def test_option_values_are_validated_at_submission(client_factory):
@@ -420,7 +585,9 @@ def client_factory(tmp_path):
     clients = []
 
     def make(**overrides):
-        client = TestClient(create_app(make_settings(tmp_path, **overrides), run_jobs=False))
+        client = TestClient(
+            create_app(make_settings(tmp_path, **overrides), run_jobs=False), base_url="http://127.0.0.1"
+        )
         clients.append(client.__enter__())
         return clients[-1]
 
@@ -462,14 +629,15 @@ def test_a_second_service_on_the_same_state_dir_refuses_to_start(tmp_path):
     from deploy.store import StateDirLocked
 
     settings = make_settings(tmp_path)
-    with TestClient(create_app(settings, run_jobs=False)):
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1"):
         with pytest.raises(StateDirLocked, match="in use by another avatar-render service"):
             create_app(settings, run_jobs=False)
         code = "import sys; from deploy.store import JobStore; from pathlib import Path; JobStore(Path(sys.argv[1]))"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         other = subprocess.run([sys.executable, "-c", code, str(settings.state_dir)], env=env, capture_output=True)
         assert other.returncode != 0 and b"in use by another avatar-render service" in other.stderr
-    with TestClient(create_app(settings, run_jobs=False)) as c:  # the first one stopped: free again
+    # The first one stopped: free again.
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         assert c.get("/healthz").status_code == 200
 
 
@@ -481,7 +649,7 @@ def test_s3_secret_is_never_shown(tmp_path, monkeypatch):
     storage = StorageSettings(secret_access_key="wJalrXUtnFEMI-very-secret")
     for text in (repr(settings), str(settings), settings.model_dump_json(), repr(storage), storage.model_dump_json()):
         assert "very-secret" not in text
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         job = c.post("/v1/jobs", json={"rows": [{"id": "a", "portrait": "/p.png", "audio": "/a.wav"}]}).json()
         for path in ("/v1/jobs", f"/v1/jobs/{job['job_id']}", "/openapi.json", "/metrics", "/healthz"):
             assert "very-secret" not in c.get(path).text
@@ -498,7 +666,7 @@ def test_a_failed_jobs_error_is_one_short_line(ray_cluster, tmp_path):
     shutil.copy(BUNDLED_CONFIG, inputs / "model" / "config.json")  # a valid config ...
     (inputs / "model" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")  # ... bad weights
     settings = make_settings(tmp_path, input_roots=[str(inputs)])
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         body = {"rows": [{"id": "a", **good}], "options": {"checkpoint": str(inputs / "model")}}
         status = wait_until_finished(c, c.post("/v1/jobs", json=body).json()["job_id"])
     error = status["error"]
@@ -539,8 +707,8 @@ def test_manifest_parsing_failures_are_4xx_or_row_errors(client_factory, tmp_pat
     deep.write_text(json.dumps({"id": "ok", "portrait": "/p.png", "audio": "/a.wav"}) + "\n" + "[" * 100_000 + "\n")
     response = c.post("/v1/jobs", json={"manifest": str(deep)})
     assert response.status_code == 202  # the nested line is a failed row; the good one still runs
-    job = c.app.state.manager.store.get(response.json()["job_id"])
-    assert [t["error"] for t in job.request["tasks"]][1].endswith("JSON nested too deeply")
+    tasks = c.app.state.manager.store.tasks(response.json()["job_id"])
+    assert [t["error"] for t in tasks][1].endswith("JSON nested too deeply")
     wide = tmp_path / "wide.csv"
     wide.write_text("id,portrait,audio,prompt\na,/p.png,/a.wav," + "x" * 200_000 + "\n")
     bad_parquet = tmp_path / "bad.parquet"
@@ -648,3 +816,92 @@ def test_a_store_from_before_these_columns_opens_and_keeps_its_jobs(tmp_path):
         assert row.rows_in_batch == 0
     finally:
         store.close()
+
+
+def test_status_and_list_reads_never_parse_a_jobs_rows(client_factory):
+    """A job's checked rows (4 MB of JSON for 10,000 rows) are kept apart from its request: listing jobs and a job's
+    status read the small request alone; the rows are read only to run the job."""
+    c = client_factory()
+    rows = [{"id": f"r{i}", "portrait": "/in/p.png", "audio": "/in/a.wav"} for i in range(2000)]
+    job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
+    store = c.app.state.manager.store
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)  # every SQL statement the reads below run
+    try:
+        assert c.get("/v1/jobs").json()["jobs"][0]["rows_total"] == 2000
+        assert c.get(f"/v1/jobs/{job_id}").json()["counts"] == {"pending": 2000}
+        assert c.get(f"/v1/jobs/{job_id}/rows").status_code == 200
+    finally:
+        store._db.set_trace_callback(None)
+    assert statements and not [s for s in statements if "job_tasks" in s], statements
+    (request_chars,) = store._db.execute("SELECT length(request) FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    assert request_chars < 1000, request_chars  # what every status read parses
+    tasks = store.tasks(job_id)  # what running the job reads
+    assert [t["id"] for t in tasks] == [f"r{i}" for i in range(2000)] and tasks[0]["portrait"] == "file:///in/p.png"
+
+
+def test_a_store_that_kept_tasks_in_the_request_opens_and_runs_them(tmp_path):
+    """A state dir of the service before the tasks had their own table: they move there when it opens, the requests
+    lose them, and a queued job still runs the rows that were checked (not its manifest again)."""
+    import sqlite3
+
+    from deploy.jobs import JobManager
+    from deploy.metrics import ServiceMetrics
+    from deploy.store import JobStore
+
+    settings = make_settings(tmp_path)
+    store = JobStore(settings.state_dir)
+    store._db.execute("DROP TABLE job_tasks")  # the store as that service left it
+    store.close()
+    task = {"index": 0, "id": "a", "portrait": "file:///in/p.png", "audio": "file:///in/a.wav",
+            "output": "file:///out/old/a.mp4", "segments": "file:///out/old/.segments/a-0"}  # fmt: skip
+    request = {"manifest": "file:///in/gone.jsonl", "tasks": [task], "output": "file:///out/old", "actors": None,
+               "force": False, "options": {}}  # fmt: skip
+    db = sqlite3.connect(settings.state_dir / "jobs.sqlite3")
+    db.execute(
+        "INSERT INTO jobs (job_id, request, state, created, output) VALUES ('job-old', ?, 'queued', 1.0, ?)",
+        (json.dumps(request), request["output"]),
+    )
+    db.commit()
+    db.close()
+    store = JobStore(settings.state_dir)
+    try:
+        job = store.get("job-old")
+        assert "tasks" not in job.request and job.request["manifest"] == "file:///in/gone.jsonl"
+        assert store.tasks("job-old") == [task]
+        manager = JobManager(settings, store, ServiceMetrics(), run_jobs=False)
+        spec = manager._spec_to_run(job)  # what the worker hands to run_job
+        assert spec.manifest is None and [t.model_dump(mode="json", include=set(task)) for t in spec.tasks] == [task]
+    finally:
+        store.close()
+
+
+def test_a_job_keeps_the_model_it_was_checked_for(tmp_path):
+    """A job that names no checkpoint runs with the service's model as it was at submission: the operator changing
+    AVATAR_RENDER_CHECKPOINT (or the preset) and restarting does not resume its rows with another model."""
+    from pipeline.job import job_settings
+
+    first, second = tmp_path / "model-a", tmp_path / "model-b"
+    for directory in (first, second):
+        directory.mkdir()
+        shutil.copy(BUNDLED_CONFIG, directory / "config.json")
+    row = {"id": "a", **media(tmp_path / "in")}
+
+    def submit(pipeline: PipelineSettings) -> str:
+        with TestClient(
+            create_app(make_settings(tmp_path, pipeline=pipeline), run_jobs=False), base_url="http://127.0.0.1"
+        ) as c:
+            response = c.post("/v1/jobs", json={"rows": [row]})
+            assert response.status_code == 202, response.json()
+            return response.json()["job_id"]
+
+    with_checkpoint = submit(PipelineSettings(checkpoint=str(first)))
+    bundled = submit(PipelineSettings())
+    restarted = make_settings(tmp_path, pipeline=PipelineSettings(checkpoint=str(second), preset="wan2.1-1.3b"))
+    with TestClient(create_app(restarted, run_jobs=False), base_url="http://127.0.0.1") as c:
+        manager = c.app.state.manager
+        for job_id, checkpoint, preset in ((with_checkpoint, str(first), None), (bundled, None, "tiny")):
+            spec = manager._spec_to_run(manager.store.get(job_id))
+            settings = job_settings(spec, restarted.pipeline)  # what run_job and its render actors load
+            assert settings.checkpoint == checkpoint, (job_id, spec.options)
+            assert preset is None or settings.preset == preset, (job_id, spec.options)

@@ -25,7 +25,7 @@ def row(i: int = 0) -> dict:
 
 @pytest.fixture
 def client(tmp_path):
-    with TestClient(create_app(make_settings(tmp_path), run_jobs=False)) as c:
+    with TestClient(create_app(make_settings(tmp_path), run_jobs=False), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -49,7 +49,7 @@ def test_serve_command_refuses_public_host_without_token(tmp_path, monkeypatch):
 
 def test_token_enforced_on_every_v1_route(tmp_path):
     settings = make_settings(tmp_path, auth_token=TOKEN)
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         good = {"Authorization": f"Bearer {TOKEN}"}
         job_id = c.post("/v1/jobs", json={"rows": [row()]}, headers=good).json()["job_id"]
         calls = [
@@ -153,7 +153,7 @@ def test_limits_answer_413_and_429(tmp_path):
     settings = make_settings(tmp_path, max_rows_per_job=3, max_request_bytes=2_000, max_pending_jobs=2)
     manifest = tmp_path / "big.jsonl"
     manifest.write_text("".join(json.dumps(row(i)) + "\n" for i in range(4)))
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         too_many = c.post("/v1/jobs", json={"rows": [row(i) for i in range(4)]})
         assert too_many.status_code == 429 and too_many.json()["field"] == "rows"
         too_many = c.post("/v1/jobs", json={"manifest": str(manifest)})
@@ -186,7 +186,7 @@ def test_input_roots_confine_manifests_and_row_media(tmp_path):
     inputs.mkdir()
     (inputs / "job.jsonl").write_text(json.dumps({"id": "a", "portrait": "face.png", "audio": "../x.wav"}) + "\n")
     settings = make_settings(tmp_path, input_roots=[str(inputs)])
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         outside = c.post("/v1/jobs", json={"rows": [{"id": "a", "portrait": str(inputs / "f.png"), "audio": "/etc/x"}]})
         assert outside.status_code == 422 and outside.json()["field"] == "rows.0.audio"
         escaping = c.post("/v1/jobs", json={"manifest": str(inputs / "job.jsonl")})
@@ -199,7 +199,7 @@ def test_input_roots_confine_manifests_and_row_media(tmp_path):
 def test_outputs_default_under_the_root_and_are_confined(tmp_path):
     out = tmp_path / "renders"
     settings = make_settings(tmp_path, output_roots=[str(out), "s3://studio/renders"])
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         default = c.post("/v1/jobs", json={"rows": [row()]}).json()["job_id"]
         assert c.get(f"/v1/jobs/{default}").json()["output"] == f"file://{out}/{default}"
         chosen = c.post("/v1/jobs", json={"rows": [row()], "output": f"{out}/nightly/./a/../b"}).json()["job_id"]
@@ -210,20 +210,22 @@ def test_outputs_default_under_the_root_and_are_confined(tmp_path):
             assert c.post("/v1/jobs", json={"rows": [row()], "output": bad}).status_code == 422, bad
     (tmp_path / "link").symlink_to("/etc")
     settings = make_settings(tmp_path, output_roots=[str(tmp_path)])
-    with TestClient(create_app(settings, run_jobs=False)) as c:  # a symlink out of the root is resolved first
+    with TestClient(
+        create_app(settings, run_jobs=False), base_url="http://127.0.0.1"
+    ) as c:  # a symlink out of the root is resolved first
         response = c.post("/v1/jobs", json={"rows": [row()], "output": str(tmp_path / "link" / "x")})
         assert response.status_code == 422 and response.json()["field"] == "output"
 
 
 def test_jobs_persist_across_restart_and_cancel(tmp_path):
     settings = make_settings(tmp_path)
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         kept = c.post("/v1/jobs", json={"rows": [row(0), row(1)], "force": True}).json()["job_id"]
         dropped = c.post("/v1/jobs", json={"rows": [row(2)]}).json()["job_id"]
         cancelled = c.delete(f"/v1/jobs/{dropped}")
         assert cancelled.status_code == 202 and cancelled.json()["state"] == "cancelled"
         assert c.delete(f"/v1/jobs/{dropped}").status_code == 202  # idempotent
-    with TestClient(create_app(settings, run_jobs=False)) as c:
+    with TestClient(create_app(settings, run_jobs=False), base_url="http://127.0.0.1") as c:
         jobs = {job["job_id"]: job for job in c.get("/v1/jobs").json()["jobs"]}
         assert list(jobs) == [dropped, kept]  # newest first
         assert jobs[kept]["state"] == "queued" and jobs[kept]["rows_total"] == 2

@@ -74,7 +74,7 @@ def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path):
     rows = [{"id": "long", **media}, {"id": "missing", "portrait": media["portrait"], "audio": "/nowhere.wav"}]
     settings = service_settings(tmp_path)
 
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
         wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["frames"] > 0, "the first block")
     # The service stopped mid-job: the job is kept, queued to run again, not cancelled.
@@ -85,7 +85,7 @@ def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path):
 
     app = create_app(settings)
     events = record_events(app)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         assert job_id in [job["job_id"] for job in c.get("/v1/jobs").json()["jobs"]]
         done = wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["state"] in TERMINAL, "the end")
         rows_out = {r["id"]: r for r in c.get(f"/v1/jobs/{job_id}/rows").json()["rows"]}
@@ -108,7 +108,7 @@ def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path):
 def test_cancel_stops_a_running_job_at_the_next_block(ray_cluster, tmp_path):
     seconds = 6.0
     media = make_inputs(tmp_path / "in", seconds)
-    with TestClient(create_app(service_settings(tmp_path))) as c:
+    with TestClient(create_app(service_settings(tmp_path)), base_url="http://127.0.0.1") as c:
         job_id = c.post("/v1/jobs", json={"rows": [{"id": "talk", **media}]}).json()["job_id"]
         wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["frames"] > 0, "the first block")
         response = c.delete(f"/v1/jobs/{job_id}")

@@ -22,13 +22,19 @@ AUDIO_FORMATS_TEXT = "wav, flac, mp3, m4a/aac, ogg/opus"
 NOT_ON_WHITELIST = "not on whitelist"  # ffmpeg's complaint when a file is of a demuxer not allowed
 
 
+WEB_PROTOCOLS = "http,https,tls,tcp"  # what a presigned S3 URL needs, and nothing else
+
+
 def input_args(path: str | os.PathLike, demuxers: tuple[str, ...], forced_format: str | None = None) -> list[str]:
-    """`-i` for a local file, with ffmpeg confined to the file protocol and the given demuxers."""
+    """`-i` for a local file (or an http(s) URL: a presigned S3 one), with ffmpeg confined to the file protocol (the
+    web protocols for a URL) and the given demuxers."""
     forced = ["-f", forced_format] if forced_format else []
+    source = os.fspath(path)
+    remote = source.startswith(("http://", "https://"))
     return [
-        *("-protocol_whitelist", "file", "-format_whitelist", ",".join(demuxers)),
+        *("-protocol_whitelist", WEB_PROTOCOLS if remote else "file", "-format_whitelist", ",".join(demuxers)),
         *forced,
-        *("-i", "file:" + os.path.abspath(os.fspath(path))),
+        *("-i", source if remote else "file:" + os.path.abspath(source)),
     ]
 
 

@@ -416,13 +416,12 @@ def read_key_frames(source: str, middle_s: float, height: int) -> list[np.ndarra
     """The first frame, the frame at `middle_s` and the last frame of an mp4, scaled to `height` rows (the width
     keeps the aspect ratio): uint8 (height, W, 3) each. `source` is a local path or an http(s) URL (a presigned
     S3 one); ffmpeg seeks in it, so a two-hour video costs what a short one does. Only the mp4 demuxer and, for
-    a URL, only the web protocols are allowed: the source is read as a video and nothing else."""
+    a URL, only the web protocols are allowed (`input_args`): the source is read as a video and nothing else."""
     from PIL import Image
 
     remote = source.startswith(("http://", "https://"))
     if not remote:
         source = check_input_file(source)
-    source_args = ["-protocol_whitelist", "http,https,tls,tcp" if remote else "file", "-f", "mp4"]
     scale = ["-map", "0:v:0", "-vf", f"scale=-2:{int(height)}", "-c:v", "png"]
     seeks = [["-ss", "0"], ["-ss", f"{max(0.0, middle_s):.3f}"], ["-sseof", "-1"]]  # last: decode the final second
     frames = []
@@ -432,7 +431,7 @@ def read_key_frames(source: str, middle_s: float, height: int) -> list[np.ndarra
             # -update 1: each decoded frame overwrites the file, so it ends holding the last one asked for.
             last = [] if i == 2 else ["-frames:v", "1"]
             try:
-                run_ffmpeg([*source_args, *seek, "-i", source, *scale, *last, "-update", "1", "-y", out])
+                run_ffmpeg([*seek, *input_args(source, VIDEO_DEMUXERS), *scale, *last, "-update", "1", "-y", out])
             except FFmpegError as err:
                 raise InputError(source if not remote else "video URL", f"cannot read video: {err.reason}") from None
             if not os.path.exists(out):
