@@ -11,6 +11,7 @@ import torch
 from model.checkpoint import read_checkpoint
 from model.config import DeflickerConfig, DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
 from model.dit import CausalWanDiT
+from model.eval import metrics
 from model.eval.heldout import HELD_OUT, drift_check, window_is_worse
 from model.generator import AvatarModel, RenderSettings
 from model.train.data import VALIDATION, DataConfig, LatentDataset, encode_clip, training_clips
@@ -454,7 +455,7 @@ def test_a_real_photo_is_scored_against_itself_with_the_face_mesh(tmp_path):
     assert set(result["targets"]["met"]) == {"lipsync_r", "av_offset_frames", "portrait_psnr"}
 
 
-def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):
+def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth_or_beat_the_still(tmp_path):
     from model.train.recipe import VAEGateError
 
     preset = small_preset().model_copy(
@@ -464,6 +465,10 @@ def test_recipe_stops_after_a_vae_that_cannot_draw_the_mouth(tmp_path):
         data=DATA, vae=dict(batch=1, image_batch=1), max_steps={"vae": 1, "teacher": 1, "student": 1, "distill": 1}
     )
     with pytest.raises(VAEGateError, match="cannot draw the mouth"):
+        run_recipe(tmp_path / "run", preset, cfg, log=lambda *_: None)
+    # Without the lip-sync gate, the same VAE is stopped by its PSNR under the still portrait's.
+    cfg = cfg.model_copy(update={"vae_gate_lipsync_r": None})
+    with pytest.raises(VAEGateError, match="could beat not animating"):
         run_recipe(tmp_path / "run", preset, cfg, log=lambda *_: None)
     assert (tmp_path / "run" / "vae" / "done.json").exists() and not (tmp_path / "run" / "teacher").exists()
 
@@ -480,7 +485,12 @@ def test_vae_report_locates_seams_at_latent_frame_boundaries(setup):
     changes = row["change_by_pair_position"]
     assert len(changes["recon"]) == len(changes["truth"]) == stride
     assert max(changes["truth"]) < 3 * min(changes["truth"]) + 1e-6  # motion spreads evenly over the pairs
-    assert set(report) == {"clips", "mae", "recon_lipsync_r", "recon_boundary_jitter"}
+    assert set(report) == {"clips", "mae", "recon_psnr", "still_psnr", "recon_lipsync_r", "recon_boundary_jitter"}
+    # The still portrait's PSNR is that of the truth against the portrait, whatever the VAE: the baseline.
+    clip = HELD_OUT.clip(0, 2.4, SIZE)
+    frames = 1 + stride * (len(row["mae_by_latent_frame"]) - 1)  # the frames the reconstruction has
+    still = metrics.psnr(metrics.squared_errors(clip.frames[:frames], clip.portrait).mean())
+    assert abs(row["still_psnr"] - still) < 1e-9 and row["recon_psnr"] < row["still_psnr"]  # untrained: worse
 
 
 def test_deflicker_calibration_renders_training_clips_and_picks_the_threshold_nearest_seamless():

@@ -7,7 +7,8 @@ Per clip: the mean absolute error (0-255) of every latent frame's video frames a
 metrics of the reconstruction (the ceiling for any generator using this VAE: a mouth the VAE cannot draw cannot move
 in sync). `change_by_pair_position` locates the seams: the mean frame-to-frame change (0-255) of the reconstruction and
 of the truth for the pairs that cross from one latent frame's video frames to the next (position 0) and for the pairs
-inside them (1 .. stride - 1).
+inside them (1 .. stride - 1). PSNR against the truth of the reconstruction and of the still portrait (the honest
+baseline, printed beside it), over the clip and at frame 0.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def vae_report(vae: WanVAE, clips: list[Clip]) -> dict:
         per_latent = [float(error[0])] + [
             float(error[1 + stride * k : 1 + stride * (k + 1)].mean()) for k in range((len(error) - 1) // stride)
         ]
+        recon_errors = metrics.squared_errors(recon, truth_frames)
+        still_errors = metrics.squared_errors(truth_frames, clip.portrait)  # not animating at all: the baseline
         phones = load_truth_phones(clip.truth)
         result = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)
         truth = score(truth_frames, clip.fps, clip.portrait, clip.audio, phones=phones)
@@ -52,6 +55,11 @@ def vae_report(vae: WanVAE, clips: list[Clip]) -> dict:
             {
                 "mae_by_latent_frame": [round(v, 1) for v in per_latent],
                 "mae": round(float(error.mean()), 2),
+                # A generator on this VAE cannot beat its reconstruction: it must leave room above the still's PSNR.
+                "recon_psnr": metrics.psnr(recon_errors.mean()),
+                "still_psnr": metrics.psnr(still_errors.mean()),
+                "recon_psnr_frame0": metrics.psnr(recon_errors[0]),
+                "still_psnr_frame0": metrics.psnr(still_errors[0]),
                 "change_by_pair_position": {
                     name: [round(float(c[k::stride].mean()), 3) for k in range(stride)] for name, c in changes.items()
                 },
@@ -65,7 +73,10 @@ def vae_report(vae: WanVAE, clips: list[Clip]) -> dict:
         )
     return {
         "clips": rows,
-        **{key: float(np.mean([r[key] for r in rows])) for key in ("mae", "recon_lipsync_r", "recon_boundary_jitter")},
+        **{
+            key: float(np.mean([r[key] for r in rows]))
+            for key in ("mae", "recon_psnr", "still_psnr", "recon_lipsync_r", "recon_boundary_jitter")
+        },
     }
 
 

@@ -67,6 +67,10 @@ class RecipeConfig(BaseModel):
     # The VAE must draw the mouth before anything downstream can move it in sync: below this lip-sync of its own
     # reconstruction (validation clips), the recipe stops after the VAE instead of spending hours on the DiT stages.
     vae_gate_lipsync_r: float | None = 0.8
+    # ... and a render cannot be closer to the truth than the VAE's reconstruction: below the still portrait's PSNR
+    # plus this margin (dB, validation clips) nothing downstream can beat not animating at all (issue 18's target
+    # is +0.5 dB for the render), so the recipe stops there too.
+    vae_gate_psnr_over_still_db: float | None = 1.0
     # The deflicker threshold of the shipped model (when its preset has the deflicker on) is chosen on this many
     # training clips of this length among these thresholds (`model.train.calibrate_deflicker`); 0 clips: keep the
     # preset's.
@@ -113,17 +117,27 @@ def run_recipe(
     vae_config = vae.set_latent_normalization(*latent_statistics(vae, clips, preset.vae.temporal_stride))
     preset = preset.model_copy(update={"vae": vae_config})
     log(f"latent normalisation: std {[round(v, 2) for v in vae_config.latents_std]}")
-    if cfg.vae_gate_lipsync_r is not None:
+    if cfg.vae_gate_lipsync_r is not None or cfg.vae_gate_psnr_over_still_db is not None:
         report = vae_report(vae, validation_clips(2, 8.0, size))
         log(
             f"VAE on validation clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
-            f"{report['recon_lipsync_r']:.3f}"
+            f"{report['recon_lipsync_r']:.3f}, PSNR {report['recon_psnr']:.2f} dB (the still portrait: "
+            f"{report['still_psnr']:.2f} dB)"
         )
-        if report["recon_lipsync_r"] < cfg.vae_gate_lipsync_r:
+        longer = (
+            f"Train it longer (e.g. --max-steps vae={2 * summaries['vae']['steps']}; delete "
+            f"{out / 'vae' / 'done.json'} to resume it)."
+        )
+        if cfg.vae_gate_lipsync_r is not None and report["recon_lipsync_r"] < cfg.vae_gate_lipsync_r:
             raise VAEGateError(
                 f"the VAE reconstructs validation clips with lipsync_r {report['recon_lipsync_r']:.3f} < "
-                f"{cfg.vae_gate_lipsync_r}: it cannot draw the mouth yet. Train it longer (e.g. --max-steps "
-                f"vae={2 * summaries['vae']['steps']}; delete {out / 'vae' / 'done.json'} to resume it)."
+                f"{cfg.vae_gate_lipsync_r}: it cannot draw the mouth yet. {longer}"
+            )
+        margin = report["recon_psnr"] - report["still_psnr"]
+        if cfg.vae_gate_psnr_over_still_db is not None and margin < cfg.vae_gate_psnr_over_still_db:
+            raise VAEGateError(
+                f"the VAE's reconstruction of validation clips is {margin:+.2f} dB against the still portrait's "
+                f"PSNR (< +{cfg.vae_gate_psnr_over_still_db} dB): no render on it could beat not animating. {longer}"
             )
 
     if stop_after == "vae":
