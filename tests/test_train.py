@@ -206,6 +206,7 @@ def test_recipe_ships_a_loadable_model(tmp_path):
         distill=dict(rollout_blocks=4),
         max_steps={"vae": 2, "teacher": 2, "student": 2, "distill": 1},
         vae_gate_lipsync_r=None,
+        vae_gate_psnr_over_still_db=None,
         deflicker_calibration_clips=1,
         deflicker_calibration_seconds=1.2,
         deflicker_thresholds=(1.0, 1000.0),
@@ -236,6 +237,15 @@ def test_recipe_ships_a_loadable_model(tmp_path):
     assert json.loads((tmp_path / "run" / "vae" / "done.json").read_text())["steps"] == 2
     assert result["stages"]["teacher"]["steps"] == 2
     assert result["deflicker_calibration"]["chosen_threshold"] == chosen
+    # Training the VAE further changes its latent space: the DiT stages begun on the old one are refused, not resumed
+    # on latents they were never trained on, and the new VAE gets latents of its own.
+    longer = cfg.model_copy(update={"max_steps": {**cfg.max_steps, "vae": 3}})
+    with pytest.raises(SystemExit, match="trained on the VAE at step 2, not on this one \\(step 3\\)"):
+        run_recipe(tmp_path / "run", with_deflicker, longer, ship_to=None, log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "run" / "data").glob("latents-*.pt")) == [
+        "latents-vae2.pt",
+        "latents-vae3.pt",
+    ]
 
 
 @pytest.mark.parametrize("stage", ["teacher", "vae", "distill"])
@@ -286,6 +296,9 @@ def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(
     assert summary["steps"] == 4
     # Two single-frame steps, a causal window, then a window of 4 latent frames with frame-local residual blocks.
     assert shapes == [(2, 1), (2, 1), (1, 9), (1, 13)]
+    # Windows also learn the frame-to-frame differences (the temporal term); a single frame has none.
+    history = torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=True)["history"]
+    assert ["temporal" in row for row in history] == [False, False, True, True]
     convs = residual_temporal_convs(vae)
     assert convs and all(c.weight[:, :, :-1].abs().max() == 0 for c in convs)
     assert all(c.weight[:, :, -1].abs().max() > 0 for c in convs)
@@ -315,6 +328,18 @@ def test_vae_stage_trains_on_frames_then_on_windows_and_fixes_its_normalisation(
         config.latents_std
     )
     assert z.mean().abs() < 0.5 and 0.5 < z.std() < 2.0
+
+
+def test_temporal_term_sees_shimmer_that_per_frame_error_does_not():
+    from model.train.vae import temporal_l1
+
+    truth = torch.zeros(1, 3, 8, 4, 4)
+    steady = truth + 0.1  # off by a constant: per-frame error, no shimmer
+    shimmer = truth + 0.1 * torch.tensor([1.0, -1.0] * 4).view(1, 1, 8, 1, 1)  # the same per-frame error, alternating
+    assert temporal_l1(steady, truth) == 0
+    assert temporal_l1(shimmer, truth) == pytest.approx(0.2)
+    assert (steady - truth).abs().mean() == pytest.approx((shimmer - truth).abs().mean())
+    assert temporal_l1(shimmer[:, :, :1], truth[:, :, :1]) == 0
 
 
 def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():

@@ -60,7 +60,7 @@ class RecipeConfig(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     # The step counts of the run that produced the bundled model (docs/results.md), so the default retraces it.
     max_steps: dict[str, int] = Field(
-        default_factory=lambda: {"vae": 13_000, "teacher": 3800, "student": 1200, "distill": 480}
+        default_factory=lambda: {"vae": 16_000, "teacher": 3800, "student": 1200, "distill": 480}
     )
     checkpoint_every: int = 50
     seed: int = 0
@@ -142,7 +142,8 @@ def run_recipe(
 
     if stop_after == "vae":
         return {"stages": summaries}
-    latents_path = out / "data" / "latents.pt"
+    vae_steps = summaries["vae"]["steps"]
+    latents_path = out / "data" / f"latents-vae{vae_steps}.pt"  # the latents of this VAE, not of an earlier one
     if latents_path.exists():
         dataset = LatentDataset.load(latents_path)
     else:
@@ -154,6 +155,7 @@ def run_recipe(
     if stop_after == "data":
         return {"stages": summaries}
     teacher = CausalWanDiT(preset.dit)
+    check_lineage(out, "teacher", vae_steps)
     summaries["teacher"] = run_stage(
         TeacherStage(teacher, dataset, preset, cfg.dit, cfg.seed),
         out,
@@ -169,6 +171,7 @@ def run_recipe(
     if stop_after == "teacher":
         return {"stages": summaries}
     student = student_from_teacher(teacher)
+    check_lineage(out, "student", vae_steps)
     summaries["student"] = run_stage(
         StudentStage(student, dataset, preset, cfg.dit, cfg.seed),
         out,
@@ -182,6 +185,7 @@ def run_recipe(
 
     if stop_after == "student":
         return {"stages": summaries}
+    check_lineage(out, "distill", vae_steps)
     summaries["distill"] = run_stage(
         DistillStage(student, teacher, vae, clips, preset, cfg.distill, cfg.seed),
         out,
@@ -205,6 +209,26 @@ def run_recipe(
         log(f"shipped to {ship_to}")
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def check_lineage(out: Path, stage: str, vae_steps: int) -> None:
+    """A DiT stage learns in one VAE's latent space: refuse to resume a stage begun on another VAE (one trained
+    further since), and record the VAE of a stage that starts now."""
+    directory = out / stage
+    record = directory / "vae.json"
+    if record.exists():
+        begun_on = json.loads(record.read_text())["vae_steps"]
+    elif directory.exists() and any(directory.iterdir()):
+        begun_on = None  # a run directory from before this record
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"vae_steps": vae_steps}))
+        return
+    if begun_on != vae_steps:
+        raise SystemExit(
+            f"{directory} was trained on the VAE at step {begun_on}, not on this one (step {vae_steps}): remove it "
+            "(and the stages after it) to train them on this VAE"
+        )
 
 
 def calibrated_deflicker(
