@@ -119,6 +119,10 @@ class ServiceMetrics:
             self.stage_seconds.labels(event.stage).observe(event.seconds)
         elif isinstance(event, RowStarted):
             self.rows_started.labels(event.actor_id).inc()
+            # The actor's throughput series start at 0 with its first row, so a rate() over them counts the first
+            # block's frames too (Prometheus cannot count the increase into a series' first sample).
+            for counter in (self.frames, self.video_seconds, self.generate_seconds):
+                counter.labels(event.actor_id)
         elif isinstance(event, RowFinished):
             self.rows.labels(event.row.status.value).inc()
             if event.row.status == RowStatus.FAILED:
