@@ -26,6 +26,9 @@ from model.synth.speech import SAMPLE_RATE, Speech, formant_speech
 
 FPS = 25
 TRUTH_VERSION = 1
+# What a seed renders to: bumped whenever SynthTalk draws differently, so caches of rendered clips are not reused.
+# 2: 128x128 worlds with natural-image textures, teeth and framing.
+RENDER_VERSION = 2
 SpeechKind = Literal["formant", "espeak"]
 _RENDER_CHUNK = 250  # frames rendered per batch: bounds memory for long clips
 

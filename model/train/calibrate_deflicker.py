@@ -38,7 +38,9 @@ def calibrate(
     progress=print,
 ) -> dict:
     """Render `clips` training clips of `seconds` at every threshold; returns the means per threshold and the choice."""
-    data = (data or DataConfig()).model_copy(update={"num_clips": clips, "seconds": seconds})
+    # In SynthTalk's default framing: the seams and the lip-sync are read with the pixel mouth locator, which looks
+    # for the mouth where that framing puts it.
+    data = (data or DataConfig()).model_copy(update={"num_clips": clips, "seconds": seconds, "framed_fraction": 0.0})
     preset = model.preset
     stride = preset.vae.temporal_stride
     layout = metrics.block_layout(stride, preset.generator.frames_per_block)

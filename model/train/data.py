@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from model.audio_features import build_featurizer
 from model.config import Preset
-from model.synth import Clip, Framing, make_clip
+from model.synth import RENDER_VERSION, Clip, Framing, make_clip
 from model.vae import WanVAE, frames_to_tensor
 
 
@@ -82,7 +82,8 @@ def cached_training_clips(data: DataConfig, size: int, directory: Path) -> list[
     """`training_clips`, kept in `directory` (one .npy file per array, keyed by the config) so a resumed run gets the
     very clips it started with, in seconds instead of minutes. Delete the files to regenerate them after a change to
     SynthTalk."""
-    key = hashlib.sha1(json.dumps({"data": data.model_dump(), "size": size}, sort_keys=True).encode()).hexdigest()
+    spec = {"data": data.model_dump(), "size": size, "render_version": RENDER_VERSION}
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     base = Path(directory) / f"clips-{key[:12]}"
     names = ("frames", "portraits", "audio")
     if all(base.with_suffix(f".{n}.npy").exists() for n in names) and base.with_suffix(".json").exists():

@@ -14,6 +14,7 @@ share of the time, whichever comes first, and `done.json` records which. The res
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -42,6 +43,10 @@ from model.vae import WanVAE
 
 class VAEGateError(RuntimeError):
     """The trained VAE is not good enough for the DiT stages to be worth running."""
+
+
+class StaleStageError(RuntimeError):
+    """A stage directory holds training begun on another VAE or other data than this run's."""
 
 
 STAGE_SHARE = {"vae": 0.25, "teacher": 0.4, "student": 0.15, "distill": 0.2}
@@ -142,8 +147,8 @@ def run_recipe(
 
     if stop_after == "vae":
         return {"stages": summaries}
-    vae_steps = summaries["vae"]["steps"]
-    latents_path = out / "data" / f"latents-vae{vae_steps}.pt"  # the latents of this VAE, not of an earlier one
+    latent_space = latent_space_fingerprint(vae, cfg.data)
+    latents_path = out / "data" / f"latents-{latent_space}.pt"  # this VAE's latents of these clips, no other's
     if latents_path.exists():
         dataset = LatentDataset.load(latents_path)
     else:
@@ -155,7 +160,7 @@ def run_recipe(
     if stop_after == "data":
         return {"stages": summaries}
     teacher = CausalWanDiT(preset.dit)
-    check_lineage(out, "teacher", vae_steps)
+    check_lineage(out, "teacher", latent_space)
     summaries["teacher"] = run_stage(
         TeacherStage(teacher, dataset, preset, cfg.dit, cfg.seed),
         out,
@@ -171,7 +176,7 @@ def run_recipe(
     if stop_after == "teacher":
         return {"stages": summaries}
     student = student_from_teacher(teacher)
-    check_lineage(out, "student", vae_steps)
+    check_lineage(out, "student", latent_space)
     summaries["student"] = run_stage(
         StudentStage(student, dataset, preset, cfg.dit, cfg.seed),
         out,
@@ -185,7 +190,7 @@ def run_recipe(
 
     if stop_after == "student":
         return {"stages": summaries}
-    check_lineage(out, "distill", vae_steps)
+    check_lineage(out, "distill", latent_space)
     summaries["distill"] = run_stage(
         DistillStage(student, teacher, vae, clips, preset, cfg.distill, cfg.seed),
         out,
@@ -211,24 +216,36 @@ def run_recipe(
     return result
 
 
-def check_lineage(out: Path, stage: str, vae_steps: int) -> None:
-    """A DiT stage learns in one VAE's latent space: refuse to resume a stage begun on another VAE (one trained
-    further since), and record the VAE of a stage that starts now."""
+def latent_space_fingerprint(vae: WanVAE, data: DataConfig) -> str:
+    """What the DiT stages learn from: the VAE's weights and latent normalisation, and the clips it encodes."""
+    digest = hashlib.sha256(json.dumps(data.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(vae.config.model_dump_json().encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def check_lineage(out: Path, stage: str, latent_space: str) -> None:
+    """A DiT stage learns in one latent space: refuse to resume a stage begun on another VAE or other clips (a VAE
+    trained further since, a changed data config), and record the latent space of a stage that starts now."""
     directory = out / stage
-    record = directory / "vae.json"
+    record = directory / "latent_space.json"
     if record.exists():
-        begun_on = json.loads(record.read_text())["vae_steps"]
+        begun_on = json.loads(record.read_text())["latent_space"]
+        if begun_on == latent_space:
+            return
+        problem = f"was trained in another latent space ({begun_on}) than this run's ({latent_space})"
     elif directory.exists() and any(directory.iterdir()):
-        begun_on = None  # a run directory from before this record
+        problem = "has no record of the latent space it was trained in (a run directory from older code)"
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"vae_steps": vae_steps}))
+        record.write_text(json.dumps({"latent_space": latent_space}))
         return
-    if begun_on != vae_steps:
-        raise SystemExit(
-            f"{directory} was trained on the VAE at step {begun_on}, not on this one (step {vae_steps}): remove it "
-            "(and the stages after it) to train them on this VAE"
-        )
+    raise StaleStageError(
+        f"{directory} {problem}: the VAE or the training clips changed. Remove it and the stages after it to train "
+        "them again."
+    )
 
 
 def calibrated_deflicker(
@@ -383,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except VAEGateError as err:
         raise SystemExit(f"stopped after the VAE stage: {err}") from None
+    except StaleStageError as err:
+        raise SystemExit(f"stopped: {err}") from None
 
 
 if __name__ == "__main__":
