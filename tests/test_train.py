@@ -12,9 +12,9 @@ from model.checkpoint import read_checkpoint
 from model.config import DeflickerConfig, DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
 from model.dit import CausalWanDiT
 from model.eval import metrics
-from model.eval.heldout import HELD_OUT, drift_check, window_is_worse
+from model.eval.heldout import HELD_OUT, VALIDATION, drift_check, window_is_worse
 from model.generator import AvatarModel, RenderSettings
-from model.train.data import VALIDATION, DataConfig, LatentDataset, encode_clip, training_clips
+from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
 from model.train.distill import DistillConfig, DistillStage
 from model.train.loop import run_stage
 from model.train.recipe import RecipeConfig, run_recipe
@@ -85,8 +85,14 @@ def test_data_matches_the_generators_audio_and_shapes(setup):
     assert HELD_OUT.identity_base > default.identity_base + default.num_identities
     assert HELD_OUT.speaker_base > default.speaker_base + default.num_speakers
     assert HELD_OUT.content_base > default.data_seed * 100_000 + default.num_clips
-    # ...nor the validation seeds (every choice made in training is made on those).
-    assert all(getattr(HELD_OUT, k) >= v + 100_000 for k, v in VALIDATION.items())
+    # ...nor the validation seeds (every choice made in training is made on those), and no training config reaches
+    # either.
+    for name in ("identity_base", "speaker_base", "content_base"):
+        assert getattr(HELD_OUT, name) >= getattr(VALIDATION, name) + 100_000
+    with pytest.raises(ValueError, match="training content seeds reach 10000000, into the evaluation seeds"):
+        DataConfig(data_seed=100, num_clips=1)
+    with pytest.raises(ValueError, match="identity seeds"):
+        DataConfig(identity_base=VALIDATION.identity_base - 5, num_identities=10)
 
 
 def test_teacher_and_student_learn_and_resume(setup, tmp_path):
@@ -385,6 +391,16 @@ def test_drift_check_compares_every_window_with_the_first():
     assert drift_check([base, ok])["passed"] is True
     assert drift_check([base])["passed"] is None  # nothing to compare with
     assert not window_is_worse("av_offset_frames", 0, -1) and window_is_worse("identity_error", 0.02, 0.023)
+    # A PSNR is worse when its squared error grew by more than 10% (0.41 dB), not when it lost 10% of its dB.
+    assert window_is_worse("truth_psnr", 30.0, 29.5) and not window_is_worse("truth_psnr", 30.0, 29.7)
+
+
+def test_targets_without_a_truth_are_unknown_not_met():
+    from model.eval.heldout import target_check
+
+    result = target_check([{"lipsync_r": 0.9, "av_offset_frames": 0}], [])
+    assert result["per_clip"][0]["truth_psnr"] is None and result["met"]["truth_psnr"] is None
+    assert result["met"]["lipsync_r"] is True
 
 
 def test_teacher_samples_independent_windows_of_the_whole_clip(setup):
@@ -448,6 +464,9 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
     )
     teacher = json.loads(out.read_text())
     assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None
+    # Without the references the still portrait's PSNR is still beside the render's (it needs no render).
+    assert 5 < teacher["still_portrait"]["truth_psnr"] < 100
+    assert isinstance(teacher["targets"]["met"]["truth_psnr"], bool)
     assert teacher["command"].startswith("python -m model.train.teacher --checkpoint")
 
 

@@ -19,15 +19,15 @@ from model.eval.mouth import locate_mouth, mouth_opening
 MouthMethod = Literal["auto", "synth", "facemesh"]
 WINDOW_SECONDS = 30.0
 SAMPLE_RATE = 16000
-_SMALL_PORTRAIT = 128  # at or below this size a face mesh is unreliable: read the mouth from pixels
 METRICS = ("lipsync_r", "av_offset_frames", "identity_error", "portrait_psnr", "boundary_jitter")
 
 
 def _pick_method(method: MouthMethod, portrait: np.ndarray, has_truth: bool) -> str:
     if method != "auto":
         return method
-    if has_truth or max(portrait.shape[:2]) <= _SMALL_PORTRAIT:
+    if has_truth:
         return "synth"  # a truth file only exists for SynthTalk clips
+    # Otherwise the face mesh wherever it finds a face (it upscales small portraits); SynthTalk's own locator if not.
     from model.eval.facemesh import FaceMesh
 
     with FaceMesh() as mesh:

@@ -156,7 +156,7 @@ def squared_errors(frames: np.ndarray, reference: np.ndarray, mask: np.ndarray |
     out = np.empty(len(frames))
     for i, frame in enumerate(frames):
         diff = frame.astype(np.float32) - (reference[i] if per_frame else reference).astype(np.float32)
-        out[i] = float((diff[mask] if mask is not None else diff).astype(np.float64).__pow__(2).mean())
+        out[i] = float(np.square((diff[mask] if mask is not None else diff).astype(np.float64)).mean())
     return out
 
 

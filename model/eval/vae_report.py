@@ -21,7 +21,7 @@ import torch
 
 from model.config import get_preset
 from model.eval import metrics, score
-from model.eval.heldout import HELD_OUT, reconstruct_clip
+from model.eval.heldout import HELD_OUT, VALIDATION, reconstruct_clip
 from model.synth import Clip, load_truth_phones
 from model.vae import WanVAE
 
@@ -86,9 +86,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--clips", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--split",
+        choices=["heldout", "validation"],
+        default="heldout",
+        help="held-out clips report a VAE; validation clips are the ones to compare training choices on",
+    )
     args = parser.parse_args(argv)
     size = get_preset(args.preset).video.height
-    clips = [HELD_OUT.clip(i, args.seconds, size) for i in range(args.clips)]
+    split = HELD_OUT if args.split == "heldout" else VALIDATION
+    clips = [split.clip(i, args.seconds, size) for i in range(args.clips)]
     print(json.dumps(vae_report(load_stage_vae(args.checkpoint, args.preset), clips), indent=1))
 
 

@@ -1,8 +1,9 @@
 """SynthTalk clips -> training tensors: video frames, VAE latents, the portrait's latent, audio features per
 latent frame.
 
-Identities and speakers are drawn from seed ranges disjoint from the held-out evaluation's
-(`model.eval.heldout.HeldOutSet`), so evaluation faces and voices are never seen in training. Audio features come
+Identities, speakers and content are drawn from seed ranges disjoint from the validation and held-out clips'
+(`model.eval.heldout`; `DataConfig` refuses a config that would reach them), so those faces and voices are never seen
+in training. Audio features come
 from the preset's featurizer through `block_features`, exactly as the generator computes them for a block, so
 training and generation agree frame by frame.
 """
@@ -16,24 +17,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from model.audio_features import build_featurizer
 from model.config import Preset
+from model.eval.heldout import VALIDATION
 from model.synth import RENDER_VERSION, Clip, Framing, make_clip
 from model.vae import WanVAE, frames_to_tensor
+
+_CONTENT_SEEDS_PER_DATA_SEED = 100_000
+_FRAMING_STREAM = 77  # the random stream of a training clip's framing, apart from SynthTalk's own streams
 
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data_seed: int = 0  # what is said, head motion, blinks: clip i uses data_seed * 100_000 + i
+    data_seed: int = 0  # what is said, head motion, blinks: clip i uses data_seed * _CONTENT_SEEDS_PER_DATA_SEED + i
     num_clips: int = 128
     seconds: float = 4.0
     # Many faces, so the DiT learns to copy the reference sink rather than memorise faces (evaluation faces are new).
     num_identities: int = 128  # training faces: identity seeds [identity_base, identity_base + n)
     num_speakers: int = 64
-    identity_base: int = 1000  # held-out faces and voices (model.eval.heldout.HeldOutSet) are far from these
+    identity_base: int = 1000  # validation and held-out faces and voices (model.eval.heldout) are far above these
     speaker_base: int = 5000
     # Scale of the idle head motion (SynthTalk's random sway, which nothing in a render's inputs predicts); 0: the
     # head stays at the portrait's pose and only the mouth and the eyes move.
@@ -43,15 +48,27 @@ class DataConfig(BaseModel):
     # draws it.
     framed_fraction: float = 0.0
 
-
-# Validation clips: faces, voices and content of their own, for every choice made while training (the recipe's VAE
-# gate); the held-out set judges the result and is never used to choose anything.
-VALIDATION = {"identity_base": 90_000, "speaker_base": 95_000, "content_base": 10_000_000}
+    @model_validator(mode="after")
+    def _below_the_evaluation_seeds(self) -> DataConfig:
+        # Validation's seeds are the lowest of the evaluation splits: staying below them stays below all of them.
+        ranges = {
+            "identity": (self.identity_base + self.num_identities, VALIDATION.identity_base),
+            "speaker": (self.speaker_base + self.num_speakers, VALIDATION.speaker_base),
+            "content": (self.data_seed * _CONTENT_SEEDS_PER_DATA_SEED + self.num_clips, VALIDATION.content_base),
+        }
+        for name, (end, evaluation_start) in ranges.items():
+            if end > evaluation_start:
+                raise ValueError(
+                    f"training {name} seeds reach {end - 1}, into the evaluation seeds from {evaluation_start}"
+                )
+        if self.num_clips > _CONTENT_SEEDS_PER_DATA_SEED:
+            raise ValueError(f"num_clips {self.num_clips} > {_CONTENT_SEEDS_PER_DATA_SEED}: data seeds would overlap")
+        return self
 
 
 def clip_framing(data: DataConfig, index: int) -> Framing:
     """Training clip `index`'s framing: the default, or (for `framed_fraction` of them) one drawn from its seed."""
-    rng = np.random.default_rng([data.data_seed, index, 77])
+    rng = np.random.default_rng([data.data_seed, index, _FRAMING_STREAM])
     if rng.random() >= data.framed_fraction:
         return Framing()
     zoom = float(np.exp(rng.uniform(np.log(0.5), 0.0)))
@@ -66,7 +83,7 @@ def training_clips(data: DataConfig, size: int) -> list[Clip]:
         speaker = data.speaker_base + (i // data.num_identities + i) % data.num_speakers
         clips.append(
             make_clip(
-                data.data_seed * 100_000 + i,
+                data.data_seed * _CONTENT_SEEDS_PER_DATA_SEED + i,
                 data.seconds,
                 size,
                 identity_seed=identity,
@@ -110,20 +127,6 @@ def cached_training_clips(data: DataConfig, size: int, directory: Path) -> list[
     meta = [{"id": c.id, "truth": c.truth, "sample_rate": c.sample_rate, "fps": c.fps} for c in clips]
     base.with_suffix(".json").write_text(json.dumps(meta))
     return clips
-
-
-def validation_clips(count: int, seconds: float, size: int) -> list[Clip]:
-    """Clip i of the validation set (`VALIDATION`): never trained on, and not the held-out set either."""
-    return [
-        make_clip(
-            VALIDATION["content_base"] + i,
-            seconds,
-            size,
-            identity_seed=VALIDATION["identity_base"] + i,
-            speaker_seed=VALIDATION["speaker_base"] + i,
-        )
-        for i in range(count)
-    ]
 
 
 def usable_frames(num_frames: int, temporal_stride: int) -> int:

@@ -28,11 +28,11 @@ from model.audio_features import build_featurizer
 from model.checkpoint import save_checkpoint
 from model.config import DeflickerConfig, Preset, get_preset
 from model.dit import CausalWanDiT
-from model.eval.heldout import HELD_OUT
+from model.eval.heldout import HELD_OUT, VALIDATION
 from model.eval.vae_report import vae_report
 from model.generator import BUNDLED_MODEL, AvatarModel
 from model.train.calibrate_deflicker import THRESHOLDS, calibrate
-from model.train.data import DataConfig, LatentDataset, cached_training_clips, encode_clip, validation_clips
+from model.train.data import DataConfig, LatentDataset, cached_training_clips, encode_clip
 from model.train.distill import DistillConfig, DistillStage, distilled_preset
 from model.train.loop import run_stage
 from model.train.student import StudentStage, student_from_teacher
@@ -123,7 +123,7 @@ def run_recipe(
     preset = preset.model_copy(update={"vae": vae_config})
     log(f"latent normalisation: std {[round(v, 2) for v in vae_config.latents_std]}")
     if cfg.vae_gate_lipsync_r is not None or cfg.vae_gate_psnr_over_still_db is not None:
-        report = vae_report(vae, validation_clips(2, 8.0, size))
+        report = vae_report(vae, [VALIDATION.clip(i, 8.0, size) for i in range(2)])
         log(
             f"VAE on validation clips: MAE {report['mae']:.1f}/255, lipsync_r of its reconstruction "
             f"{report['recon_lipsync_r']:.3f}, PSNR {report['recon_psnr']:.2f} dB (the still portrait: "

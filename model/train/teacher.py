@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from model.audio_features import num_video_frames
 from model.config import Preset
 from model.deflicker import deflicker_video
 from model.dit import CausalWanDiT
@@ -124,7 +125,8 @@ def sample_teacher(
     preset's deflicker, as the generator would apply it)."""
     preset, dit = model.preset, model.dit
     stride = preset.vae.temporal_stride
-    total = 1 + (len(clip.frames) - 1) // stride  # latent frames of the clip
+    # Latent frames of the clip, from its audio as the generator counts them (a photo's clip has no frames).
+    total = 1 + (num_video_frames(len(clip.audio), clip.sample_rate, clip.fps) - 1) // stride
     reference = model.vae.encode(frames_to_tensor(clip.portrait[None]))
     audio = model.featurizer.block_features(clip.audio, 0, total, stride)[None]
     denoiser = SinkDenoiser(dit, preset.text.max_length)
