@@ -45,7 +45,9 @@ def test_small_run_of_tiny_goes_through_the_engine(bench_module, tmp_path):
         # Engine passes per block: the reference sink's write, then the PSB plan's steps + the MCI write; the fifth
         # block passes the horizon and pays the URCR reset's write, and as the last block writes no context.
         assert [blk["passes"] for blk in blocks] == [1 + 8 + 1, 6 + 1, 4 + 1, 4 + 1, 1 + 4]
-        assert [blk["video_frames"] for blk in blocks] == [9, 12, 12, 12, 12]
+        stride, per_block = get_preset("tiny").vae.temporal_stride, get_preset("tiny").generator.frames_per_block
+        first = 1 + stride * (per_block - 1)  # the causal VAE's first latent frame is one video frame
+        assert [blk["video_frames"] for blk in blocks] == [first] + [stride * per_block] * 4
         assert [blk["rows"] for blk in blocks] == [b["batch"]] * 5
         assert b["steady_blocks"] == [2, 3, 4]
         assert b["e2e_fps"] <= b["dit_fps"]  # end to end adds the decode to the DiT's time

@@ -28,6 +28,9 @@ SIZE = 16
 
 def small_preset() -> Preset:
     tiny = get_preset("tiny")
+    # A VAE with temporal compression (stride 4, Wan2.1's), unlike the tiny preset's: it exercises the latent-frame
+    # bookkeeping a stride-1 VAE never needs.
+    vae = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
     dit = DiTConfig(
         dim=32,
         ffn_dim=64,
@@ -36,10 +39,9 @@ def small_preset() -> Preset:
         freq_dim=16,
         text_dim=8,
         audio_feature_dim=tiny.dit.audio_feature_dim,
-        audio_window=tiny.dit.audio_window,
+        audio_window=vae.temporal_stride + tiny.audio.context_frames,
         audio_hidden=16,
     )
-    vae = VAEConfig(base_dim=4, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
     gen = GeneratorConfig(step_plan=(3, 2, 1), window_frames=3, horizon_frames=10)
     return tiny.model_copy(
         update={

@@ -65,7 +65,7 @@ class RecipeConfig(BaseModel):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     # The step counts of the run that produced the bundled model (docs/results.md), so the default retraces it.
     max_steps: dict[str, int] = Field(
-        default_factory=lambda: {"vae": 16_000, "teacher": 3800, "student": 1200, "distill": 480}
+        default_factory=lambda: {"vae": 12_000, "teacher": 3800, "student": 1200, "distill": 480}
     )
     checkpoint_every: int = 50
     seed: int = 0
@@ -111,7 +111,7 @@ def run_recipe(
     size = preset.video.height
     log(f"data: {cfg.data.num_clips} SynthTalk clips of {cfg.data.seconds} s (data seed {cfg.data.data_seed})")
     vae = WanVAE(preset.vae)
-    vae_data = cfg.data.model_copy(update={"head_motion": cfg.vae_head_motion, "framed_fraction": 0.0})
+    vae_data = cfg.data.model_copy(update={"head_motion": cfg.vae_head_motion})  # framed as the DiT's clips are
     vae_clips = cached_training_clips(vae_data, size, out / "data")
     vae_stage = VAEStage(vae, vae_clips, cfg.vae, cfg.seed, total_steps=cfg.max_steps["vae"])
     summaries["vae"] = run_stage(vae_stage, out, cfg.max_steps["vae"], budget["vae"], cfg.checkpoint_every, log)

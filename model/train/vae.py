@@ -6,6 +6,9 @@
 3. The rest on windows of `latent_frames` with the residual blocks' causal convs *frame-local* (their temporal taps
    held at zero); only the resamplers' time convs mix frames.
 
+A VAE without temporal compression (the tiny preset's; `model.config` says why) is a frame VAE: it trains on
+frames only, its residual convs frame-local from the start.
+
 Why phase 3: stacked causal convs make the encoder and the decoder recurrences whose reach (up to ~30 latent frames
 here, see `decoder_context_frames`) is far longer than any window a CPU can train on. A VAE trained with full taps
 (the 64x64 model's, `runs/tiny2`) decoded its first chunks well (MAE 12/255) and then degraded chunk by chunk past the
@@ -100,16 +103,23 @@ class VAEStage:
             videos.append(frames_to_tensor(frames[start : start + window, y : y + crop, x : x + crop]))
         return torch.cat(videos)
 
+    def phase(self, index: int) -> tuple[bool, bool]:
+        """(single frames?, frame-local residual convs?) at step `index`. A VAE without temporal compression mixes
+        no frames once its residual convs are frame-local: all its steps are frame steps, with the taps held at zero
+        (they would otherwise keep their random init, unseen by single frames, and mix frames at inference)."""
+        if self.vae.temporal_stride == 1:
+            return True, True
+        return index < self.cfg.image_steps, index >= self.cfg.image_steps + self.cfg.causal_steps
+
     def learning_rate(self, index: int) -> float:
-        lr = self.cfg.lr if index < self.cfg.image_steps else 0.5 * self.cfg.lr
+        lr = self.cfg.lr if self.phase(index)[0] else 0.5 * self.cfg.lr
         if self.total_steps:
             progress = min(index / self.total_steps, 1.0)
             lr *= self.cfg.final_lr_fraction + (1 - self.cfg.final_lr_fraction) * 0.5 * (1 + np.cos(np.pi * progress))
         return float(lr)
 
     def step(self, index: int) -> dict[str, float]:
-        images = index < self.cfg.image_steps
-        local = index >= self.cfg.image_steps + self.cfg.causal_steps
+        images, local = self.phase(index)
         for group in self.opt.param_groups:
             group["lr"] = self.learning_rate(index)
         if images:
