@@ -2,11 +2,11 @@
 
 Timing. Video frame i spans [i/fps, (i+1)/fps); its feature may use audio only up to the frame's end.
 The VAE's temporal stride s maps latent frame 0 to video frame 0 and latent frame k >= 1 to video frames
-s*k-s+1 .. s*k. Latent frame k is conditioned on a window of `audio_window = s + context_frames` feature
-vectors: the video frames ending at its last covered frame (e_k = s*k, or 0 for k = 0), i.e. frames
-e_k - audio_window + 1 .. e_k; frames before the start of the audio (negative indices) are zero vectors.
-A generation block's features are computed from the samples before the block's end only, so they are
-the same whether the rest of the speech is known yet or not (no look-ahead; streaming-safe).
+s*k-s+1 .. s*k. Latent frame k is conditioned on a window of `audio_window = s + context_frames + lookahead_frames`
+feature vectors ending `lookahead_frames` (L) after its last covered frame (e_k = s*k, or 0 for k = 0), i.e. frames
+e_k + L - audio_window + 1 .. e_k + L; frames before the start of the audio (negative indices) are zero vectors.
+A generation block's features are computed from the samples before the block's end plus L frames only, so they are
+the same whether the rest of the speech is known yet or not (streaming-safe: a stream waits L frames longer).
 
 The exception is OmniAvatar's wav2vec2 path (`encoder: omniavatar`, LiveTalk): its transformer encodes the whole
 clip at once, so its features (`ClipFeatures`) need the whole audio and are computed over the clip, or for very long
@@ -43,9 +43,13 @@ def last_video_frame(latent_index: int, temporal_stride: int) -> int:
     return latent_index * temporal_stride
 
 
-def window_frame_indices(first_latent: int, num_latent: int, temporal_stride: int, window: int) -> torch.Tensor:
-    """(num_latent, window) video frame indices of each latent frame's window (negative: before the audio)."""
-    ends = torch.tensor([last_video_frame(k, temporal_stride) for k in range(first_latent, first_latent + num_latent)])
+def window_frame_indices(
+    first_latent: int, num_latent: int, temporal_stride: int, window: int, lookahead: int = 0
+) -> torch.Tensor:
+    """(num_latent, window) video frame indices of each latent frame's window, which ends `lookahead` frames after
+    the latent frame's last video frame (negative indices: before the audio)."""
+    latents = range(first_latent, first_latent + num_latent)
+    ends = torch.tensor([last_video_frame(k, temporal_stride) + lookahead for k in latents])
     return ends[:, None] - window + 1 + torch.arange(window)
 
 
@@ -76,12 +80,13 @@ class AudioFeaturizer(ABC):
         self.sample_rate = audio.sample_rate
         self.hop = audio.sample_rate // fps  # samples per video frame (640 at 16 kHz / 25 fps)
         self.context_frames = audio.context_frames
+        self.lookahead_frames = audio.lookahead_frames
         self.front_padding = audio.front_padding
 
     whole_clip = False  # True: features need the whole audio (see ClipFeatures), not a streaming window
 
     def audio_window(self, temporal_stride: int) -> int:
-        return temporal_stride + self.context_frames
+        return temporal_stride + self.context_frames + self.lookahead_frames
 
     @abstractmethod
     def frame_features(self, samples: np.ndarray, first_frame: int, last_frame: int, offset: int) -> torch.Tensor:
@@ -95,7 +100,8 @@ class AudioFeaturizer(ABC):
 
     def first_sample_needed(self, first_latent: int, temporal_stride: int) -> int:
         """The earliest sample a block starting at `first_latent` reads (earlier audio may be dropped)."""
-        first_frame = last_video_frame(first_latent, temporal_stride) - self.audio_window(temporal_stride) + 1
+        last_frame = last_video_frame(first_latent, temporal_stride) + self.lookahead_frames
+        first_frame = last_frame - self.audio_window(temporal_stride) + 1
         return max(0, (max(first_frame, 0) - self.history_frames) * self.hop)
 
     def block_features(
@@ -105,14 +111,14 @@ class AudioFeaturizer(ABC):
 
         `samples`: mono audio at `sample_rate` whose first sample is sample `offset` of the stream (0: from time 0;
         a streaming caller may drop what `first_sample_needed` says no block reads any more). Only samples before
-        the block's end are read, and missing ones (audio shorter than the video) count as silence. The cost does
-        not depend on the block's position in the stream.
+        the block's end plus `lookahead_frames` are read, and missing ones (audio shorter than that) count as
+        silence. The cost does not depend on the block's position in the stream.
         """
         if num_latent < 1 or first_latent < 0:
             raise ValueError(f"need first_latent >= 0 and num_latent >= 1, got {first_latent}, {num_latent}")
         window = self.audio_window(temporal_stride)
-        ends = [last_video_frame(k, temporal_stride) for k in range(first_latent, first_latent + num_latent)]
-        first_frame, last_frame = ends[0] - window + 1, ends[-1]
+        frames = window_frame_indices(first_latent, num_latent, temporal_stride, window, self.lookahead_frames)
+        first_frame, last_frame = int(frames[0, 0]), int(frames[-1, -1])
         start_sample = self.first_sample_needed(first_latent, temporal_stride)
         if offset > start_sample:
             raise ValueError(f"the block needs audio from sample {start_sample}, but samples start at {offset}")
@@ -123,7 +129,6 @@ class AudioFeaturizer(ABC):
 
         computed_from = max(first_frame, 0)
         feats = self.frame_features(block_samples, computed_from, last_frame, start_sample).float()
-        frames = window_frame_indices(first_latent, num_latent, temporal_stride, window)
         return pack_latent_windows(feats, computed_from, frames, self.front_padding)
 
 
@@ -292,8 +297,8 @@ class OmniAvatarFeaturizer(AudioFeaturizer):
 class FrameFeatures:
     """Per-video-frame features known in advance ((T, D) for frames 0 .. T-1), packed per latent frame."""
 
-    def __init__(self, feats: torch.Tensor, front_padding: str):
-        self.feats, self.front_padding = feats.float(), front_padding
+    def __init__(self, feats: torch.Tensor, front_padding: str, lookahead_frames: int = 0):
+        self.feats, self.front_padding, self.lookahead_frames = feats.float(), front_padding, lookahead_frames
         self.num_frames = feats.shape[0]
 
     def frames(self, first: int, last: int) -> tuple[torch.Tensor, int]:
@@ -301,7 +306,7 @@ class FrameFeatures:
         return self.feats, 0
 
     def block_features(self, first_latent: int, num_latent: int, temporal_stride: int, window: int) -> torch.Tensor:
-        frames = window_frame_indices(first_latent, num_latent, temporal_stride, window)
+        frames = window_frame_indices(first_latent, num_latent, temporal_stride, window, self.lookahead_frames)
         if int(frames.max()) >= self.num_frames:
             raise ValueError(
                 f"latent frames up to {first_latent + num_latent - 1} need video frame {int(frames.max())}"
@@ -318,7 +323,7 @@ class ClipFeatures(FrameFeatures):
 
     def __init__(self, featurizer: OmniAvatarFeaturizer, samples: np.ndarray, num_frames: int):
         self.featurizer, self.num_frames = featurizer, num_frames
-        self.front_padding = featurizer.front_padding
+        self.front_padding, self.lookahead_frames = featurizer.front_padding, featurizer.lookahead_frames
         hop = featurizer.hop
         clip = np.zeros((num_frames - 1) * hop, dtype=np.float32)
         clip[: min(len(samples), clip.size)] = np.asarray(samples[: clip.size], dtype=np.float32)

@@ -113,7 +113,11 @@ class AudioConfig(_Frozen):
     encoder: Literal["logmel", "wav2vec2", "omniavatar"]
     sample_rate: int = 16000
     n_mels: int = 80  # logmel only
-    context_frames: int = 4  # past video frames of audio each latent frame also sees (no look-ahead)
+    context_frames: int = 4  # past video frames of audio each latent frame also sees
+    # Future video frames of audio each latent frame also sees: lips move before the sound they make (SynthTalk's
+    # coarticulation, like real speech, opens the mouth ~100 ms ahead), and a streaming render waits this long for
+    # its audio.
+    lookahead_frames: int = Field(0, ge=0)
     # What stands for the video frames before the start of the audio in a latent frame's window: zero vectors, or
     # copies of the first frame's features (OmniAvatar pads the front of the clip with three of them).
     front_padding: Literal["zeros", "first_frame"] = "zeros"
@@ -272,7 +276,9 @@ class Preset(_Frozen):
 
 
 def _tiny() -> Preset:
-    audio = AudioConfig(encoder="logmel", n_mels=40, context_frames=4)
+    # 2 frames ahead (80 ms, 1.6 std of SynthTalk's coarticulation): with a latent per video frame no frame sees any
+    # later audio otherwise (stride 4 gave its frames 0-3 frames, 1.5 on average).
+    audio = AudioConfig(encoder="logmel", n_mels=40, context_frames=4, lookahead_frames=2)
     # base_dim 16 at 128x128: 2.6M parameters. No temporal compression (a latent frame per video frame): a VAE this
     # small lost more than the still portrait's whole margin packing 4 frames into one latent (validation clips: 22.4 dB
     # against the still's 22.5), where the same weights one frame at a time give 25.6 dB; the DiT's share of a
@@ -287,7 +293,7 @@ def _tiny() -> Preset:
         text_dim=32,
         patch_size=(1, 2, 2),
         audio_feature_dim=audio.n_mels,
-        audio_window=vae.temporal_stride + audio.context_frames,
+        audio_window=vae.temporal_stride + audio.context_frames + audio.lookahead_frames,
         audio_hidden=128,
     )
     return Preset(
@@ -333,7 +339,9 @@ def _wan21_1_3b() -> Preset:
     audio = AudioConfig(encoder="wav2vec2", context_frames=4)
     vae = _wan21_vae()
     dit = _wan21_backbone(
-        audio_feature_dim=_WAV2VEC2_DIM, audio_window=vae.temporal_stride + audio.context_frames, audio_hidden=512
+        audio_feature_dim=_WAV2VEC2_DIM,
+        audio_window=vae.temporal_stride + audio.context_frames + audio.lookahead_frames,
+        audio_hidden=512,
     )
     return Preset(
         name="wan2.1-1.3b",

@@ -444,7 +444,9 @@ class RenderSession:
         if features.shape[0] < self._padded_frames():
             raise ValueError(f"features cover {features.shape[0]} video frames; the blocks of a {self.total_frames}-"
                              f"frame video need {self._padded_frames()}")  # fmt: skip
-        self.clip_features = FrameFeatures(features, self.preset.audio.front_padding)
+        self.clip_features = FrameFeatures(
+            features, self.preset.audio.front_padding, self.preset.audio.lookahead_frames
+        )
 
     def _padded_frames(self) -> int:
         """Video frames of the whole blocks that cover the audio: the last block is padded, its video trimmed."""
@@ -473,7 +475,8 @@ class RenderSession:
         if self.model.featurizer is None or self.model.featurizer.whole_clip:
             return False
         video_end = self._video_frames_through(self.latents_done + self.gen.frames_per_block)
-        return self.audio.end >= math.ceil(video_end * self.sample_rate / self.fps)
+        heard_until = video_end + self.preset.audio.lookahead_frames  # a block's features read this far
+        return self.audio.end >= math.ceil(heard_until * self.sample_rate / self.fps)
 
     # -- video out -------------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Audio features: per-video-frame timing, packing per latent frame, and no look-ahead past a block's end."""
+"""Audio features: per-video-frame timing, packing per latent frame, and no look-ahead past a block's end (plus the
+preset's `lookahead_frames`)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,38 @@ def test_logmel_alignment_follows_latent_to_video_frame_mapping():
     assert feats[0, : window - 1].abs().max() == 0 and feats[1:3].abs().max() == 0
 
 
+def test_lookahead_shifts_each_window_later_by_that_many_frames():
+    """With L frames of look-ahead a burst in video frame 9 reaches latent frames whose window ends up to L frames
+    earlier, and the window keeps its context: s + context + L rows."""
+    plain = LogMelFeaturizer(AudioConfig(encoder="logmel", n_mels=40, context_frames=4), FPS)
+    ahead = LogMelFeaturizer(AudioConfig(encoder="logmel", n_mels=40, context_frames=4, lookahead_frames=3), FPS)
+    assert ahead.audio_window(STRIDE) == plain.audio_window(STRIDE) + 3
+    samples = speech_like(2.0)
+    feats, shifted = plain.block_features(samples, 0, 8, STRIDE), ahead.block_features(samples, 0, 8, STRIDE)
+    # Row r of latent k covers frame e_k + L - window + 1 + r: the same frames as the plain window, plus 3 later.
+    torch.testing.assert_close(shifted[1:, : plain.audio_window(STRIDE)], feats[1:])
+    # Its 3 extra rows, frames e_k + 1 .. e_k + 3, are frames e_(k+1) - 3 .. e_(k+1) - 1 of the next latent frame.
+    torch.testing.assert_close(shifted[1:7, -3:], feats[2:8, -4:-1])
+    _assert_no_lookahead(ahead, samples, [(0, 3), (3, 3), (6, 2)])
+
+
+def test_a_stream_waits_for_the_lookahead_audio_before_a_block():
+    from model.dit import CausalWanDiT
+    from model.generator import AvatarModel
+    from model.vae import WanVAE
+
+    tiny = get_preset("tiny").with_resolution(32, 32)
+    torch.manual_seed(0)
+    model = AvatarModel(tiny, CausalWanDiT(tiny.dit), WanVAE(tiny.vae), description="random")
+    session = model.open(np.zeros((32, 32, 3), np.uint8))
+    first_block = 1 + tiny.vae.temporal_stride * (tiny.generator.frames_per_block - 1)  # video frames
+    needed = (first_block + tiny.audio.lookahead_frames) * HOP
+    session.feed_audio(speech_like(1.0)[: needed - 1])
+    assert tiny.audio.lookahead_frames > 0 and not session.ready()
+    session.feed_audio(speech_like(1.0)[needed - 1 : needed])
+    assert session.ready()
+
+
 def test_logmel_scale_is_fixed_and_roughly_unit():
     featurizer = LogMelFeaturizer(AudioConfig(encoder="logmel", n_mels=40), FPS)
     speech = speech_like(2.0)
@@ -73,9 +106,11 @@ def test_logmel_scale_is_fixed_and_roughly_unit():
 
 
 def _assert_no_lookahead(featurizer, samples: np.ndarray, blocks: list[tuple[int, int]]) -> None:
+    """Nothing past the end of a block's last video frame plus the featurizer's look-ahead is read."""
     rng = np.random.default_rng(1)
     for first, count in blocks:
-        end = (window_frame(first + count - 1, 0, 1)) * HOP + HOP  # end of the block's last video frame
+        last_frame = window_frame(first + count - 1, 0, 1) + featurizer.lookahead_frames
+        end = last_frame * HOP + HOP
         exact = featurizer.block_features(samples[:end], first, count, STRIDE)
         more = featurizer.block_features(samples, first, count, STRIDE)
         other_future = np.concatenate([samples[:end], rng.standard_normal(5 * HOP).astype(np.float32)])

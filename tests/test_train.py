@@ -39,7 +39,7 @@ def small_preset() -> Preset:
         freq_dim=16,
         text_dim=8,
         audio_feature_dim=tiny.dit.audio_feature_dim,
-        audio_window=vae.temporal_stride + tiny.audio.context_frames,
+        audio_window=vae.temporal_stride + tiny.audio.context_frames + tiny.audio.lookahead_frames,
         audio_hidden=16,
     )
     gen = GeneratorConfig(step_plan=(3, 2, 1), window_frames=3, horizon_frames=10)
