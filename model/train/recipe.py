@@ -63,7 +63,8 @@ class RecipeConfig(BaseModel):
     vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
     dit: DiTTrainConfig = Field(default_factory=DiTTrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-    # The step counts of the run that produced the bundled model (docs/results.md), so the default retraces it.
+    # The step counts of `make train-tiny`, the run in progress for the 128x128 model (the bundled 64x64 one predates
+    # them; its model card has its own).
     max_steps: dict[str, int] = Field(
         default_factory=lambda: {"vae": 12_000, "teacher": 3800, "student": 1200, "distill": 480}
     )
