@@ -21,7 +21,7 @@ import torch
 
 from model.config import get_preset
 from model.eval import metrics, score
-from model.eval.heldout import HELD_OUT, VALIDATION, reconstruct_clip
+from model.eval.heldout import HELD_OUT, VALIDATION, reconstruct_clip, still_truth_psnr
 from model.synth import Clip, load_truth_phones
 from model.vae import WanVAE
 
@@ -45,7 +45,7 @@ def vae_report(vae: WanVAE, clips: list[Clip]) -> dict:
             float(error[1 + stride * k : 1 + stride * (k + 1)].mean()) for k in range((len(error) - 1) // stride)
         ]
         recon_errors = metrics.squared_errors(recon, truth_frames)
-        still_errors = metrics.squared_errors(truth_frames, clip.portrait)  # not animating at all: the baseline
+        still = still_truth_psnr(clip.portrait, truth_frames)  # not animating at all: the baseline
         phones = load_truth_phones(clip.truth)
         result = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)
         truth = score(truth_frames, clip.fps, clip.portrait, clip.audio, phones=phones)
@@ -57,9 +57,9 @@ def vae_report(vae: WanVAE, clips: list[Clip]) -> dict:
                 "mae": round(float(error.mean()), 2),
                 # A generator on this VAE cannot beat its reconstruction: it must leave room above the still's PSNR.
                 "recon_psnr": metrics.psnr(recon_errors.mean()),
-                "still_psnr": metrics.psnr(still_errors.mean()),
+                "still_psnr": still["truth_psnr"],
                 "recon_psnr_frame0": metrics.psnr(recon_errors[0]),
-                "still_psnr_frame0": metrics.psnr(still_errors[0]),
+                "still_psnr_frame0": still["truth_psnr_frame0"],
                 "change_by_pair_position": {
                     name: [round(float(c[k::stride].mean()), 3) for k in range(stride)] for name, c in changes.items()
                 },

@@ -327,7 +327,8 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
   Held-out evaluation uses identity seeds from {HELD_OUT.identity_base}, speaker seeds from {HELD_OUT.speaker_base}
   and content seeds from {HELD_OUT.content_base} (never used for training, tuning or calibration).
 - DiT: {sum(p.numel() for p in dit.parameters()):,} parameters; VAE: {sum(p.numel() for p in vae.parameters()):,}
-  parameters, a Wan2.1-style causal 3D VAE (base_dim {preset.vae.base_dim}, frame-local residual convs) trained here.
+  parameters, a Wan2.1-style causal 3D VAE (base_dim {preset.vae.base_dim}, temporal stride
+  {preset.vae.temporal_stride}, frame-local residual convs) trained here.
 - Generator: step plan {list(gen.step_plan)} (PSB), sampler `{gen.sampler}`, t_mci {gen.t_mci} (MCI), horizon
   {gen.horizon_frames} latent frames with URCR resets, the portrait's latent as the cache sink, {anchoring};
   {_deflicker_line(gen.deflicker, result)}.
