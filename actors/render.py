@@ -12,7 +12,9 @@ audio) and stored with the generator state at its end:
 A row that finds stored segments restores the last state and renders only the blocks after it, so a render actor
 killed mid-row (Ray restarts it and retries its rows) loses at most one segment of work per row. After every block
 the row reports progress and learns whether the job was cancelled; a cancelled row keeps its segments and can
-resume in a later run. A row that fails leaves the batch; the others go on. With `overlap_decode` the VAE decode
+resume in a later run. A row that fails leaves the batch; the others go on. A row whose segment encoder was
+killed by a signal (the OOM killer; a worker's exit kills its children before the worker goes) is not at fault:
+it is opened again from its last stored segment, up to ENCODER_REOPENS times. With `overlap_decode` the VAE decode
 and H.264 encode of a block run on a second thread while the engine generates the next one.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from model.media import EncoderKilledError
 from pipeline.events import BlockRendered, RowStarted, RowStatus
 from pipeline.model_cache import local_checkpoint
 from pipeline.records import RowRecord, array_from_bytes
@@ -37,6 +40,7 @@ from pipeline.settings import PipelineSettings
 from pipeline.storage import ObjectStore
 
 MP4, STATE = ".mp4", ".state"
+ENCODER_REOPENS = 2  # a row whose ffmpeg keeps being killed fails after this many reopens
 
 
 def segment_uri(prefix: str, index: int, suffix: str) -> str:
@@ -52,9 +56,12 @@ def last_complete_segment(store: ObjectStore, prefix: str) -> int | None:
 class RowRender:
     """One row in the engine: its session, its open segment, its progress; the engine loop drives it."""
 
-    def __init__(self, actor: BatchRenderer, record: RowRecord, resolve):
+    def __init__(self, actor: BatchRenderer, record: RowRecord, resolve, reopens: int = 0):
         self.renderer, self.record, self.task = actor, record, record.task
         self.resolve = resolve  # hands the finished record back to the waiting call
+        self.reopens = reopens  # times this row was opened again after its encoder was killed
+        self.inputs = (record.portrait, record.audio)  # kept for a reopen; the record travels without them
+        self.reopen = False  # set by close: render the row again instead of resolving it
         self.started = time.perf_counter()
         self.session = None
         self.writer = None
@@ -155,6 +162,10 @@ class RowRender:
         if self.writer is not None and (error is not None or self.cancelled):
             self.writer.abort()  # an unfinished segment is rendered again on resume
         self.tmp.cleanup()
+        if isinstance(error, EncoderKilledError) and self.reopens < ENCODER_REOPENS and not self.cancelled:
+            self.reopen = True
+            record.portrait, record.audio = self.inputs
+            return record
         if error is not None:
             record.fail("render", f"{type(error).__name__}: {error}")
         elif self.cancelled:
@@ -206,7 +217,7 @@ class BatchRenderer:
 
     def submit(self, record: RowRecord, resolve) -> None:
         """Queue a row; `resolve(record)` is called from the engine thread when it is rendered, cancelled or failed."""
-        self._inbox.put((record, resolve))
+        self._inbox.put((record, resolve, 0))
 
     def render(self, record: RowRecord) -> RowRecord:
         """One row, waited for."""
@@ -257,24 +268,28 @@ class BatchRenderer:
         """Take in the rows waiting in the inbox (blocking for one when the engine is idle)."""
         while True:
             try:
-                record, resolve = self._inbox.get(block=wait)
+                record, resolve, reopens = self._inbox.get(block=wait)
             except queue.Empty:
                 return
             wait = False
-            item = RowRender(self, record, resolve)
+            item = RowRender(self, record, resolve, reopens)
             if record.status != RowStatus.PENDING:
                 item.resolve(record)
                 continue
             try:
                 item.open()
             except Exception as err:  # a bad state or input of this row: fail it alone
-                item.resolve(item.close(err))
+                self._finish(item, err)
                 continue
             self.engine.add(item.session)
             rows[item.session] = item
 
     def _finish(self, row: RowRender, error: Exception | None = None) -> None:
-        row.resolve(row.close(error))
+        record = row.close(error)
+        if row.reopen:  # from its last stored segment, on a later admit
+            self._inbox.put((record, row.resolve, row.reopens + 1))
+        else:
+            row.resolve(record)
 
 
 class RenderActor:

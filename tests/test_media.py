@@ -11,6 +11,7 @@ from PIL import Image
 
 from model.errors import InputError
 from model.media import (
+    EncoderKilledError,
     VideoWriter,
     concat_mp4,
     encode_audio,
@@ -207,6 +208,27 @@ def test_video_writer_round_trip_and_argument_errors(tmp_path):
             writer.write(frames)
             raise RuntimeError("Boom")
     assert not any(name.startswith((".aborted", "aborted")) for name in os.listdir(tmp_path))
+
+
+def test_video_writer_reports_a_killed_encoder_as_such(tmp_path):
+    """ffmpeg stopped by a signal, seen in a write or at close, is EncoderKilledError (the render actor encodes
+    those frames again) and leaves no file behind."""
+    import signal
+
+    frames = frames_pattern(4)
+    writer = VideoWriter(tmp_path / "killed.mp4", FPS, 48, 32)
+    writer.write(frames)
+    writer._proc.send_signal(signal.SIGKILL)
+    writer._proc.wait()
+    with pytest.raises(EncoderKilledError, match="signal 9"):
+        writer.write(frames)
+    writer.abort()
+    writer = VideoWriter(tmp_path / "killed-at-close.mp4", FPS, 48, 32)
+    writer.write(frames)
+    writer._proc.send_signal(signal.SIGKILL)
+    with pytest.raises(EncoderKilledError):  # killed before close waited for it
+        writer.close()
+    assert not os.listdir(tmp_path)
 
 
 def test_concat_mp4_copies_video_exactly_and_muxes_audio(tmp_path):

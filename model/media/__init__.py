@@ -6,7 +6,15 @@ other formats that read further files), and PIL only the documented image format
 
 from model.media.audio import encode_audio, load_audio, save_wav
 from model.media.image import load_portrait
-from model.media.video import VideoWriter, concat_mp4, measure_audio_duration, probe, read_video, stream_video
+from model.media.video import (
+    EncoderKilledError,
+    VideoWriter,
+    concat_mp4,
+    measure_audio_duration,
+    probe,
+    read_video,
+    stream_video,
+)
 
 __all__ = [
     "load_audio",
@@ -14,6 +22,7 @@ __all__ = [
     "encode_audio",
     "load_portrait",
     "VideoWriter",
+    "EncoderKilledError",
     "read_video",
     "stream_video",
     "probe",

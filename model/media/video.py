@@ -111,6 +111,11 @@ def _mux_args(video_input: list[str], audio_path: str | None, audio_seconds: flo
     return args + ["-c:v", "copy", "-movflags", "+faststart", "-f", "mp4", "-y", out]
 
 
+class EncoderKilledError(RuntimeError):
+    """ffmpeg was stopped by a signal (the OOM killer; a Ray worker's exit, which kills its children first),
+    not by anything in its input: the same frames can be encoded again."""
+
+
 class VideoWriter:
     """Stream uint8 RGB frames into an H.264 (yuv420p, +faststart) mp4, optionally muxing an audio track.
 
@@ -184,9 +189,13 @@ class VideoWriter:
         try:
             self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
         except BrokenPipeError:
-            self._proc.wait()
-            raise RuntimeError(f"ffmpeg stopped while writing {self.path}: {self._stderr_tail()}") from None
+            self._raise_stopped(self._proc.wait(), "stopped while writing")
         self.frames_written += len(frames)
+
+    def _raise_stopped(self, returncode: int, what: str) -> None:
+        if returncode < 0:
+            raise EncoderKilledError(f"ffmpeg was killed (signal {-returncode}) while encoding {self.path}") from None
+        raise RuntimeError(f"ffmpeg {what} {self.path}: {self._stderr_tail()}") from None
 
     def close(self) -> None:
         """Finish encoding, mux the audio if any, and move the file into place. Raises RuntimeError on failure."""
@@ -198,8 +207,8 @@ class VideoWriter:
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
-            if proc.wait() != 0:
-                raise RuntimeError(f"ffmpeg failed to encode {self.path}: {self._stderr_tail()}")
+            if (returncode := proc.wait()) != 0:
+                self._raise_stopped(returncode, "failed to encode")
             if self.frames_written == 0:
                 raise RuntimeError(f"no frames were written to {self.path}")
             if self.audio_path is None:
