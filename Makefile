@@ -74,17 +74,14 @@ MODEL ?= model/weights/tiny
 EVAL ?= $(RUN)/eval
 HELDOUT := $(PY) -m model.eval.heldout --clips 4 --seconds 12
 eval-tiny: install
-	$(PY) -m model.train.calibrate_deflicker --checkpoint $(MODEL) --clips 8 --seconds 8
 	$(HELDOUT) --checkpoint $(MODEL) --out $(EVAL)/default.json
 	$(HELDOUT) --checkpoint $(MODEL) --photo examples/astronaut.jpg --out $(EVAL)/astronaut.json
-	$(HELDOUT) --checkpoint $(MODEL) --no-deflicker --out $(EVAL)/deflicker-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(EVAL)/espeak.json
 	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(EVAL)/psb-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --t-mci 0 --out $(EVAL)/mci-off-inference.json
 	$(PY) -m model.eval.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --out $(EVAL)/urcr-10min.json
 	$(PY) -m model.eval.heldout --checkpoint $(MODEL) --clips 1 --seconds 600 --no-references --no-urcr --out $(EVAL)/no-urcr-10min.json
 	$(PY) -m model.eval.drift_plot $(EVAL)/urcr-10min.json $(EVAL)/no-urcr-10min.json --label "URCR on" --label "URCR off" --out docs/img/drift_urcr.png
-	$(PY) -m model.eval.seam_plot --checkpoint $(MODEL) --clip 0 --seconds 2 --out docs/img/seams_deflicker.png
 	$(PY) -m model.eval.results_table $(EVAL)/*.json
 
 # The rows of a training run's intermediate models (the bidirectional teacher, the causal student before distillation).
