@@ -9,13 +9,14 @@ audio) and stored with the generator state at its end:
 
     <output root>/.segments/<row key>/<index>.mp4    then    <index>.state   (the state marks it complete)
 
-A row that finds stored segments restores the last state and renders only the blocks after it, so a render actor
-killed mid-row (Ray restarts it and retries its rows) loses at most one segment of work per row. After every block
-the row reports progress and learns whether the job was cancelled; a cancelled row keeps its segments and can
-resume in a later run. A row that fails leaves the batch; the others go on. A row whose segment encoder was
-killed by a signal (the OOM killer; a worker's exit kills its children before the worker goes) is not at fault:
-it is opened again from its last stored segment, up to ENCODER_REOPENS times. With `overlap_decode` the VAE decode
-and H.264 encode of a block run on a second thread while the engine generates the next one.
+The previous segment's state is then deleted (a resume reads only the last). A row that finds stored segments
+restores the last state and renders only the blocks after it, so a render actor killed mid-row (Ray restarts it
+and retries its rows) loses at most one segment of work per row. After every block the row reports progress and
+learns whether the job was cancelled; a cancelled row keeps its segments and can resume in a later run. A row that
+fails leaves the batch; the others go on. A row whose segment encoder was killed by a signal (the OOM killer; a
+worker's exit kills its children before the worker goes) is not at fault: it is opened again from its last stored
+segment, up to ENCODER_REOPENS times. With `overlap_decode` the VAE decode and H.264 encode of a block run on a
+second thread while the engine generates the next one.
 """
 
 from __future__ import annotations
@@ -138,11 +139,14 @@ class RowRender:
         self.cancelled = self.renderer.report([event]) or self.cancelled
 
     def _store_segment(self, state) -> None:
-        """Close and upload a segment, then its state: a segment counts only once its state exists."""
+        """Close and upload a segment, then its state: a segment counts only once its state exists. Only the last
+        state is ever read (a resume), so the one before it goes: a row keeps one state, however long it is."""
         store, prefix = self.renderer.store, self.task.segments
         self.writer.close()
         store.put_file(segment_uri(prefix, self.segment, MP4), self.writer.path)
         store.put_bytes(segment_uri(prefix, self.segment, STATE), state.to_bytes())
+        if self.segment > 0:
+            store.delete(segment_uri(prefix, self.segment - 1, STATE))
         os.remove(self.writer.path)
         self.writer, self.segment = None, self.segment + 1
 

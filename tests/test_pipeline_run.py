@@ -164,7 +164,10 @@ def test_cancel_keeps_segments_and_the_next_run_resumes(ray_cluster, tmp_path):
     report = run_job(spec, settings(), WORKERS, on_event=on_event, cancel=cancel)
     assert report.rows[0].status == "cancelled" and report.rows[0].error_kind == "cancelled"
     assert not (tmp_path / "out" / "long.mp4").exists()
-    assert os.listdir(tmp_path / "out" / ".segments")
+    (row_segments,) = (tmp_path / "out" / ".segments").iterdir()
+    stored = sorted(path.name for path in row_segments.iterdir())
+    mp4s = [name for name in stored if name.endswith(".mp4")]
+    assert mp4s and [name for name in stored if name.endswith(".state")] == [mp4s[-1].replace(".mp4", ".state")]
 
     events = []
     report = run_job(spec.model_copy(update={"job_id": "cancel-job-2"}), settings(), WORKERS, on_event=events.append)
