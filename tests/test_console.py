@@ -439,6 +439,22 @@ def test_job_page_shows_each_row_and_escapes_what_a_manifest_wrote(tmp_path):
     assert "0.2 s" in html and 'data-refresh="2"' in html  # the row's duration; the job is queued: refreshing
 
 
+def test_job_page_says_when_a_rows_metrics_could_not_be_computed(tmp_path):
+    """The writer reports {"error": ...} when a metric fails (the row still succeeds): the page shows why, next to
+    the numbers that were computed, instead of an empty quality cell."""
+    with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False), base_url=LOCAL) as c:
+        rows = [{"id": name, "portrait": "/in/face.png", "audio": "/in/a.wav"} for name in ("scored", "unscored")]
+        job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
+        store = c.app.state.manager.store
+        store.put_row(job_id, RowResult(id="scored", status=RowStatus.SUCCEEDED, metrics={"lipsync_r": 0.81}))
+        failed = {"error": "ValueError: no face found in the portrait"}
+        store.put_row(job_id, RowResult(id="unscored", status=RowStatus.SUCCEEDED, metrics=failed))
+        html = c.get(f"/console/jobs/{job_id}").text
+    cells = dict(re.findall(r'data-row="([^"]+)">.*?<td class="metrics">(.*?)</td>', html, re.S))
+    assert "lipsync_r" in cells["scored"] and "not computed" not in cells["scored"]
+    assert "metrics not computed: ValueError: no face found in the portrait" in cells["unscored"]
+
+
 def test_throughput_history_is_bounded_and_per_actor():
     now = [1000.0]
     history = ThroughputHistory(interval_s=10, keep_s=60, clock=lambda: now[0])
