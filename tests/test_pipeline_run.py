@@ -176,6 +176,15 @@ def test_cancel_keeps_segments_and_the_next_run_resumes(ray_cluster, tmp_path):
     assert started.resumed_from_block >= SEGMENT_BLOCKS
 
 
+def killed_and_reference_job(job_id: str, tmp_path) -> JobSpec:
+    """Two rows of the same 2-s inputs: "killed" (the test interrupts it) and "reference" (rendered undisturbed)."""
+    make_portrait(tmp_path / "face.png")
+    make_audio(tmp_path / "speech.wav", 2.0)
+    row = {"portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}
+    rows = [{"id": "killed", **row}, {"id": "reference", **row}]
+    return JobSpec(job_id=job_id, rows=rows, output=str(tmp_path / "out"))
+
+
 def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path):
     """Kill the render actor right after its first segment is stored; the row still completes, renders
     each finished segment once, and its frames equal those of an uninterrupted render of the same inputs."""
@@ -183,12 +192,7 @@ def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path
 
     from pipeline.job import progress_actor_name
 
-    make_portrait(tmp_path / "face.png")
-    make_audio(tmp_path / "speech.wav", 2.0)
-    row = {"portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}
-    spec = JobSpec(
-        job_id="kill-job", rows=[{"id": "killed", **row}, {"id": "reference", **row}], output=str(tmp_path / "out")
-    )
+    spec = killed_and_reference_job("kill-job", tmp_path)
     events, killed = [], []
 
     def on_event(event) -> None:
@@ -248,12 +252,7 @@ def test_a_killed_segment_encoder_reopens_its_row_from_the_last_segment(ray_clus
     for it but reopened in the same actor from its last stored segment, and its video equals an uninterrupted render."""
     import signal
 
-    make_portrait(tmp_path / "face.png")
-    make_audio(tmp_path / "speech.wav", 2.0)
-    row = {"portrait": str(tmp_path / "face.png"), "audio": str(tmp_path / "speech.wav")}
-    spec = JobSpec(
-        job_id="encoder-kill", rows=[{"id": "killed", **row}, {"id": "reference", **row}], output=str(tmp_path / "out")
-    )
+    spec = killed_and_reference_job("encoder-kill", tmp_path)
     events, killed = [], []
 
     def on_event(event) -> None:
