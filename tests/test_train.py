@@ -11,6 +11,7 @@ import torch
 from model.checkpoint import read_checkpoint
 from model.config import DeflickerConfig, DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
 from model.dit import CausalWanDiT
+from model.engine import run_block
 from model.eval import metrics
 from model.eval.heldout import HELD_OUT, VALIDATION, drift_check, window_is_worse
 from model.generator import AvatarModel, RenderSettings
@@ -204,6 +205,34 @@ def test_training_sees_the_pinned_first_frame_as_the_generator_makes_it(setup):
     assert torch.allclose(latents[:, :, 0], reference[:, :, 0])
     assert distill.pinned(slice(0, 6)) and not distill.pinned(slice(6, 12))
     assert np.isfinite(distill.step(0)["dmd"])
+
+
+def test_the_generator_pins_the_latent_that_training_pins(setup):
+    """pin_first_frame at inference: every denoising pass of block 0 sees, at latent frame 0, exactly the latent that
+    training puts there for the same portrait (the dataset's reference), and block 0 comes out with it; block 1's
+    passes do not (spied on the session's passes)."""
+    preset, clips, vae, dataset = setup
+    pinned = preset.model_copy(update={"generator": preset.generator.model_copy(update={"pin_first_frame": True})})
+    model = AvatarModel(pinned, CausalWanDiT(pinned.dit), vae, description="test")
+    session = model.open(clips[0].portrait, None, RenderSettings())
+    session.feed_audio(clips[0].audio, final=True)
+    inputs = []  # (block, latent frame 0 of a denoising pass)
+    run_pass = session._pass
+
+    def spy(x, *args, write: bool, **kwargs):
+        if not write:
+            inputs.append((session.blocks_done, x[:, :, 0].clone()))
+        return run_pass(x, *args, write=write, **kwargs)
+
+    session._pass = spy
+    training_latent = dataset.clips[0].reference[None, :, 0]  # (1, C, h, w)
+    with torch.no_grad():
+        blocks = [run_block(model.dit, session.block_passes()) for _ in range(2)]
+    block0 = [frame for block, frame in inputs if block == 0]
+    assert len(block0) == pinned.generator.step_plan[0]
+    assert all(torch.allclose(frame, training_latent, atol=1e-6) for frame in block0)
+    assert torch.allclose(blocks[0].latents[:, :, 0], training_latent, atol=1e-6)  # and block 0 comes out with it
+    assert not any(torch.allclose(frame, training_latent, atol=1e-3) for block, frame in inputs if block == 1)
 
 
 def test_recipe_ships_a_loadable_model(tmp_path):
