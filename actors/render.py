@@ -1,11 +1,12 @@
 """The render actor: one resident model per actor, rendering several rows at once into stored segments.
 
 Used as a callable class in `Dataset.map_batches` (batch_size=1), the pattern of Ray Data's LLM stage: Ray Data
-keeps a fixed pool of these actors, each loading `AvatarModel` once in `__init__`, and makes up to `rows_per_actor`
-concurrent calls into each (`__call__` is async). Every call hands its row to the actor's one engine loop (a
-thread running `model.engine.Engine`), which advances all rows in flight together, pass by pass, and takes new
-rows in as others finish. A row's video is cut into segments of K blocks; each segment is encoded to H.264 (no
-audio) and stored with the generator state at its end:
+keeps a fixed pool of these actors, each loading `AvatarModel` once in `__init__`, and makes up to
+`rows_per_actor` concurrent calls into each (`__call__` is async). Every call hands its row to the actor's one
+engine loop (a thread running `model.engine.Engine`), which advances all rows in flight together, pass by pass,
+and takes new rows in as others finish. A row's video is cut into segments of K blocks (about 4 s of video unless
+set, `PipelineSettings.segment_blocks_for`); each segment is encoded to H.264 (no audio) and stored with the
+generator state at its end:
 
     <output root>/.segments/<row key>/<index>.mp4    then    <index>.state   (the state marks it complete)
 
@@ -97,7 +98,7 @@ class RowRender:
         now = time.perf_counter()
         seconds, self.block_started = now - self.block_started, now
         state = None
-        if self.blocks_in_segment + 1 == self.renderer.settings.segment_blocks or self.session.finished:
+        if self.blocks_in_segment + 1 == self.renderer.segment_blocks or self.session.finished:
             state = self.session.state()  # taken now, at the block boundary: the next block is being generated
         self.blocks_in_segment = 0 if state is not None else self.blocks_in_segment + 1
         if self.renderer.decoder is None:
@@ -204,6 +205,7 @@ class BatchRenderer:
         from model.engine import Engine
 
         self.model, self.store, self.settings = model, store, settings
+        self.segment_blocks = settings.segment_blocks_for(model.preset)
         self.job_id, self.actor_id, self.report = job_id, actor_id, report
         overlap = settings.overlap_decode == "on" or (settings.overlap_decode == "auto" and settings.device == "cuda")
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="render-decode") if overlap else None

@@ -6,16 +6,21 @@ nothing reads a global. Example: `AVATAR_RENDER_STORAGE__ENDPOINT_URL=http://127
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.media.image import MAX_PORTRAIT_PIXELS, MIN_PORTRAIT_SIDE
 
+if TYPE_CHECKING:
+    from model.config import Preset
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 S3_MIN_PART = 5 * MIB  # S3 rejects smaller parts (except the last)
+# Default segment length: a crashed row loses at most this much video's work; a row keeps a segment object per this.
+SEGMENT_SECONDS = 4.0
 
 
 class StorageSettings(BaseModel):
@@ -62,7 +67,9 @@ class PipelineSettings(BaseSettings):
     num_actors: int = Field(default=1, ge=1)  # render actors, each holding one resident model
     actor_num_cpus: float = Field(default=1.0, gt=0)  # CPUs reserved per render actor (threads torch may use)
     io_num_cpus: float = Field(default=0.25, gt=0)  # CPUs reserved per fetch/write task (they mostly wait)
-    segment_blocks: int = Field(default=8, ge=1, le=100_000)  # K: blocks per stored segment (the unit of resume)
+    # K: blocks per stored segment (the unit of resume). None: the blocks of about SEGMENT_SECONDS of video at the
+    # rendering model's block size (`segment_blocks_for`), so a segment is seconds long whatever the model.
+    segment_blocks: int | None = Field(default=None, ge=1, le=100_000)
     # Rows one render actor keeps in flight, rendered together by its engine (continuous batching).
     rows_per_actor: int = Field(default=1, ge=1, le=64)
     # Decode and encode block k on a second thread while block k+1 is generated ("auto": on a GPU only; on a
@@ -78,6 +85,13 @@ class PipelineSettings(BaseSettings):
     # Quality metrics (model.eval: lip-sync vs. the speech envelope, identity, seams) for the report; they stream the
     # output but cost CPU time and hold the row's audio, so rows longer than this many seconds skip them (0: off).
     metrics_max_seconds: float = Field(default=600.0, ge=0)
+
+    def segment_blocks_for(self, preset: Preset) -> int:
+        """K for a model: `segment_blocks`, or the blocks of about SEGMENT_SECONDS of its video."""
+        if self.segment_blocks is not None:
+            return self.segment_blocks
+        block_frames = preset.generator.frames_per_block * preset.vae.temporal_stride
+        return max(1, round(SEGMENT_SECONDS * preset.video.fps / block_frames))
 
     def torch_dtype(self):
         import torch

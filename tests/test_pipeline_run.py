@@ -40,6 +40,22 @@ def settings(**update) -> PipelineSettings:
     return PipelineSettings(segment_blocks=SEGMENT_BLOCKS, num_actors=1, **update)
 
 
+def test_a_segment_is_seconds_of_video_whatever_the_models_block():
+    """K defaults to the blocks of about SEGMENT_SECONDS of video: tiny's blocks are 3 frames (stride-1 VAE), Wan2.1's
+    12, so a fixed block count would make segments 4x apart in length. An explicit K is kept as given."""
+    from model.config import get_preset
+    from pipeline.settings import SEGMENT_SECONDS
+
+    lengths = {}
+    for name in ("tiny", "wan2.1-1.3b"):
+        preset = get_preset(name)
+        block_seconds = preset.generator.frames_per_block * preset.vae.temporal_stride / preset.video.fps
+        lengths[name] = PipelineSettings().segment_blocks_for(preset) * block_seconds
+        assert abs(lengths[name] - SEGMENT_SECONDS) <= block_seconds / 2, (name, lengths[name])
+        assert PipelineSettings(segment_blocks=2).segment_blocks_for(preset) == 2
+    assert PipelineSettings().segment_blocks_for(get_preset("tiny")) == 33
+
+
 def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkeypatch, capsys):
     from cli.main import main
 
