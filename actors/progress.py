@@ -28,7 +28,7 @@ class ProgressActor:
     def push(self, events: list[Event]) -> None:
         self.events.extend(events)
         for event in events:
-            if isinstance(event, RowStarted):
+            if isinstance(event, RowStarted) and not event.reopened:
                 self.starts[event.row_id] = self.starts.get(event.row_id, 0) + 1
 
     def push_and_check(self, events: list[Event]) -> bool:

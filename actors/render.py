@@ -67,7 +67,8 @@ class RowRender:
         self.started = time.perf_counter()
         self.session = None
         self.writer = None
-        self.tmp = tempfile.TemporaryDirectory(prefix="avatar-segment-")
+        # The row's index in the name says whose encoder an ffmpeg process is (tests kill one).
+        self.tmp = tempfile.TemporaryDirectory(prefix=f"avatar-segment-{record.task.index}-")
         self.segment = 0
         self.blocks_in_segment = 0
         self.resume_from: int | None = None
@@ -90,11 +91,24 @@ class RowRender:
             self.segment = self.resume_from + 1
         self.session.feed_audio(array_from_bytes(self.record.audio), final=True)
         self.record.portrait = self.record.audio = b""  # the writer needs neither; keep the object store light
-        started = RowStarted(renderer.job_id, task.id, renderer.actor_id, self.session.blocks_done)
+        started = RowStarted(renderer.job_id, task.id, renderer.actor_id, self.session.blocks_done, self.reopens > 0)
         self.cancelled = renderer.report([started])
+
+    def reopened(self) -> RowRender:
+        """This row again, from its last stored segment (its encoder was killed); its timings carry on."""
+        again = RowRender(self.renderer, self.record, self.resolve, self.reopens + 1)
+        again.started, again.generate_seconds, again.rows_in_batch = (
+            self.started,
+            self.generate_seconds,
+            self.rows_in_batch,
+        )
+        return again
 
     def on_block(self, generated) -> None:
         """A generated block: decode, encode and maybe store a segment (here or on the decode thread)."""
+        # A block that failed on the decode thread fails (or reopens) the row now, not after its last block.
+        while self.pending and self.pending[0].done():
+            self.pending.pop(0).result()
         now = time.perf_counter()
         seconds, self.block_started = now - self.block_started, now
         state = None
@@ -152,10 +166,13 @@ class RowRender:
         self.writer, self.segment = None, self.segment + 1
 
     def drain(self) -> None:
-        """Wait for this row's blocks on the decode thread (raising what they raised)."""
-        for future in self.pending:
-            future.result()
-        self.pending.clear()
+        """Wait for all of this row's blocks on the decode thread, then raise the first error one of them raised
+        (the writer is not touched again until none is running)."""
+        pending, self.pending = self.pending, []
+        errors = [future.exception() for future in pending]  # waits for each
+        first = next((err for err in errors if err is not None), None)
+        if first is not None:
+            raise first
 
     def close(self, error: Exception | None = None) -> RowRecord:
         """The row's record once it left the engine: rendered, cancelled or failed."""
@@ -223,7 +240,7 @@ class BatchRenderer:
 
     def submit(self, record: RowRecord, resolve) -> None:
         """Queue a row; `resolve(record)` is called from the engine thread when it is rendered, cancelled or failed."""
-        self._inbox.put((record, resolve, 0))
+        self._inbox.put(RowRender(self, record, resolve))
 
     def render(self, record: RowRecord) -> RowRecord:
         """One row, waited for."""
@@ -274,13 +291,13 @@ class BatchRenderer:
         """Take in the rows waiting in the inbox (blocking for one when the engine is idle)."""
         while True:
             try:
-                record, resolve, reopens = self._inbox.get(block=wait)
+                item = self._inbox.get(block=wait)
             except queue.Empty:
                 return
             wait = False
-            item = RowRender(self, record, resolve, reopens)
-            if record.status != RowStatus.PENDING:
-                item.resolve(record)
+            if item.record.status != RowStatus.PENDING:
+                item.tmp.cleanup()
+                item.resolve(item.record)
                 continue
             try:
                 item.open()
@@ -293,7 +310,7 @@ class BatchRenderer:
     def _finish(self, row: RowRender, error: Exception | None = None) -> None:
         record = row.close(error)
         if row.reopen:  # from its last stored segment, on a later admit
-            self._inbox.put((record, row.resolve, row.reopens + 1))
+            self._inbox.put(row.reopened())
         else:
             row.resolve(record)
 

@@ -175,7 +175,8 @@ class GeneratorConfig(_Frozen):
     # "euler": integrate the flow ODE (teachers, many steps); "renoise": predict x0 and re-noise with fresh noise at
     # the next level (the few-step distilled student, as in Self-Forcing).
     sampler: Literal["euler", "renoise"] = "euler"
-    # Off by default: Wan2.1's decode stays exact. The tiny preset turns it on (its VAE's seams are visible).
+    # Off by default: Wan2.1's decode stays exact. For a VAE that packs frames and whose seams show (the 64x64 tiny
+    # model's stride-4 VAE had them; today's tiny VAE has stride 1 and no crossings inside a latent frame).
     deflicker: DeflickerConfig = Field(default_factory=DeflickerConfig)
 
     @model_validator(mode="after")

@@ -62,6 +62,7 @@ class RowStarted:
     row_id: str
     actor_id: str
     resumed_from_block: int  # 0 for a fresh render
+    reopened: bool = False  # started again by the same actor after its segment encoder was killed (not an attempt)
 
 
 @dataclass(frozen=True)

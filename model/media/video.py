@@ -112,8 +112,9 @@ def _mux_args(video_input: list[str], audio_path: str | None, audio_seconds: flo
 
 
 class EncoderKilledError(RuntimeError):
-    """ffmpeg was stopped by a signal (the OOM killer; a Ray worker's exit, which kills its children first),
-    not by anything in its input: the same frames can be encoded again."""
+    """ffmpeg died of a signal (the OOM killer's or a Ray worker's SIGKILL: a worker kills its children before it
+    exits), not of anything in its input: the same frames can be encoded again. Any uncaught signal counts, a crash
+    too, so callers cap their retries; SIGTERM and SIGINT are not among them (ffmpeg catches both, exits 255)."""
 
 
 class VideoWriter:
