@@ -332,8 +332,10 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
 - Generator: step plan {list(gen.step_plan)} (PSB), sampler `{gen.sampler}`, t_mci {gen.t_mci} (MCI), horizon
   {gen.horizon_frames} latent frames with URCR resets, the portrait's latent as the cache sink, {anchoring};
   {_deflicker_line(gen.deflicker, result)}.
-- Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; budget {budget_minutes} minutes;
-  total {result["seconds"] / 60:.1f} minutes.
+- Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; {
+        "no time budget" if budget_minutes is None else f"a budget of {budget_minutes} minutes"
+    }; {sum(s["seconds"] for s in result["stages"].values()) / 60:.1f} minutes of stage time in all (wall time of each
+  stage, summed over the runs that resumed it).
 
 | stage | steps | minutes | stopped by | final losses (mean of last 20 steps) |
 |---|---|---|---|---|
