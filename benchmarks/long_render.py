@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from skimage.data import astronaut
 
+from model import engine
 from model.generator import AvatarModel, RenderSession, RenderSettings
 from model.media import VideoWriter, probe, save_wav
 from model.render import render_to_mp4
@@ -112,11 +113,11 @@ def instrumented(probe_: Probe, model: AvatarModel):
         patches.append((owner, name, owner.__dict__.get(name), name in owner.__dict__))
         setattr(owner, name, new)
 
-    forward = RenderSession._forward
+    forward_passes = engine.forward_passes  # every DiT pass of a render goes through it (engine.run_block)
 
-    def timed_forward(self, x, timestep, positions, audio, write):
-        part = "DiT cache writes" if write else "DiT denoise passes"
-        return probe_.timed(part, forward)(self, x, timestep, positions, audio, write)
+    def timed_forward_passes(dit, passes):
+        part = "DiT cache writes" if passes[0].write else "DiT denoise passes"
+        return probe_.timed(part, forward_passes)(dit, passes)
 
     next_block = RenderSession.next_block
 
@@ -133,7 +134,7 @@ def instrumented(probe_: Probe, model: AvatarModel):
         probe_.encoder_pid = self._proc.pid if self._proc is not None else None
         return probe_.timed("encoding (pipe + mux)", write)(self, frames)
 
-    patch(RenderSession, "_forward", timed_forward)
+    patch(engine, "forward_passes", timed_forward_passes)
     patch(RenderSession, "next_block", recorded_next_block)
     patch(RenderSession, "feed_audio", probe_.timed("audio feeding", RenderSession.feed_audio))
     patch(StreamingDecoder, "decode_block", probe_.timed("VAE decode", StreamingDecoder.decode_block))
