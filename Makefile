@@ -59,16 +59,16 @@ examples: install
 	$(PY) examples/make_examples.py
 
 # The whole recipe from scratch (VAE, teacher, causal student, DMD), then the model goes to model/weights/tiny.
-# The shipped run's stages took 56 + 21 + 7 + 10 minutes on this 2-core machine (model/weights/tiny/MODEL_CARD.md),
-# plus data generation and latent encoding between them and ~5 minutes choosing the deflicker threshold at the end;
-# it resumes where it stopped if interrupted.
+# The shipped run's stages took 54 + 120 + 27 + 18 minutes of wall time on this 2-core machine, the teacher's with
+# about 29 minutes paused for test runs (model/weights/tiny/MODEL_CARD.md), plus data generation and latent encoding
+# between them; it resumes where it stopped if interrupted.
 train-tiny: install
 	$(PY) -m model.train.recipe --out runs/tiny --threads 2
 
 # docs/results.md's rows of the shipped model: held-out metrics (4 clips of 12 s: faces, voices and content seeds that
 # training, tuning and calibration never used, model.eval.heldout.HeldOutSet), the astronaut, ablations at inference,
 # 10-minute drift with and without URCR, the plots and the table. Needs only a clone and `make install` (JSON files
-# go to $(EVAL)); about an hour on 2 cores.
+# go to $(EVAL)); about 1.5 hours on 2 cores at 128x128 (each 10-minute row about 30 minutes).
 RUN ?= runs/tiny
 MODEL ?= model/weights/tiny
 EVAL ?= $(RUN)/eval
@@ -85,7 +85,7 @@ eval-tiny: install
 	$(PY) -m model.eval.results_table $(EVAL)/*.json
 
 # The rows of a training run's intermediate models (the bidirectional teacher, the causal student before distillation).
-# They are not shipped: `make train-tiny` writes them into $(RUN) (about 1.6 h on 2 cores).
+# They are not shipped: `make train-tiny` writes them into $(RUN) (about 3.6 h of stage time on 2 cores).
 eval-tiny-stages: install
 	@test -d $(RUN)/teacher_model -a -d $(RUN)/student_model || { echo "$(RUN)/teacher_model and $(RUN)/student_model \
 	come from a training run: run 'make train-tiny' first, or pass RUN=<a model.train.recipe --out directory>"; exit 1; }
