@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster and one moto S3 server (real HTTP on 127.0.0.1) per session."""
+"""Shared fixtures: one local Ray cluster and one moto S3 server (real HTTP on 127.0.0.1) per session, and the small
+random model every job of the suite renders with unless a test names another."""
 
 from __future__ import annotations
 
@@ -7,10 +8,23 @@ import uuid
 
 import pytest
 import torch
+from model_parts import save_small_checkpoint
 
 # The suite's models are tiny: one intra-op thread is faster than two fighting over small matmuls, and it leaves
 # the other core to the Ray workers, ffmpeg and servers the tests start (12x faster on a loaded 2-core machine).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_default_checkpoint(tmp_path_factory):
+    """The pipeline's default model (AVATAR_RENDER_CHECKPOINT) for the whole session: a seeded random 64x64 model of
+    the real classes, so jobs, the service and the CLI render in seconds. The bundled 128x128 model renders several
+    times slower; the tests about it load it by name (`AvatarModel.load(preset="tiny")`, `checkpoint=None`). Set before
+    Ray starts, so its workers inherit it."""
+    directory = save_small_checkpoint(tmp_path_factory.mktemp("small-model"), size=64)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AVATAR_RENDER_CHECKPOINT", str(directory))
+        yield directory
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Small encoders of the real classes, saved in their real formats, for tests that need a whole model directory."""
+"""Small models of the real classes, saved in their real formats, for tests that need a model or a whole directory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,41 @@ from pathlib import Path
 
 import torch
 
+from model.config import DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
+
 UMT5_WIDTH = 32
+
+
+def small_preset(size: int = 16, vae_base_dim: int = 8, **generator) -> Preset:
+    """The tiny preset shrunk so hundreds of blocks run in seconds: a 2-layer DiT of width 32 at `size` x `size`.
+
+    Its VAE compresses time (stride 4, Wan2.1's), unlike the tiny preset's: it exercises the latent-frame
+    bookkeeping a stride-1 VAE never needs. `generator` overrides GeneratorConfig fields."""
+    tiny = get_preset("tiny")
+    vae = VAEConfig(base_dim=vae_base_dim, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
+    dit = DiTConfig(
+        dim=32,
+        ffn_dim=64,
+        num_heads=2,
+        num_layers=2,
+        freq_dim=16,
+        text_dim=8,
+        audio_feature_dim=tiny.dit.audio_feature_dim,
+        audio_window=vae.temporal_stride + tiny.audio.context_frames + tiny.audio.lookahead_frames,
+        audio_hidden=16,
+    )
+    gen = GeneratorConfig(**{"step_plan": (3, 2, 1), "window_frames": 3, "horizon_frames": 10, **generator})
+    return tiny.model_copy(update={"dit": dit, "vae": vae, "generator": gen}).with_resolution(size, size)
+
+
+def save_small_checkpoint(directory: Path, size: int = 64, seed: int = 0) -> Path:
+    """A seeded random `small_preset` model as an avatar-render checkpoint directory (config.json + safetensors)."""
+    from model.checkpoint import save_checkpoint
+    from model.generator import AvatarModel
+
+    preset = small_preset(size, pin_first_frame=True)  # frame 0 pinned to the portrait, as the bundled model renders
+    model = AvatarModel.random(preset, seed=seed)
+    return save_checkpoint(directory, preset, {"dit": model.dit, "vae": model.vae})
 
 
 def save_tiny_tokenizer(path: Path):

@@ -10,37 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_parts import small_preset
 
-from model.config import DeflickerConfig, DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
+from model.config import DeflickerConfig
 from model.generator import AvatarModel, RenderSettings
-
-
-def small_preset(**generator) -> Preset:
-    """The tiny preset shrunk further so hundreds of blocks run in seconds."""
-    tiny = get_preset("tiny")
-    # A VAE with temporal compression (stride 4, Wan2.1's), unlike the tiny preset's: it exercises the latent-frame
-    # bookkeeping a stride-1 VAE never needs.
-    vae = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
-    dit = DiTConfig(
-        dim=32,
-        ffn_dim=64,
-        num_heads=2,
-        num_layers=2,
-        freq_dim=16,
-        text_dim=8,
-        audio_feature_dim=tiny.dit.audio_feature_dim,
-        audio_window=vae.temporal_stride + tiny.audio.context_frames + tiny.audio.lookahead_frames,
-        audio_hidden=16,
-    )
-    gen = GeneratorConfig(**{"step_plan": (3, 2, 1), "window_frames": 3, "horizon_frames": 10, **generator})
-    return tiny.model_copy(
-        update={
-            "dit": dit,
-            "vae": vae,
-            "generator": gen,
-            "video": tiny.video.model_copy(update={"height": 16, "width": 16}),
-        }
-    )
 
 
 def portrait(size: int = 16) -> np.ndarray:

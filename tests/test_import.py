@@ -295,7 +295,7 @@ def test_a_job_without_the_encoders_its_model_needs_fails_before_any_actor_start
     row = {"id": "talk", "portrait": str(EXAMPLES / "synth-1.png"), "audio": str(EXAMPLES / "synth-1.wav")}
     spec = JobSpec(job_id="no-encoders", rows=[row], output=str(tmp_path / "out"))
     with pytest.raises(ModelComponentError, match="wav2vec2"):
-        run_job(spec, PipelineSettings(preset="wan2.1-1.3b"), job_workers())
+        run_job(spec, PipelineSettings(checkpoint=None, preset="wan2.1-1.3b"), job_workers())
     broken = tmp_path / "no-text"
     shutil.copytree(imported, broken)
     shutil.rmtree(broken / "text_encoder")

@@ -15,7 +15,7 @@ from pipeline.events import BlockRendered, RowStarted
 from pipeline.job import JobSpec, progress_actor_name, run_job
 from pipeline.settings import PipelineSettings
 
-SECONDS = 3.0  # 75 frames: 7 blocks of the tiny model, each its own segment
+SECONDS = 3.0  # 75 frames: 7 blocks of the suite's small model (9 frames, then 12 each), each its own segment
 ROWS = 3
 
 

@@ -1,6 +1,6 @@
 """The whole pipeline on a real local Ray: failure isolation, S3 in and out, idempotency, cancel, resume.
 
-Renders are tiny (the seeded random `tiny` model, 64x64, ~1 s of audio) so each row takes seconds.
+Renders are small (the suite's seeded random 64x64 model, conftest.py; ~1 s of audio) so each row takes seconds.
 """
 
 from __future__ import annotations
