@@ -151,6 +151,14 @@ class DeflickerConfig(_Frozen):
     threshold: float = Field(32.0, gt=0)
 
 
+class PasteBackConfig(_Frozen):
+    """Motion-gated paste-back of the portrait's detail into decoded frames (model/paste_back.py); threshold 0: off."""
+
+    # grey levels (0-255): a pixel this far from the decoded portrait has moved and keeps the generator's value. 16:
+    # `python -m model.train.calibrate_paste_back` on the tiny model's validation clips (docs/results.md).
+    threshold: float = Field(0.0, ge=0)
+
+
 class GeneratorConfig(_Frozen):
     """Block-wise autoregressive sampling (DESIGN 3.3)."""
 
@@ -178,6 +186,8 @@ class GeneratorConfig(_Frozen):
     # Off by default: Wan2.1's decode stays exact. For a VAE that packs frames and whose seams show (the 64x64 tiny
     # model's stride-4 VAE had them; today's tiny VAE has stride 1 and no crossings inside a latent frame).
     deflicker: DeflickerConfig = Field(default_factory=DeflickerConfig)
+    # Off by default (Wan2.1 and LiveTalk render as their own code does); the tiny preset turns it on.
+    paste_back: PasteBackConfig = Field(default_factory=PasteBackConfig)
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorConfig:
@@ -229,6 +239,8 @@ class RenderSettings(BaseModel):
     urcr: bool = True
     # Measurement only: False gives the decoder's frames without the preset's deflicker (generator.deflicker).
     deflicker: bool = True
+    # Measurement only: False gives the decoder's frames without the preset's paste-back (generator.paste_back).
+    paste_back: bool = True
 
     @field_validator("step_plan", mode="before")
     @classmethod
@@ -310,6 +322,7 @@ def _tiny() -> Preset:
             horizon_frames=13,
             pin_first_frame=True,  # frame 0 is the portrait's latent: the render starts as the portrait
             deflicker=DeflickerConfig(frames=vae.temporal_stride - 1),  # 0 (off): no seams inside latent frames
+            paste_back=PasteBackConfig(threshold=16.0),  # the portrait's own pixels wherever the frame still shows it
         ),
     )
 

@@ -43,6 +43,7 @@ from model.dit import CausalWanDiT
 from model.engine import BlockPasses, Pass, run_block
 from model.errors import ModelComponentError
 from model.kv_cache import KVCache
+from model.paste_back import PasteBack
 from model.scheduler import FlowMatchSchedule, StepPlan
 from model.text_encoder import NullTextEncoder, TextEncoder
 from model.vae import StreamingDecoder, WanVAE, frames_to_tensor, tensor_to_frames
@@ -112,6 +113,7 @@ class RenderState:
     rng: torch.Tensor  # torch.Generator state
     recent: torch.Tensor  # (1, C, k, h, w) last clean latent frames
     journal: list[CacheWrite] = field(default_factory=list)
+    portrait: torch.Tensor | None = None  # (1, 3, 1, H, W) in [-1, 1], for the paste-back; None: opened from a latent
 
     @property
     def blocks_done(self) -> int:
@@ -123,6 +125,8 @@ class RenderState:
 
     def to_bytes(self) -> bytes:
         tensors = {"reference": self.reference, "rng": self.rng, "recent": self.recent}
+        if self.portrait is not None:
+            tensors["portrait"] = self.portrait
         for i, w in enumerate(self.journal):
             tensors[f"journal.{i}.latents"] = w.latents
             tensors[f"journal.{i}.positions"] = w.positions
@@ -146,7 +150,12 @@ class RenderState:
             for i, e in enumerate(entries)
         ]  # fmt: skip
         return cls(
-            meta=meta, reference=tensors["reference"], rng=tensors["rng"], recent=tensors["recent"], journal=journal
+            meta=meta,
+            reference=tensors["reference"],
+            rng=tensors["rng"],
+            recent=tensors["recent"],
+            journal=journal,
+            portrait=tensors.get("portrait"),
         )
 
 
@@ -318,7 +327,7 @@ class AvatarModel:
         with torch.no_grad():
             video = frames_to_tensor(portrait[None]).to(self.device)  # (1, 3, 1, H, W)
             reference = self.vae.encode(video).to(self.dtype)
-        return self.open_latent(reference, prompt, settings, noise=noise)
+        return self.open_latent(reference, prompt, settings, noise=noise, portrait=video)
 
     def open_latent(
         self,
@@ -327,11 +336,14 @@ class AvatarModel:
         settings: RenderSettings | None = None,
         *,
         noise: NoiseSource | None = None,
+        portrait: torch.Tensor | None = None,
     ) -> RenderSession:
-        """Start a render from the portrait's latent (1, C, 1, h, w) directly (training, reference checks)."""
+        """Start a render from the portrait's latent (1, C, 1, h, w) directly (training, reference checks). Without
+        `portrait` (its pixels, (1, 3, 1, H, W) in [-1, 1]) the preset's paste-back has nothing to paste and is off."""
         settings = settings or RenderSettings()
         rng = torch.Generator().manual_seed(settings.seed)
-        return RenderSession(self, self._preset_for(settings), settings, prompt, reference.to(self.dtype), rng, noise)
+        preset = self._preset_for(settings)
+        return RenderSession(self, preset, settings, prompt, reference.to(self.dtype), rng, noise, portrait=portrait)
 
     def restore(self, state: RenderState, prompt: str | None = None) -> RenderSession:
         """Continue a render from its state; feed its audio again from sample 0 (the cache is rebuilt from it)."""
@@ -340,7 +352,9 @@ class AvatarModel:
         rng = torch.Generator()
         rng.set_state(state.rng)
         reference = state.reference.to(self.device, self.dtype)
-        return RenderSession(self, self._preset_for(settings), settings, prompt, reference, rng, restore_from=state)
+        portrait = None if state.portrait is None else state.portrait.to(self.device)
+        preset = self._preset_for(settings)
+        return RenderSession(self, preset, settings, prompt, reference, rng, restore_from=state, portrait=portrait)
 
     def _preset_for(self, settings: RenderSettings) -> Preset:
         preset = self.preset
@@ -371,6 +385,7 @@ class RenderSession:
         rng: torch.Generator,
         noise: NoiseSource | None = None,
         restore_from: RenderState | None = None,
+        portrait: torch.Tensor | None = None,
     ):
         gen = preset.generator
         self.model, self.preset, self.settings = model, preset, settings
@@ -408,6 +423,12 @@ class RenderSession:
             horizon_frames=gen.horizon_frames,
         )
         self.decoder = StreamingDecoder(model.vae, gen.deflicker if settings.deflicker else None)
+        self.portrait = portrait
+        self.paste_back: PasteBack | None = None
+        if portrait is not None and settings.paste_back and gen.paste_back.threshold > 0:
+            # The portrait's decode on a stream of its own: the very frame a pinned frame 0 decodes to.
+            decoded = StreamingDecoder(model.vae).decode_block(reference.float())
+            self.paste_back = PasteBack(portrait.float(), decoded, gen.paste_back)
         if restore_from is not None:
             meta = restore_from.meta
             self.blocks_done, self.frames_done = meta["blocks_done"], meta["frames_done"]
@@ -498,7 +519,10 @@ class RenderSession:
     def emit(self, block: GeneratedBlock) -> VideoBlock:
         """Decode a generated block into its video frames. Blocks must be emitted in order; this touches only the
         decoder, so it may run on another thread while the next block is generated."""
-        frames = tensor_to_frames(self.decoder.decode_block(block.latents.float())[0])
+        video = self.decoder.decode_block(block.latents.float())
+        if self.paste_back is not None:
+            video = self.paste_back(video)
+        frames = tensor_to_frames(video[0])
         return VideoBlock(index=block.index, first_frame=block.first_frame, frames=frames[: block.num_frames])
 
     def next_latents(self, exit_step: int | None = None) -> torch.Tensor:
@@ -658,6 +682,7 @@ class RenderSession:
             rng=self.rng.get_state(),
             recent=self.recent.detach().cpu().float(),
             journal=list(self.journal),
+            portrait=None if self.portrait is None else self.portrait.detach().cpu().float(),
         )
 
     def _replay(self, state: RenderState):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from model_parts import small_preset
 
-from model.config import DeflickerConfig
+from model.config import DeflickerConfig, PasteBackConfig
 from model.generator import AvatarModel, RenderSettings
 
 
@@ -40,8 +40,12 @@ def render(session, audio) -> list:
 
 
 def build() -> AvatarModel:
-    # The deflicker on, with a threshold nothing reaches: a restored render must rebuild its state (the last frame).
-    return AvatarModel.random(small_preset(deflicker=DeflickerConfig(frames=3, threshold=1000.0)), seed=0)
+    # The deflicker and the paste-back on, with thresholds nothing reaches: a restored render must rebuild the
+    # deflicker's state (the last frame) and paste the same portrait (the state carries it).
+    preset = small_preset(
+        deflicker=DeflickerConfig(frames=3, threshold=1000.0), paste_back=PasteBackConfig(threshold=1000.0)
+    )
+    return AvatarModel.random(preset, seed=0)
 
 
 def run_python(code: str) -> str:

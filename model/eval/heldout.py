@@ -4,9 +4,9 @@
         --out runs/tiny/eval/default.json
     python -m model.eval.heldout --seconds 600 --clips 1 --no-urcr --out runs/tiny/eval/no-urcr-10min.json
 
-Per clip it renders with the real generator (any step plan / t_mci override, URCR and the deflicker on or off),
-scores the video with `model.eval.score` against the truth phones, and scores two references on the same clip: the
-VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait repeated
+Per clip it renders with the real generator (any step plan / t_mci override; URCR, the deflicker and the paste-back on
+or off), scores the video with `model.eval.score` against the truth phones, and scores two references on the same
+clip: the VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait repeated
 (what "no model" would give).
 The per-30-second windows of every clip are compared with its first window (`drift_check`, the drift test).
 The held-out clips are `HeldOutSet`'s: faces, voices and content seeds that training never draws from.
@@ -244,13 +244,15 @@ def evaluate_checkpoint(
     references: bool = True,
     heldout: HeldOutSet = HELD_OUT,
     deflicker: bool = True,
+    paste_back: bool = True,
     render: Render | None = None,
     sampler: str = "generator",
     photo: str | None = None,
     progress=print,
 ) -> dict:
     """Score `clips` held-out clips of `seconds`. `render` replaces the generator (a teacher's sampler), named by
-    `sampler` in the result; the generator's settings (step plan, t_mci, URCR, deflicker) apply only without it.
+    `sampler` in the result; the generator's settings (step plan, t_mci, URCR, deflicker, paste-back) apply only
+    without it.
 
     `photo` (an image file, fitted to the model's size) replaces every clip's portrait: a real photo driven by the
     held-out voices.
@@ -261,7 +263,9 @@ def evaluate_checkpoint(
     stride = model.preset.vae.temporal_stride
     layout = metrics.block_layout(stride, model.preset.generator.frames_per_block)
     if render is None:
-        render = generator_render(RenderSettings(step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker))
+        render = generator_render(
+            RenderSettings(step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker, paste_back=paste_back)
+        )
     if photo is not None:
         from model.media.image import load_portrait
 
@@ -322,6 +326,7 @@ def evaluate_checkpoint(
         "t_mci": model.preset.generator.t_mci if t_mci is None else t_mci,
         "urcr": urcr,
         "deflicker": model.preset.generator.deflicker.model_dump() if deflicker else None,
+        "paste_back": model.preset.generator.paste_back.model_dump() if paste_back else None,
         "render_seconds": round(seconds_taken, 1),
         "video_frames_per_second": round(frames_rendered / seconds_taken, 2) if seconds_taken else None,
         "model_metrics": mean_rows(rendered),
@@ -355,6 +360,11 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
         action="store_true",
         help="the decoder's frames without the preset's deflicker (generator.deflicker)",
     )
+    parser.add_argument(
+        "--no-paste-back",
+        action="store_true",
+        help="the decoder's frames without the preset's paste-back of the portrait (generator.paste_back)",
+    )
     parser.add_argument("--window-seconds", type=float, default=30.0, help="drift windows")
     parser.add_argument("--no-references", action="store_true", help="skip the VAE-reconstruction and still rows")
     parser.add_argument("--identity-base", type=int, default=HELD_OUT.identity_base, help="held-out face seeds")
@@ -386,6 +396,7 @@ def run(args: argparse.Namespace, command: str, render: Render | None = None, sa
         not args.no_references,
         heldout=heldout,
         deflicker=not args.no_deflicker,
+        paste_back=not args.no_paste_back,
         render=render,
         sampler=sampler,
         photo=args.photo,

@@ -1,0 +1,111 @@
+"""Choose the paste-back threshold (`generator.paste_back.threshold`) of a trained model, on validation clips.
+
+    python -m model.train.calibrate_paste_back --checkpoint model/weights/tiny --clips 4 --seconds 12
+
+The paste-back (model/paste_back.py) returns the portrait's own pixels wherever a decoded frame is within the
+threshold of the decoded portrait. Too low a threshold leaves the VAE's loss on pixels that never moved; too high a
+one pastes the still portrait over real motion (the mouth). The measure is the PSNR against the ground-truth video
+minus the still portrait's (the honest baseline), averaged over the clips; the best threshold is chosen. Each clip is
+rendered once without the paste-back and every threshold applied to its decoded frames, exactly as a render applies it.
+Clips come from the validation set: the held-out set, which judges the result, is not used to choose it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+from model.config import PasteBackConfig
+from model.eval import metrics
+from model.eval.heldout import VALIDATION
+from model.generator import AvatarModel, RenderSettings
+from model.paste_back import PasteBack
+from model.vae import StreamingDecoder, frames_to_tensor, tensor_to_frames
+
+THRESHOLDS = (4.0, 8.0, 16.0, 32.0, 64.0)  # grey levels: from below the VAE's error to well into the mouth's motion
+
+
+def margins(frames: np.ndarray, truth: np.ndarray, portrait: np.ndarray) -> dict:
+    """PSNR against the truth minus the still portrait's, over the clip and at frame 0."""
+    errors, still = metrics.squared_errors(frames, truth), metrics.squared_errors(truth, portrait)
+    return {
+        "over_still_db": metrics.psnr(errors.mean()) - metrics.psnr(still.mean()),
+        "frame0_over_still_db": metrics.psnr(errors[0]) - metrics.psnr(still[0]),
+    }
+
+
+def summary(rows: list[dict]) -> dict:
+    means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return means | {"per_clip_over_still_db": [r["over_still_db"] for r in rows]}
+
+
+@torch.no_grad()
+def decoded_render(model: AvatarModel, clip, seed: int) -> torch.Tensor:
+    """A clip's render as the decoder gives it, (1, 3, N, H, W) in [-1, 1] before any paste-back: the same blocks as
+    `render_clip` (the session's own passes), decoded on one stream, so every threshold is applied to the very values a
+    render would apply it to (rounded frames would shift the gate by up to half a grey level)."""
+    session = model.open(clip.portrait, None, RenderSettings(seed=seed, paste_back=False))
+    session.feed_audio(clip.audio, final=True)
+    decoder = StreamingDecoder(model.vae, model.preset.generator.deflicker)
+    blocks = []
+    while not session.finished:
+        blocks.append(decoder.decode_block(session.next_latents().float()))
+    return torch.cat(blocks, dim=2)[:, :, : session.total_frames]
+
+
+@torch.no_grad()
+def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: float, progress=print) -> dict:
+    """Render `clips` validation clips of `seconds`; returns each threshold's margins over the still and the choice."""
+    size = model.preset.video.height
+    rows: dict[float, list[dict]] = {t: [] for t in thresholds}
+    portrait_decode_psnr = []
+    for i in range(clips):
+        clip = VALIDATION.clip(i, seconds, size)
+        video = decoded_render(model, clip, seed=i)
+        truth = clip.frames[: video.shape[2]]
+        portrait = frames_to_tensor(clip.portrait[None])
+        decoded = StreamingDecoder(model.vae).decode_block(model.vae.encode(portrait))
+        decode_error = metrics.squared_errors(tensor_to_frames(decoded[0]), clip.portrait)[0]
+        portrait_decode_psnr.append(metrics.psnr(decode_error))  # the VAE's own loss on the portrait
+        for threshold in thresholds:
+            pasted = tensor_to_frames(PasteBack(portrait, decoded, PasteBackConfig(threshold=threshold))(video)[0])
+            rows[threshold].append(margins(pasted, truth, clip.portrait))
+        rows.setdefault(0.0, []).append(margins(tensor_to_frames(video[0]), truth, clip.portrait))
+        progress(f"clip {i}: without paste-back {rows[0.0][-1]['over_still_db']:+.2f} dB over the still")
+    table = {t: summary(rs) for t, rs in sorted(rows.items())}  # 0.0: without the paste-back
+    best = max(thresholds, key=lambda t: table[t]["over_still_db"])
+    return {
+        "heldout": VALIDATION.model_dump(),
+        "clips": clips,
+        "seconds": seconds,
+        "portrait_decode_psnr": portrait_decode_psnr,
+        "by_threshold": table,
+        "chosen_threshold": best,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="our checkpoint directory (default: the bundled model)")
+    parser.add_argument("--clips", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument(
+        "--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS), help="grey levels (0-255), comma-separated"
+    )
+    args = parser.parse_args(argv)
+    result = calibrate(
+        AvatarModel.load(args.checkpoint),
+        [float(t) for t in args.thresholds.split(",")],
+        args.clips,
+        args.seconds,
+        progress=lambda line: print(line, file=sys.stderr),
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
