@@ -6,8 +6,8 @@
 
 Per clip it renders with the real generator (any step plan / t_mci override; URCR, the deflicker and the paste-back on
 or off), scores the video with `model.eval.score` against the truth phones, and scores two references on the same
-clip: the VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait repeated
-(what "no model" would give).
+clip: the VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait
+repeated (what "no model" would give).
 The per-30-second windows of every clip are compared with its first window (`drift_check`, the drift test).
 The held-out clips are `HeldOutSet`'s: faces, voices and content seeds that training never draws from.
 A bidirectional teacher is evaluated the same way through `python -m model.train.teacher` (its own sampler).

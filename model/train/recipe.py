@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.audio_features import build_featurizer
 from model.checkpoint import save_checkpoint
-from model.config import DeflickerConfig, Preset, get_preset
+from model.config import DeflickerConfig, PasteBackConfig, Preset, get_preset
 from model.dit import CausalWanDiT
 from model.eval.heldout import HELD_OUT, VALIDATION
 from model.eval.vae_report import vae_report
@@ -298,6 +298,15 @@ def _deflicker_line(deflicker: DeflickerConfig, result: dict) -> str:
     )
 
 
+def _paste_back_line(paste_back: PasteBackConfig) -> str:
+    if not paste_back.threshold:
+        return "no paste-back"
+    return (
+        f"the portrait pasted back where a frame moved less than {paste_back.threshold:g} grey levels from it "
+        "(`python -m model.train.calibrate_paste_back` on validation clips)"
+    )
+
+
 def write_model_card(
     directory: Path, preset: Preset, cfg: RecipeConfig, result: dict, command: str, budget_minutes: float | None
 ) -> None:
@@ -331,7 +340,7 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
   {preset.vae.temporal_stride}, frame-local residual convs) trained here.
 - Generator: step plan {list(gen.step_plan)} (PSB), sampler `{gen.sampler}`, t_mci {gen.t_mci} (MCI), horizon
   {gen.horizon_frames} latent frames with URCR resets, the portrait's latent as the cache sink, {anchoring};
-  {_deflicker_line(gen.deflicker, result)}.
+  {_deflicker_line(gen.deflicker, result)}; {_paste_back_line(gen.paste_back)}.
 - Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; {
         "no time budget" if budget_minutes is None else f"a budget of {budget_minutes} minutes"
     }; {sum(s["seconds"] for s in result["stages"].values()) / 60:.1f} minutes of stage time in all (wall time of each
