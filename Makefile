@@ -76,6 +76,7 @@ HELDOUT := $(PY) -m model.eval.heldout --clips 4 --seconds 12
 eval-tiny: install
 	$(HELDOUT) --checkpoint $(MODEL) --out $(EVAL)/default.json
 	$(HELDOUT) --checkpoint $(MODEL) --photo examples/astronaut.jpg --out $(EVAL)/astronaut.json
+	$(HELDOUT) --checkpoint $(MODEL) --no-paste-back --out $(EVAL)/paste-back-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(EVAL)/espeak.json
 	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(EVAL)/psb-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --t-mci 0 --out $(EVAL)/mci-off-inference.json
