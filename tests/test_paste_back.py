@@ -68,3 +68,15 @@ def test_a_render_opened_from_a_latent_has_no_portrait_to_paste(model):
     from_latent = np.concatenate(render(model.open_latent(latent, None, RenderSettings(seed=2)), audio))
     plain = np.concatenate(render(model.open(face, None, RenderSettings(seed=2, paste_back=False)), audio))
     assert np.array_equal(from_latent, plain)
+
+
+def test_the_calibration_applies_each_threshold_as_a_render_would(model):
+    """Frame 0 of a pinned render is the portrait at every threshold (the decoded frames, not rounded ones, are
+    gated); the row without the paste-back is there to compare with, and the choice is one of the thresholds."""
+    from model.train.calibrate_paste_back import calibrate
+
+    result = calibrate(model, [4.0, 1000.0], clips=1, seconds=1.0, progress=lambda _: None)
+    table = result["by_threshold"]
+    assert set(table) == {0.0, 4.0, 1000.0} and result["chosen_threshold"] in (4.0, 1000.0)
+    assert table[4.0]["frame0_over_still_db"] == table[1000.0]["frame0_over_still_db"] == 0.0
+    assert table[0.0]["frame0_over_still_db"] != 0.0

@@ -71,13 +71,17 @@ def calibrate(
     return {"frames": frames, "clips": clips, "seconds": seconds, "by_threshold": table, "chosen_threshold": best}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def threshold_cli(
+    description: str, calibrate, thresholds: tuple[float, ...], clips: int, seconds: float, argv: list[str] | None
+) -> None:
+    """The command line of a threshold calibration: `calibrate(model, thresholds, clips, seconds, progress)`'s result
+    as JSON on stdout, progress on stderr."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--checkpoint", default=None, help="our checkpoint directory (default: the bundled model)")
-    parser.add_argument("--clips", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clips", type=int, default=clips)
+    parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument(
-        "--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS), help="grey levels (0-255), comma-separated"
+        "--thresholds", default=",".join(f"{t:g}" for t in thresholds), help="grey levels (0-255), comma-separated"
     )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         progress=lambda line: print(line, file=sys.stderr),
     )
     print(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    threshold_cli(__doc__.splitlines()[0], calibrate, THRESHOLDS, clips=8, seconds=8.0, argv=argv)
 
 
 if __name__ == "__main__":

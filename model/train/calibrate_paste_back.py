@@ -12,10 +12,6 @@ Clips come from the validation set: the held-out set, which judges the result, i
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
 import numpy as np
 import torch
 
@@ -24,6 +20,7 @@ from model.eval import metrics
 from model.eval.heldout import VALIDATION
 from model.generator import AvatarModel, RenderSettings
 from model.paste_back import PasteBack
+from model.train.calibrate_deflicker import threshold_cli
 from model.vae import StreamingDecoder, frames_to_tensor, tensor_to_frames
 
 THRESHOLDS = (4.0, 8.0, 16.0, 32.0, 64.0)  # grey levels: from below the VAE's error to well into the mouth's motion
@@ -89,22 +86,7 @@ def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None, help="our checkpoint directory (default: the bundled model)")
-    parser.add_argument("--clips", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=12.0)
-    parser.add_argument(
-        "--thresholds", default=",".join(f"{t:g}" for t in THRESHOLDS), help="grey levels (0-255), comma-separated"
-    )
-    args = parser.parse_args(argv)
-    result = calibrate(
-        AvatarModel.load(args.checkpoint),
-        [float(t) for t in args.thresholds.split(",")],
-        args.clips,
-        args.seconds,
-        progress=lambda line: print(line, file=sys.stderr),
-    )
-    print(json.dumps(result, indent=2))
+    threshold_cli(__doc__.splitlines()[0], calibrate, THRESHOLDS, clips=4, seconds=12.0, argv=argv)
 
 
 if __name__ == "__main__":
