@@ -113,7 +113,7 @@ class RenderState:
     rng: torch.Tensor  # torch.Generator state
     recent: torch.Tensor  # (1, C, k, h, w) last clean latent frames
     journal: list[CacheWrite] = field(default_factory=list)
-    portrait: torch.Tensor | None = None  # (1, 3, 1, H, W) in [-1, 1], for the paste-back; None: opened from a latent
+    portrait: torch.Tensor | None = None  # (1, 3, 1, H, W) in [-1, 1], for the paste-back; None: the render pastes none
 
     @property
     def blocks_done(self) -> int:
@@ -666,7 +666,7 @@ class RenderSession:
         if self._draw is not None:
             raise RuntimeError("a render with an external noise source cannot be saved")
         meta = {
-            "version": 2,
+            "version": 3,  # 3: the portrait travels with a render that pastes it back
             "preset": self.preset.name,
             "settings": self.settings.model_dump(mode="json"),
             "prompt": self.prompt,
@@ -682,7 +682,8 @@ class RenderSession:
             rng=self.rng.get_state(),
             recent=self.recent.detach().cpu().float(),
             journal=list(self.journal),
-            portrait=None if self.portrait is None else self.portrait.detach().cpu().float(),
+            # Only a render that pastes needs its portrait back (at 512x512 it would be 3 MB in every segment's state).
+            portrait=None if self.paste_back is None else self.portrait.detach().cpu().float(),
         )
 
     def _replay(self, state: RenderState):

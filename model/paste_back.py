@@ -30,7 +30,10 @@ class PasteBack:
     def __init__(self, portrait: torch.Tensor, decoded: torch.Tensor, cfg: PasteBackConfig):
         if portrait.shape != decoded.shape:
             raise ValueError(f"portrait {tuple(portrait.shape)} and its decode {tuple(decoded.shape)} differ in shape")
-        self.decoded, self.detail, self.threshold = decoded, portrait - decoded, cfg.threshold
+        if cfg.threshold <= 0:
+            raise ValueError(f"paste-back threshold must be > 0 grey levels (0 means off), got {cfg.threshold}")
+        detail = portrait.to(decoded.device, decoded.dtype) - decoded
+        self.decoded, self.detail, self.threshold = decoded, detail, cfg.threshold
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         """Decoded frames (B, 3, n, H, W) in [-1, 1] -> those frames with the portrait's detail where they match it."""

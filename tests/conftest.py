@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 def small_default_checkpoint(tmp_path_factory):
     """The pipeline's default model (AVATAR_RENDER_CHECKPOINT) for the whole session: a seeded random 64x64 model of
     the real classes, so jobs, the service and the CLI render in seconds. The bundled 128x128 model renders several
-    times slower; the tests about it load it by name (`AvatarModel.load(preset="tiny")`, `checkpoint=None`). Set before
+    times slower; the tests about it name it (`checkpoint=None`; the console script's test renders it). Set before
     Ray starts, so its workers inherit it."""
     directory = save_small_checkpoint(tmp_path_factory.mktemp("small-model"), size=64)
     with pytest.MonkeyPatch.context() as env:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import DiTConfig, GeneratorConfig, Preset, VAEConfig, get_preset
+from model.config import DiTConfig, GeneratorConfig, PasteBackConfig, Preset, VAEConfig, get_preset
 
 UMT5_WIDTH = 32
 
@@ -38,7 +38,9 @@ def save_small_checkpoint(directory: Path, size: int = 64, seed: int = 0) -> Pat
     from model.checkpoint import save_checkpoint
     from model.generator import AvatarModel
 
-    preset = small_preset(size, pin_first_frame=True)  # frame 0 pinned to the portrait, as the bundled model renders
+    # Frame 0 pinned and the portrait pasted back, as the bundled model renders; a threshold nothing reaches, so every
+    # frame pastes and a resumed row that lost its portrait would differ from an uninterrupted one.
+    preset = small_preset(size, pin_first_frame=True, paste_back=PasteBackConfig(threshold=1000.0))
     model = AvatarModel.random(preset, seed=seed)
     return save_checkpoint(directory, preset, {"dit": model.dit, "vae": model.vae})
 

@@ -20,6 +20,12 @@ def grey(levels: float) -> float:
     return levels / 127.5  # in the [-1, 1] units of video tensors
 
 
+def test_a_threshold_of_zero_is_refused_not_divided_by():
+    flat = torch.zeros((1, 3, 1, 2, 2))
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        PasteBack(flat, flat, PasteBackConfig(threshold=0.0))
+
+
 def test_the_gate_pastes_where_a_frame_matches_the_decoded_portrait_and_not_where_it_moved():
     portrait_px = torch.full((1, 3, 1, 2, 2), 0.5)
     decoded = torch.full((1, 3, 1, 2, 2), 0.4)  # the VAE lost 0.1 everywhere
@@ -71,12 +77,18 @@ def test_a_render_opened_from_a_latent_has_no_portrait_to_paste(model):
 
 
 def test_the_calibration_applies_each_threshold_as_a_render_would(model):
-    """Frame 0 of a pinned render is the portrait at every threshold (the decoded frames, not rounded ones, are
-    gated); the row without the paste-back is there to compare with, and the choice is one of the thresholds."""
-    from model.train.calibrate_paste_back import calibrate
+    """The calibration's pasted frames are the render's own at the preset's threshold (the decoded frames, not rounded
+    ones, are gated; same blocks, seed and trimming); frame 0 of a pinned render is the portrait at every threshold."""
+    from model.eval.heldout import VALIDATION, render_clip
+    from model.train.calibrate_paste_back import calibrate, decoded_render
+
+    clip = VALIDATION.clip(0, 1.0, model.preset.video.height)
+    video, face, decoded = decoded_render(model, clip, seed=0)
+    pasted = tensor_to_frames(PasteBack(face, decoded, model.preset.generator.paste_back)(video)[0])
+    assert np.array_equal(pasted, render_clip(model, clip, RenderSettings(seed=0)))
 
     result = calibrate(model, [4.0, 1000.0], clips=1, seconds=1.0, progress=lambda _: None)
     table = result["by_threshold"]
-    assert set(table) == {0.0, 4.0, 1000.0} and result["chosen_threshold"] in (4.0, 1000.0)
+    assert set(table) == {0.0, 4.0, 1000.0} and result["chosen_threshold"] in table
     assert table[4.0]["frame0_over_still_db"] == table[1000.0]["frame0_over_still_db"] == 0.0
     assert table[0.0]["frame0_over_still_db"] != 0.0

@@ -262,6 +262,7 @@ def evaluate_checkpoint(
     size = model.preset.video.height
     stride = model.preset.vae.temporal_stride
     layout = metrics.block_layout(stride, model.preset.generator.frames_per_block)
+    pastes = paste_back and render is None  # a sampler of its own applies neither the step plan nor the paste-back
     if render is None:
         render = generator_render(
             RenderSettings(step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker, paste_back=paste_back)
@@ -326,7 +327,7 @@ def evaluate_checkpoint(
         "t_mci": model.preset.generator.t_mci if t_mci is None else t_mci,
         "urcr": urcr,
         "deflicker": model.preset.generator.deflicker.model_dump() if deflicker else None,
-        "paste_back": model.preset.generator.paste_back.model_dump() if paste_back else None,
+        "paste_back": model.preset.generator.paste_back.model_dump() if pastes else None,
         "render_seconds": round(seconds_taken, 1),
         "video_frames_per_second": round(frames_rendered / seconds_taken, 2) if seconds_taken else None,
         "model_metrics": mean_rows(rendered),

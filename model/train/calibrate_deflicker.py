@@ -54,7 +54,8 @@ def calibrate(
                 model.preset = preset.model_copy(
                     update={"generator": preset.generator.model_copy(update={"deflicker": deflicker})}
                 )
-                video = render_clip(model, clip, RenderSettings(seed=i))
+                # Seams as the decoder makes them: the paste-back would hide them wherever nothing moved.
+                video = render_clip(model, clip, RenderSettings(seed=i, paste_back=False))
                 result = score(video, clip.fps, clip.portrait, clip.audio, phones=phones, **layout)
                 rows[threshold].append(
                     {

@@ -41,31 +41,33 @@ def summary(rows: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def decoded_render(model: AvatarModel, clip, seed: int) -> torch.Tensor:
-    """A clip's render as the decoder gives it, (1, 3, N, H, W) in [-1, 1] before any paste-back: the same blocks as
-    `render_clip` (the session's own passes), decoded on one stream, so every threshold is applied to the very values a
-    render would apply it to (rounded frames would shift the gate by up to half a grey level)."""
+def decoded_render(model: AvatarModel, clip, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A clip's render as the decoder gives it, (1, 3, N, H, W) in [-1, 1] before any paste-back, with the portrait
+    and its decode as a session pastes them (on the model's device, from the latent in the model's dtype): the same
+    blocks as `render_clip` (the session's own passes), decoded on one stream, so every threshold is applied to the
+    very values a render would apply it to (rounded frames would shift the gate by up to half a grey level)."""
     session = model.open(clip.portrait, None, RenderSettings(seed=seed, paste_back=False))
     session.feed_audio(clip.audio, final=True)
     decoder = StreamingDecoder(model.vae, model.preset.generator.deflicker)
     blocks = []
     while not session.finished:
         blocks.append(decoder.decode_block(session.next_latents().float()))
-    return torch.cat(blocks, dim=2)[:, :, : session.total_frames]
+    video = torch.cat(blocks, dim=2)[:, :, : session.total_frames]
+    portrait = frames_to_tensor(clip.portrait[None]).to(model.device)
+    return video, portrait, StreamingDecoder(model.vae).decode_block(session.reference.float())
 
 
 @torch.no_grad()
 def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: float, progress=print) -> dict:
-    """Render `clips` validation clips of `seconds`; returns each threshold's margins over the still and the choice."""
+    """Render `clips` validation clips of `seconds`; returns each threshold's margins over the still and the choice
+    (0.0, off, unless a threshold beats the render without the paste-back)."""
     size = model.preset.video.height
     rows: dict[float, list[dict]] = {t: [] for t in thresholds}
     portrait_decode_psnr = []
     for i in range(clips):
         clip = VALIDATION.clip(i, seconds, size)
-        video = decoded_render(model, clip, seed=i)
+        video, portrait, decoded = decoded_render(model, clip, seed=i)
         truth = clip.frames[: video.shape[2]]
-        portrait = frames_to_tensor(clip.portrait[None])
-        decoded = StreamingDecoder(model.vae).decode_block(model.vae.encode(portrait))
         decode_error = metrics.squared_errors(tensor_to_frames(decoded[0]), clip.portrait)[0]
         portrait_decode_psnr.append(metrics.psnr(decode_error))  # the VAE's own loss on the portrait
         for threshold in thresholds:
@@ -74,7 +76,7 @@ def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: 
         rows.setdefault(0.0, []).append(margins(tensor_to_frames(video[0]), truth, clip.portrait))
         progress(f"clip {i}: without paste-back {rows[0.0][-1]['over_still_db']:+.2f} dB over the still")
     table = {t: summary(rs) for t, rs in sorted(rows.items())}  # 0.0: without the paste-back
-    best = max(thresholds, key=lambda t: table[t]["over_still_db"])
+    best = max([0.0, *thresholds], key=lambda t: table[t]["over_still_db"])
     return {
         "heldout": VALIDATION.model_dump(),
         "clips": clips,

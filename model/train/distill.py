@@ -85,7 +85,9 @@ class DistillStage:
         """One autoregressive rollout: (latents (1, C, F, h, w) with gradients at the exit steps, reference, audio)."""
         clip = self.clips[int(self.rng.integers(len(self.clips)))]
         with torch.no_grad():  # the sink and the prompt embedding: no gradients, as at inference
-            session = self.model.open(clip.portrait, None, RenderSettings(seed=int(self.rng.integers(2**31))))
+            # Latents only: nothing is decoded, so nothing is pasted back.
+            settings = RenderSettings(seed=int(self.rng.integers(2**31)), paste_back=False)
+            session = self.model.open(clip.portrait, None, settings)
         session.feed_audio(clip.audio, final=True)
         blocks = []
         for b in range(self.cfg.rollout_blocks):

@@ -302,8 +302,9 @@ def _paste_back_line(paste_back: PasteBackConfig) -> str:
     if not paste_back.threshold:
         return "no paste-back"
     return (
-        f"the portrait pasted back where a frame moved less than {paste_back.threshold:g} grey levels from it "
-        "(`python -m model.train.calibrate_paste_back` on validation clips)"
+        f"the portrait pasted back where a frame moved less than {paste_back.threshold:g} grey levels from it (the "
+        "preset's threshold, chosen for the shipped model by `python -m model.train.calibrate_paste_back` on "
+        "validation clips)"
     )
 
 
