@@ -21,7 +21,7 @@ import torch
 
 from model.config import DeflickerConfig
 
-_GREY_LEVELS_PER_UNIT = 127.5  # video tensors are in [-1, 1]
+GREY_LEVELS_PER_UNIT = 127.5  # video tensors are in [-1, 1]
 
 
 def fade_weights(frames: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ def blend_crossing(previous: torch.Tensor, chunk: torch.Tensor, cfg: DeflickerCo
     if cfg.frames == 0:
         return chunk
     delta = previous - chunk[:, :, :1]
-    motion = delta.abs().amax(dim=1, keepdim=True) * _GREY_LEVELS_PER_UNIT
+    motion = delta.abs().amax(dim=1, keepdim=True) * GREY_LEVELS_PER_UNIT
     gated = delta * (1.0 - motion / cfg.threshold).clamp(min=0.0)
     n = min(cfg.frames, chunk.shape[2])
     weights = fade_weights(cfg.frames)[:n].to(chunk.device, chunk.dtype).view(1, 1, n, 1, 1)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from model.config import PasteBackConfig
-
-_GREY_LEVELS_PER_UNIT = 127.5  # video tensors are in [-1, 1]
+from model.deflicker import GREY_LEVELS_PER_UNIT
 
 
 class PasteBack:
@@ -37,6 +36,6 @@ class PasteBack:
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         """Decoded frames (B, 3, n, H, W) in [-1, 1] -> those frames with the portrait's detail where they match it."""
-        motion = (video - self.decoded).abs().amax(dim=1, keepdim=True) * _GREY_LEVELS_PER_UNIT
+        motion = (video - self.decoded).abs().amax(dim=1, keepdim=True) * GREY_LEVELS_PER_UNIT
         gate = (1.0 - motion / self.threshold).clamp(min=0.0)
         return (video + gate * self.detail).clamp(-1.0, 1.0)
