@@ -322,7 +322,7 @@ def _tiny() -> Preset:
             horizon_frames=13,
             pin_first_frame=True,  # frame 0 is the portrait's latent: the render starts as the portrait
             deflicker=DeflickerConfig(frames=vae.temporal_stride - 1),  # 0 (off): no seams inside latent frames
-            paste_back=PasteBackConfig(threshold=16.0),  # the portrait's own pixels wherever the frame still shows it
+            paste_back=PasteBackConfig(threshold=128.0),  # the portrait's own pixels wherever the frame still shows it
         ),
     )
 

@@ -200,3 +200,19 @@ def test_facemesh_finds_and_tracks_the_astronauts_mouth():
     assert not np.isnan(opening).any()
     assert spearmanr(opening, gaps).statistic > 0.8
     assert opening[-1] > 2 * opening[0]
+
+
+def test_the_steady_truth_is_the_same_clip_with_the_head_held_still():
+    """The ceiling of a render that holds the head still: the held-out clip's mouth and blinks, without the sway."""
+    from model.eval.heldout import HELD_OUT, truth_psnr
+
+    clip = HELD_OUT.clip(0, 4.0, 64)
+    steady = HELD_OUT.clip(0, 4.0, 64, head_motion=0.0)
+    for name in ("opening", "width", "rounding", "blink"):
+        assert steady.truth["frames"][name] == clip.truth["frames"][name]
+    assert not np.any(steady.truth["frames"]["dx"]) and np.any(clip.truth["frames"]["dx"])
+    np.testing.assert_array_equal(steady.portrait, clip.portrait)
+    # Against the swaying truth the steady one beats the still portrait (it has the mouth), but is not the truth.
+    ceiling, still = truth_psnr(steady.frames, clip.frames), truth_psnr(clip.portrait, clip.frames)
+    assert still["truth_psnr"] < ceiling["truth_psnr"] < 60
+    assert truth_psnr(clip.portrait, clip.frames, steady.frames)["steady_psnr"] > still["truth_psnr"]

@@ -457,6 +457,7 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
         "latent_seam_jitter",
         "truth_psnr",
         "truth_psnr_frame0",
+        "steady_psnr",
     }
     # The still portrait against the same truth, and the per-clip targets that compare the two.
     still, clip = result["still_portrait"], result["per_clip"][0]
@@ -465,6 +466,11 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
     check = result["targets"]["per_clip"][0]
     assert check["psnr_over_still_db"] == pytest.approx(clip["truth_psnr"] - still["truth_psnr"], abs=1e-3)
     assert check["truth_psnr"] == (check["psnr_over_still_db"] >= 0.5)
+    # Beside them the ceiling: the truth without its head sway, which shares the mouth the still lacks.
+    steady = result["per_clip_steady_truth"][0]
+    assert check["ceiling_over_still_db"] == pytest.approx(steady["truth_psnr"] - still["truth_psnr"], abs=1e-3)
+    assert check["ceiling_over_still_db"] > 0
+    assert check["steady_psnr_over_still_db"] == pytest.approx(clip["steady_psnr"] - still["steady_psnr"], abs=1e-3)
     assert set(result["targets"]["met"]) == {"lipsync_r", "av_offset_frames", "truth_psnr", "truth_psnr_frame0"}
     assert list(result["startup_excess_error"]) == ["frame 0", "latent frame 1", "rest of block 0", "block 1", "later"]
     out = tmp_path / "teacher.json"
@@ -474,8 +480,10 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
     )
     teacher = json.loads(out.read_text())
     assert teacher["sampler"] == "teacher, 2 Euler steps" and teacher["vae_reconstruction"] is None
-    # Without the references the still portrait's PSNR is still beside the render's (it needs no render).
+    # Without the references the still portrait's PSNR is still beside the render's (it needs no render), and so is
+    # the ceiling.
     assert 5 < teacher["still_portrait"]["truth_psnr"] < 100
+    assert teacher["steady_truth"]["truth_psnr"] > teacher["still_portrait"]["truth_psnr"]
     assert isinstance(teacher["targets"]["met"]["truth_psnr"], bool)
     assert teacher["command"].startswith("python -m model.train.teacher --checkpoint")
 

@@ -8,6 +8,11 @@ Per clip it renders with the real generator (any step plan / t_mci override; URC
 or off), scores the video with `model.eval.score` against the truth phones, and scores two references on the same
 clip: the VAE's own reconstruction of the ground-truth frames (the floor for identity_error) and the still portrait
 repeated (what "no model" would give).
+Beside them it puts the ceiling of that comparison: the clip's truth re-rendered without its idle head sway (same
+mouth, same blinks; `steady_truth`). The sway is drawn independently of the audio and the portrait, so no render can
+know it; a render that holds the head still is at best that steady truth, and its margin over the still is the most
+any sharp render can gain against the swaying truth (beyond it, only blur that hedges over the sway raises the
+PSNR). Every row also gets `steady_psnr`, its PSNR against the steady truth: what the model itself controls.
 The per-30-second windows of every clip are compared with its first window (`drift_check`, the drift test).
 The held-out clips are `HeldOutSet`'s: faces, voices and content seeds that training never draws from.
 A bidirectional teacher is evaluated the same way through `python -m model.train.teacher` (its own sampler).
@@ -38,7 +43,8 @@ from model.vae import WanVAE, frames_to_tensor, tensor_to_frames
 
 KEYS = ("lipsync_r", "av_offset_frames", "identity_error", "portrait_psnr", "boundary_jitter")
 TRUTH_KEYS = ("truth_psnr", "truth_psnr_frame0")  # against the ground-truth video, where the clip has one
-ROW_KEYS = KEYS + ("latent_seam_jitter",) + TRUTH_KEYS
+STEADY_KEY = "steady_psnr"  # against the ground truth without its idle head sway
+ROW_KEYS = KEYS + ("latent_seam_jitter",) + TRUTH_KEYS + (STEADY_KEY,)
 DRIFT_KEYS = KEYS + ("truth_psnr",)  # per window
 HIGHER_IS_BETTER = ("lipsync_r", "portrait_psnr", "truth_psnr", "truth_psnr_frame0")
 DECIBEL_KEYS = ("portrait_psnr", "truth_psnr", "truth_psnr_frame0")
@@ -66,7 +72,8 @@ class HeldOutSet(BaseModel):
     speaker_base: int = 350_000
     content_base: int = 30_000_000
 
-    def clip(self, index: int, seconds: float, size: int, speech: str = "formant") -> Clip:
+    def clip(self, index: int, seconds: float, size: int, speech: str = "formant", head_motion: float = 1.0) -> Clip:
+        """Clip `index`; `head_motion` 0 gives the same clip with the head held still (the steady truth)."""
         return make_clip(
             self.content_base + index,
             seconds,
@@ -74,6 +81,7 @@ class HeldOutSet(BaseModel):
             speech=speech,
             identity_seed=self.identity_base + index,
             speaker_seed=self.speaker_base + index,
+            head_motion=head_motion,
         )
 
 
@@ -92,10 +100,16 @@ def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.
 
 
 def _metrics(
-    result: dict, frames: np.ndarray, temporal_stride: int, layout: dict, truth: np.ndarray | None = None
+    result: dict,
+    frames: np.ndarray,
+    temporal_stride: int,
+    layout: dict,
+    truth: np.ndarray | None = None,
+    steady: np.ndarray | None = None,
 ) -> dict:
     """A clip's row: `score`'s metrics, the seams inside blocks, and with `truth` (the ground-truth frames) the PSNR
-    against it over the clip and at frame 0; `score`'s windows get their truth PSNR too (for the drift check)."""
+    against it over the clip and at frame 0; `score`'s windows get their truth PSNR too (for the drift check). With
+    `steady` (the truth without its head sway), the PSNR against that as well."""
     row = {
         **{k: result[k] for k in KEYS},
         "latent_seam_jitter": metrics.latent_seam_jitter(frames, temporal_stride, **layout),
@@ -107,13 +121,20 @@ def _metrics(
         for window in result["windows"]:
             span = errors[window["start_frame"] : min(window["end_frame"], n)]
             window["truth_psnr"] = metrics.psnr(span.mean()) if len(span) else None
+    if steady is not None:
+        n = min(len(frames), len(steady))
+        row[STEADY_KEY] = metrics.psnr(metrics.squared_errors(frames[:n], steady[:n]).mean())
     return row
 
 
-def still_truth_psnr(portrait: np.ndarray, truth: np.ndarray) -> dict:
-    """The still portrait's PSNR against the truth, over the clip and at frame 0 (not animating at all)."""
-    errors = metrics.squared_errors(truth, portrait)
-    return {"truth_psnr": metrics.psnr(errors.mean()), "truth_psnr_frame0": metrics.psnr(errors[0])}
+def truth_psnr(frames: np.ndarray, truth: np.ndarray, steady: np.ndarray | None = None) -> dict:
+    """PSNR of `frames` (or one image, broadcast over the clip) against the truth, over the clip and at frame 0, and
+    with `steady` against the truth without its head sway: the rows of references that `score` has no use for."""
+    errors = metrics.squared_errors(truth, frames)
+    row = {"truth_psnr": metrics.psnr(errors.mean()), "truth_psnr_frame0": metrics.psnr(errors[0])}
+    if steady is not None:
+        row[STEADY_KEY] = metrics.psnr(metrics.squared_errors(steady, frames).mean())
+    return row
 
 
 def generator_render(settings: RenderSettings) -> Render:
@@ -204,12 +225,17 @@ def drift_check(windows: list[dict]) -> dict:
     return out
 
 
-def target_check(rendered: list[dict], still: list[dict], photo: bool = False) -> dict:
+def target_check(
+    rendered: list[dict], still: list[dict], photo: bool = False, steady: list[dict] | None = None
+) -> dict:
     """The per-clip targets (module constants) against the rows of the render and of the still portrait; a
-    target whose numbers are missing (no truth) is None, not a pass, per clip and in `met`."""
+    target whose numbers are missing (no truth) is None, not a pass, per clip and in `met`. With the steady truth's
+    rows, each clip also says how far over the still a render holding the head still could be at best
+    (`ceiling_over_still_db`) and where the render is against the steady truth (`steady_psnr_over_still_db`)."""
     per_clip = []
     for i, row in enumerate(rendered):
         ref = still[i] if i < len(still) else {}
+        ceiling = steady[i] if steady and i < len(steady) else None
         check = {
             "lipsync_r": row["lipsync_r"] >= TARGET_LIPSYNC_R,
             "av_offset_frames": abs(row["av_offset_frames"]) <= TARGET_MAX_ABS_OFFSET,
@@ -221,6 +247,9 @@ def target_check(rendered: list[dict], still: list[dict], photo: bool = False) -
             check["frame0_over_still_db"] = round(row["truth_psnr_frame0"] - ref["truth_psnr_frame0"], 3)
             check["truth_psnr"] = check["psnr_over_still_db"] >= TARGET_PSNR_MARGIN_DB
             check["truth_psnr_frame0"] = check["frame0_over_still_db"] >= TARGET_FRAME0_MARGIN_DB
+            if ceiling is not None:
+                check["ceiling_over_still_db"] = round(ceiling["truth_psnr"] - ref["truth_psnr"], 3)
+                check["steady_psnr_over_still_db"] = round(row[STEADY_KEY] - ref[STEADY_KEY], 3)
         else:
             check["truth_psnr"] = check["truth_psnr_frame0"] = None
         per_clip.append(check)
@@ -273,11 +302,12 @@ def evaluate_checkpoint(
         photo_portrait = load_portrait(photo, size, model.preset.video.width)
     references = references and photo is None
     mouth = "facemesh" if photo is not None else "synth"
-    rendered, vae_rows, still_rows, windows, checks, startup = [], [], [], [], [], []
+    rendered, vae_rows, still_rows, steady_rows, windows, checks, startup = [], [], [], [], [], [], []
     seconds_taken, frames_rendered = 0.0, 0
     for i in range(clips):
         clip = heldout.clip(i, seconds, size, speech)
         truth = clip.frames if photo is None else None
+        steady = heldout.clip(i, seconds, size, speech, head_motion=0.0).frames if photo is None else None
         if photo is not None:
             clip.portrait, clip.frames = photo_portrait, None  # nothing else of the synthetic face is used
         phones = load_truth_phones(clip.truth)
@@ -296,23 +326,28 @@ def evaluate_checkpoint(
             faceless="closed",
             **layout,
         )
-        rendered.append(_metrics(result, frames, stride, layout, truth))
+        rendered.append(_metrics(result, frames, stride, layout, truth, steady))
         windows.append(result["windows"])
         checks.append(drift_check(result["windows"]))
         if references:
             recon = reconstruct_clip(model.vae, clip)
             recon_score = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones, mouth=mouth, **layout)
-            vae_rows.append(_metrics(recon_score, recon, stride, layout, truth))
+            vae_rows.append(_metrics(recon_score, recon, stride, layout, truth, steady))
             startup.append(startup_excess_error(frames, recon, truth, stride, **layout))
             still = np.repeat(clip.portrait[None], len(frames), axis=0)
             still_score = score(still, clip.fps, clip.portrait, clip.audio, phones=phones, mouth=mouth, **layout)
-            still_rows.append(_metrics(still_score, still, stride, layout, truth))
+            still_rows.append(_metrics(still_score, still, stride, layout, truth, steady))
         elif truth is not None:  # the honest baseline costs no render: keep it even without the references
-            still_rows.append(still_truth_psnr(clip.portrait, truth[: len(frames)]))
+            still_rows.append(truth_psnr(clip.portrait, truth[: len(frames)], steady[: len(frames)]))
+        if truth is not None:  # and neither does the ceiling
+            steady_rows.append(truth_psnr(steady[: len(frames)], truth[: len(frames)]))
         line = {k: round(v, 4) if isinstance(v, float) else v for k, v in rendered[-1].items()}
         if still_rows:
             line["still truth_psnr"] = round(still_rows[-1]["truth_psnr"], 3)
             line["still truth_psnr_frame0"] = round(still_rows[-1]["truth_psnr_frame0"], 3)
+            line["still steady_psnr"] = round(still_rows[-1][STEADY_KEY], 3)
+        if steady_rows:
+            line["steady truth truth_psnr"] = round(steady_rows[-1]["truth_psnr"], 3)
         progress(f"clip {i}: {line}")
     return {
         "checkpoint": checkpoint or "bundled",
@@ -333,10 +368,12 @@ def evaluate_checkpoint(
         "model_metrics": mean_rows(rendered),
         "vae_reconstruction": mean_rows(vae_rows) if references else None,
         "still_portrait": mean_rows(still_rows) if still_rows else None,
+        "steady_truth": mean_rows(steady_rows) if steady_rows else None,
         "per_clip": rendered,
         "per_clip_still": still_rows or None,
+        "per_clip_steady_truth": steady_rows or None,
         "per_clip_vae": vae_rows or None,
-        "targets": target_check(rendered, still_rows, photo=photo is not None),
+        "targets": target_check(rendered, still_rows, photo=photo is not None, steady=steady_rows),
         "startup_excess_error": {k: float(np.mean([row[k] for row in startup])) for k in startup[0]}
         if startup
         else None,
@@ -412,7 +449,14 @@ def run(args: argparse.Namespace, command: str, render: Render | None = None, sa
         json.dumps(
             {
                 k: result[k]
-                for k in ("model_metrics", "vae_reconstruction", "still_portrait", "targets", "drift_passed")
+                for k in (
+                    "model_metrics",
+                    "vae_reconstruction",
+                    "still_portrait",
+                    "steady_truth",
+                    "targets",
+                    "drift_passed",
+                )
             },
             indent=2,
         )
@@ -424,12 +468,16 @@ def run(args: argparse.Namespace, command: str, render: Render | None = None, sa
 def psnr_summary(result: dict) -> str:
     """One line with the render's PSNR against the truth next to the still portrait's (the honest baseline)."""
     m, s = result["model_metrics"], result.get("still_portrait") or {}
+    c = result.get("steady_truth") or {}
     if m.get("truth_psnr") is None:
         return f"portrait_psnr (outside the mouth) {m['portrait_psnr']:.2f} dB; lipsync_r {m['lipsync_r']:.3f}"
+    nan = float("nan")
     return (
         f"PSNR against the ground truth: render {m['truth_psnr']:.2f} dB, still portrait "
-        f"{s.get('truth_psnr', float('nan')):.2f} dB; frame 0: render {m['truth_psnr_frame0']:.2f} dB, still "
-        f"{s.get('truth_psnr_frame0', float('nan')):.2f} dB (means over {result['clips']} clips)"
+        f"{s.get('truth_psnr', nan):.2f} dB, the truth without its head sway (the best a steady render can do) "
+        f"{c.get('truth_psnr', nan):.2f} dB; frame 0: render {m['truth_psnr_frame0']:.2f} dB, still "
+        f"{s.get('truth_psnr_frame0', nan):.2f} dB; against the truth without its sway: render "
+        f"{m.get(STEADY_KEY) or nan:.2f} dB, still {s.get(STEADY_KEY, nan):.2f} dB (means over {result['clips']} clips)"
     )
 
 

@@ -21,7 +21,7 @@ import torch
 
 from model.config import get_preset
 from model.eval import metrics, score
-from model.eval.heldout import HELD_OUT, VALIDATION, reconstruct_clip, still_truth_psnr
+from model.eval.heldout import HELD_OUT, VALIDATION, reconstruct_clip, truth_psnr
 from model.synth import Clip, load_truth_phones
 from model.vae import WanVAE
 
@@ -45,7 +45,7 @@ def vae_report(vae: WanVAE, clips: list[Clip]) -> dict:
             float(error[1 + stride * k : 1 + stride * (k + 1)].mean()) for k in range((len(error) - 1) // stride)
         ]
         recon_errors = metrics.squared_errors(recon, truth_frames)
-        still = still_truth_psnr(clip.portrait, truth_frames)  # not animating at all: the baseline
+        still = truth_psnr(clip.portrait, truth_frames)  # not animating at all: the baseline
         phones = load_truth_phones(clip.truth)
         result = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones)
         truth = score(truth_frames, clip.fps, clip.portrait, clip.audio, phones=phones)
