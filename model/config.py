@@ -154,8 +154,9 @@ class DeflickerConfig(_Frozen):
 class PasteBackConfig(_Frozen):
     """Motion-gated paste-back of the portrait's detail into decoded frames (model/paste_back.py); threshold 0: off."""
 
-    # grey levels (0-255): a pixel this far from the decoded portrait has moved and keeps the generator's value. 16:
-    # `python -m model.train.calibrate_paste_back` on the tiny model's validation clips (docs/results.md).
+    # grey levels (0-255): a pixel this far from the decoded portrait has moved and keeps the generator's value, nearer
+    # ones get the portrait's detail in proportion. 128: `python -m model.train.calibrate_paste_back` on the tiny
+    # model's validation clips, against their steady truth (docs/results.md).
     threshold: float = Field(0.0, ge=0)
 
 

@@ -8,7 +8,8 @@ reason (Wav2Lip, LivePortrait's paste-back); this is the per-pixel, motion-gated
 What: with `P` the portrait and `D` the VAE's decode of the portrait's own latent, each decoded frame `f` becomes
 `f + g * (P - D)`, where `g = max(0, 1 - max_rgb|f - D| / threshold)` per pixel: where the frame has not moved from
 the decoded portrait (`g = 1`) it shows the portrait's own pixels; where it moved by `threshold` grey levels or more
-(the mouth, blinks) it is the generator's frame, untouched. A render whose latent frame 0 is pinned to the portrait
+it is the generator's frame, untouched; in between it gets the detail in proportion (with the tiny model's 128, a
+mouth pixel that darkened by 64 levels gets half of it). A render whose latent frame 0 is pinned to the portrait
 therefore starts on the portrait exactly.
 
 Stateless per frame: it adds no latency to a stream, and a restored render needs only the portrait.

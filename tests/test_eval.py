@@ -216,3 +216,13 @@ def test_the_steady_truth_is_the_same_clip_with_the_head_held_still():
     ceiling, still = truth_psnr(steady.frames, clip.frames), truth_psnr(clip.portrait, clip.frames)
     assert still["truth_psnr"] < ceiling["truth_psnr"] < 60
     assert truth_psnr(clip.portrait, clip.frames, steady.frames)["steady_psnr"] > still["truth_psnr"]
+
+
+def test_the_psnr_summary_reads_references_that_were_not_scored_as_na():
+    from model.eval.heldout import psnr_summary
+
+    render = {"truth_psnr": 24.0, "truth_psnr_frame0": 25.0, "steady_psnr": 30.0}
+    line = psnr_summary(
+        {"model_metrics": render, "still_portrait": None, "steady_truth": {"truth_psnr": None}, "clips": 1}
+    )
+    assert "render 24.00 dB, still portrait n/a" in line and "render 30.00 dB, still n/a" in line

@@ -10,9 +10,10 @@ clip: the VAE's own reconstruction of the ground-truth frames (the floor for ide
 repeated (what "no model" would give).
 Beside them it puts the ceiling of that comparison: the clip's truth re-rendered without its idle head sway (same
 mouth, same blinks; `steady_truth`). The sway is drawn independently of the audio and the portrait, so no render can
-know it; a render that holds the head still is at best that steady truth, and its margin over the still is the most
-any sharp render can gain against the swaying truth (beyond it, only blur that hedges over the sway raises the
-PSNR). Every row also gets `steady_psnr`, its PSNR against the steady truth: what the model itself controls.
+know it; a render that holds the head still is at best that steady truth, and its margin over the still is, in
+effect, the most any sharp render can gain against the swaying truth (beyond it, blur that hedges over the sway is
+what raises the PSNR; not a proven bound: another mouth could happen to fit the swayed frames better).
+Every row also gets `steady_psnr`, its PSNR against the steady truth: what the model itself controls.
 The per-30-second windows of every clip are compared with its first window (`drift_check`, the drift test).
 The held-out clips are `HeldOutSet`'s: faces, voices and content seeds that training never draws from.
 A bidirectional teacher is evaluated the same way through `python -m model.train.teacher` (its own sampler).
@@ -471,13 +472,15 @@ def psnr_summary(result: dict) -> str:
     c = result.get("steady_truth") or {}
     if m.get("truth_psnr") is None:
         return f"portrait_psnr (outside the mouth) {m['portrait_psnr']:.2f} dB; lipsync_r {m['lipsync_r']:.3f}"
-    nan = float("nan")
+
+    def db(row: dict, key: str) -> str:  # a reference that was not scored reads n/a
+        return "n/a" if row.get(key) is None else f"{row[key]:.2f} dB"
+
     return (
-        f"PSNR against the ground truth: render {m['truth_psnr']:.2f} dB, still portrait "
-        f"{s.get('truth_psnr', nan):.2f} dB, the truth without its head sway (the best a steady render can do) "
-        f"{c.get('truth_psnr', nan):.2f} dB; frame 0: render {m['truth_psnr_frame0']:.2f} dB, still "
-        f"{s.get('truth_psnr_frame0', nan):.2f} dB; against the truth without its sway: render "
-        f"{m.get(STEADY_KEY) or nan:.2f} dB, still {s.get(STEADY_KEY, nan):.2f} dB (means over {result['clips']} clips)"
+        f"PSNR against the ground truth: render {db(m, 'truth_psnr')}, still portrait {db(s, 'truth_psnr')}, the "
+        f"truth without its head sway (the best a steady render can be expected to do) {db(c, 'truth_psnr')}; frame "
+        f"0: render {db(m, 'truth_psnr_frame0')}, still {db(s, 'truth_psnr_frame0')}; against the truth without its "
+        f"sway: render {db(m, STEADY_KEY)}, still {db(s, STEADY_KEY)} (means over {result['clips']} clips)"
     )
 
 
