@@ -251,6 +251,11 @@ class AvatarModel:
         `ModelComponentError` naming the missing or corrupt file and what to do."""
         path = Path(checkpoint) if checkpoint else BUNDLED_MODEL if preset == "tiny" else None
         if path is None:
+            # Refused before building: a random 1.3B model costs gigabytes and most of a minute to allocate.
+            error = missing_encoder(f"preset {preset!r} (random weights)", get_preset(preset),
+                                    audio=audio_model_dir is not None, text=text_model_dir is not None)  # fmt: skip
+            if error is not None:
+                raise error
             model = cls.random(preset, seed=RANDOM_MODEL_SEED, device=device, dtype=dtype,
                                audio_model_dir=audio_model_dir, text_model_dir=text_model_dir)  # fmt: skip
             model.require_encoders(f"preset {preset!r} (random weights)")
