@@ -20,7 +20,7 @@ import torch
 
 from model.config import PasteBackConfig
 from model.eval import metrics
-from model.eval.heldout import VALIDATION
+from model.eval.heldout import STEADY_KEY, VALIDATION, truth_psnr
 from model.generator import AvatarModel, RenderSettings
 from model.paste_back import PasteBack
 from model.train.calibrate_deflicker import threshold_cli
@@ -29,15 +29,14 @@ from model.vae import StreamingDecoder, frames_to_tensor, tensor_to_frames
 THRESHOLDS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)  # grey levels: from below the VAE's error to everywhere
 
 
-def margins(frames: np.ndarray, truth: np.ndarray, steady: np.ndarray, portrait: np.ndarray) -> dict:
-    """PSNR minus the still portrait's, against the steady truth (the measure) and against the truth, over the clip,
-    and at frame 0."""
-    errors, still = metrics.squared_errors(frames, truth), metrics.squared_errors(truth, portrait)
-    steady_errors, steady_still = metrics.squared_errors(frames, steady), metrics.squared_errors(steady, portrait)
+def margins(frames: np.ndarray, truth: np.ndarray, steady: np.ndarray, still: dict) -> dict:
+    """PSNR minus the still portrait's (`still`: its `truth_psnr` row, the same for every threshold), against the
+    steady truth (the measure) and against the truth, over the clip, and at frame 0."""
+    row = truth_psnr(frames, truth, steady)
     return {
-        "steady_over_still_db": metrics.psnr(steady_errors.mean()) - metrics.psnr(steady_still.mean()),
-        "over_still_db": metrics.psnr(errors.mean()) - metrics.psnr(still.mean()),
-        "frame0_over_still_db": metrics.psnr(errors[0]) - metrics.psnr(still[0]),
+        "steady_over_still_db": row[STEADY_KEY] - still[STEADY_KEY],
+        "over_still_db": row["truth_psnr"] - still["truth_psnr"],
+        "frame0_over_still_db": row["truth_psnr_frame0"] - still["truth_psnr_frame0"],
     }
 
 
@@ -75,12 +74,13 @@ def calibrate(model: AvatarModel, thresholds: list[float], clips: int, seconds: 
         video, portrait, decoded = decoded_render(model, clip, seed=i)
         truth = clip.frames[: video.shape[2]]
         steady = VALIDATION.clip(i, seconds, size, head_motion=0.0).frames[: video.shape[2]]
+        still = truth_psnr(clip.portrait, truth, steady)
         decode_error = metrics.squared_errors(tensor_to_frames(decoded[0]), clip.portrait)[0]
         portrait_decode_psnr.append(metrics.psnr(decode_error))  # the VAE's own loss on the portrait
         for threshold in thresholds:
             pasted = tensor_to_frames(PasteBack(portrait, decoded, PasteBackConfig(threshold=threshold))(video)[0])
-            rows[threshold].append(margins(pasted, truth, steady, clip.portrait))
-        rows.setdefault(0.0, []).append(margins(tensor_to_frames(video[0]), truth, steady, clip.portrait))
+            rows[threshold].append(margins(pasted, truth, steady, still))
+        rows.setdefault(0.0, []).append(margins(tensor_to_frames(video[0]), truth, steady, still))
         off = rows[0.0][-1]["steady_over_still_db"]
         progress(f"clip {i}: without paste-back {off:+.2f} dB over the still against the steady truth")
     table = {t: summary(rs) for t, rs in sorted(rows.items())}  # 0.0: without the paste-back
