@@ -58,7 +58,8 @@ demo: install
 examples: install
 	$(PY) examples/make_examples.py
 
-# The whole recipe from scratch (VAE, teacher, causal student, DMD), then the model goes to model/weights/tiny.
+# The whole recipe from scratch (VAE, teacher, causal student, DMD, then the paste-back threshold chosen on validation
+# clips), then the model goes to model/weights/tiny.
 # The shipped run's stages took 54 + 120 + 27 + 18 minutes of wall time on this 2-core machine, the teacher's with
 # about 29 minutes paused for test runs (model/weights/tiny/MODEL_CARD.md), plus data generation and latent encoding
 # between them; it resumes where it stopped if interrupted.

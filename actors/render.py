@@ -10,14 +10,15 @@ generator state at its end:
 
     <output root>/.segments/<row key>/<index>.mp4    then    <index>.state   (the state marks it complete)
 
-The previous segment's state is then deleted (a resume reads only the last). A row that finds stored segments
-restores the last state and renders only the blocks after it, so a render actor killed mid-row (Ray restarts it
-and retries its rows) loses at most one segment of work per row. After every block the row reports progress and
-learns whether the job was cancelled; a cancelled row keeps its segments and can resume in a later run. A row that
-fails leaves the batch; the others go on. A row whose segment encoder was killed by a signal (the OOM killer; a
-worker's exit kills its children before the worker goes) is not at fault: it is opened again from its last stored
-segment, up to ENCODER_REOPENS times. With `overlap_decode` the VAE decode and H.264 encode of a block run on a
-second thread while the engine generates the next one.
+The previous segment's state is then deleted (a resume reads only the last, and lists again when an overlapping
+attempt of the row deleted the one it listed). A row that finds stored segments restores the last state and renders
+only the blocks after it, so a render actor killed mid-row (Ray restarts it and retries its rows) loses at most one
+segment of work per row. After every block the row reports progress and learns whether the job was cancelled; a
+cancelled row keeps its segments and can resume in a later run. A row that fails leaves the batch; the others go on.
+A row whose segment encoder was killed by a signal (the OOM killer; a worker's exit kills its children before the
+worker goes) is not at fault: it is opened again from its last stored segment, up to ENCODER_REOPENS times. With
+`overlap_decode` the VAE decode and H.264 encode of a block run on a second thread while the engine generates the
+next one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pipeline.storage import ObjectStore
 
 MP4, STATE = ".mp4", ".state"
 ENCODER_REOPENS = 2  # a row whose ffmpeg keeps being killed fails after this many reopens
+STATE_LOOKUPS = 3  # times a resume lists the row's states again when the one it listed is gone
 
 
 def segment_uri(prefix: str, index: int, suffix: str) -> str:
@@ -53,6 +55,21 @@ def last_complete_segment(store: ObjectStore, prefix: str) -> int | None:
     """Index of the last segment stored with its state (segments are written in order), or None."""
     states = [u for u in store.list(prefix) if u.endswith(STATE)]
     return max((int(os.path.basename(u)[: -len(STATE)]) for u in states), default=None)
+
+
+def last_stored_state(store: ObjectStore, prefix: str) -> tuple[int, bytes] | None:
+    """The last complete segment's index and its state's bytes, or None when no segment is stored. Another attempt
+    of the same row (a retry overlapping one still running) stores newer segments and deletes the state before its
+    newest, so the state listed can be gone when it is read: then the newer one is listed and read instead."""
+    for _ in range(STATE_LOOKUPS):
+        index = last_complete_segment(store, prefix)
+        if index is None:
+            return None
+        try:
+            return index, store.get_bytes(segment_uri(prefix, index, STATE))
+        except FileNotFoundError:
+            continue
+    raise RuntimeError(f"{prefix}: the last stored state kept vanishing while it was read ({STATE_LOOKUPS} lookups)")
 
 
 class RowRender:
@@ -82,12 +99,13 @@ class RowRender:
         from model.generator import RenderState
 
         renderer, task = self.renderer, self.task
-        self.resume_from = last_complete_segment(renderer.store, task.segments)
-        if self.resume_from is None:
+        stored = last_stored_state(renderer.store, task.segments)
+        if stored is None:
+            self.resume_from = None
             self.session = renderer.model.open(array_from_bytes(self.record.portrait), task.prompt, task.render)
         else:
-            uri = segment_uri(task.segments, self.resume_from, STATE)
-            self.session = renderer.model.restore(RenderState.from_bytes(renderer.store.get_bytes(uri)), task.prompt)
+            self.resume_from, state = stored
+            self.session = renderer.model.restore(RenderState.from_bytes(state), task.prompt)
             self.segment = self.resume_from + 1
         self.session.feed_audio(array_from_bytes(self.record.audio), final=True)
         self.record.portrait = self.record.audio = b""  # the writer needs neither; keep the object store light

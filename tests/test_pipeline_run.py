@@ -332,3 +332,47 @@ def test_a_checkpoint_brings_its_own_preset(ray_cluster, tmp_path):
     assert report.counts == {"succeeded": 1}, report.rows
     frames, _ = read_video(tmp_path / "out" / "small.mp4")
     assert frames.shape == (25, 32, 48, 3)
+
+
+def test_a_resume_reads_the_newer_state_when_another_attempt_deleted_the_one_it_listed(tmp_path):
+    """Two attempts of one row can overlap (a retry while the first still runs): between a resume's listing and its
+    read, the other attempt stores segment 2 and deletes state 1. The resume reads state 2, not a missing object."""
+    import pytest
+
+    from actors.render import MP4, STATE, last_stored_state, segment_uri
+
+    prefix = str(tmp_path / "segments" / "row")
+
+    class OverlappedStore(ObjectStore):
+        """A real local store; the other attempt's writes happen right after the first listing."""
+
+        listings = 0
+
+        def list(self, prefix_: str) -> list[str]:
+            found = super().list(prefix_)
+            self.listings += 1
+            if self.listings == 1:
+                self.put_bytes(segment_uri(prefix, 2, MP4), b"segment 2")
+                self.put_bytes(segment_uri(prefix, 2, STATE), b"state 2")
+                self.delete(segment_uri(prefix, 1, STATE))
+            return found
+
+    store = OverlappedStore()
+    for index in (0, 1):
+        store.put_bytes(segment_uri(prefix, index, MP4), f"segment {index}".encode())
+    store.put_bytes(segment_uri(prefix, 1, STATE), b"state 1")
+    assert last_stored_state(store, prefix) == (2, b"state 2") and store.listings == 2
+    assert last_stored_state(ObjectStore(), str(tmp_path / "segments" / "new-row")) is None
+
+    class VanishingStore(ObjectStore):
+        """Every state listed is gone by the time it is read."""
+
+        def get_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+            self.delete(uri)
+            return super().get_bytes(uri, max_bytes)
+
+    store = VanishingStore()
+    for index in range(5):
+        store.put_bytes(segment_uri(prefix, index, STATE), b"state")
+    with pytest.raises(RuntimeError, match="kept vanishing"):
+        last_stored_state(store, prefix)

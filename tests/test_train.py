@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.checkpoint import read_checkpoint
-from model.config import DeflickerConfig
+from model.config import DeflickerConfig, PasteBackConfig
 from model.dit import CausalWanDiT
 from model.engine import run_block
 from model.eval import metrics
@@ -226,8 +226,11 @@ def test_recipe_ships_a_loadable_model(tmp_path):
         deflicker_calibration_clips=1,
         deflicker_calibration_seconds=1.2,
         deflicker_thresholds=(1.0, 1000.0),
+        paste_back_calibration_clips=1,
+        paste_back_calibration_seconds=1.2,
+        paste_back_thresholds=(8.0, 1000.0),
     )
-    base = small_preset()
+    base = small_preset(pin_first_frame=True, paste_back=PasteBackConfig(threshold=50.0))
     with_deflicker = base.model_copy(
         update={"generator": base.generator.model_copy(update={"deflicker": DeflickerConfig(frames=3)})}
     )
@@ -241,6 +244,14 @@ def test_recipe_ships_a_loadable_model(tmp_path):
     chosen = extra["training"]["deflicker_calibration"]["chosen_threshold"]
     assert chosen in (1.0, 1000.0) and preset.generator.deflicker.threshold == chosen
     assert f"threshold {chosen:g} (chosen on training clips by the recipe)" in card
+    # So is the paste-back's, chosen on validation clips against the steady truth (0: off, when nothing beats it).
+    pasted = extra["training"]["paste_back_calibration"]
+    assert pasted["heldout"] == VALIDATION.model_dump() and set(pasted["by_threshold"]) == {"0.0", "8.0", "1000.0"}
+    assert (
+        pasted["chosen_threshold"] in (0.0, 8.0, 1000.0)
+        and preset.generator.paste_back.threshold == (pasted["chosen_threshold"])
+    )
+    assert ("no paste-back" if not pasted["chosen_threshold"] else "(chosen on validation clips by the recipe)") in card
     model = AvatarModel.load(ship)
     session = model.open(np.zeros((SIZE, SIZE, 3), np.uint8))
     session.feed_audio(np.zeros(16000, np.float32), final=True)
@@ -253,6 +264,7 @@ def test_recipe_ships_a_loadable_model(tmp_path):
     assert json.loads((tmp_path / "run" / "vae" / "done.json").read_text())["steps"] == 2
     assert result["stages"]["teacher"]["steps"] == 2
     assert result["deflicker_calibration"]["chosen_threshold"] == chosen
+    assert result["paste_back_calibration"] == pasted
     # Training the VAE further changes its latent space: the DiT stages begun on the old one are refused, not resumed
     # on latents they were never trained on, and the new VAE gets latents of its own.
     from model.train.recipe import StaleStageError

@@ -2,8 +2,9 @@
 
     python -m model.train.recipe --out runs/tiny [--budget-minutes 60]
 
-After distillation, when the preset has the deflicker on, its threshold is chosen on training clips
-(`model.train.calibrate_deflicker`, about 4.5 minutes on 2 cores for the tiny model) and shipped in the preset.
+After distillation the thresholds of the post-processing the preset has on are chosen for the trained model and
+shipped in its preset: the deflicker's on training clips (`model.train.calibrate_deflicker`), the paste-back's on
+validation clips (`model.train.calibrate_paste_back`, about 4 minutes on 2 cores for the tiny model).
 
 Every stage checkpoints into `<out>/<stage>/` and a re-run resumes where it stopped (finished stages are loaded, not
 re-trained). The time budget is split between the stages by `STAGE_SHARE`; each stage stops at its step cap or its
@@ -31,7 +32,7 @@ from model.dit import CausalWanDiT
 from model.eval.heldout import HELD_OUT, VALIDATION
 from model.eval.vae_report import vae_report
 from model.generator import BUNDLED_MODEL, AvatarModel
-from model.train.calibrate_deflicker import THRESHOLDS, calibrate
+from model.train import calibrate_deflicker, calibrate_paste_back
 from model.train.data import DataConfig, LatentDataset, cached_training_clips, encode_clip
 from model.train.distill import DistillConfig, DistillStage, distilled_preset
 from model.train.loop import run_stage
@@ -82,7 +83,13 @@ class RecipeConfig(BaseModel):
     # preset's.
     deflicker_calibration_clips: int = 8
     deflicker_calibration_seconds: float = 8.0
-    deflicker_thresholds: tuple[float, ...] = THRESHOLDS
+    deflicker_thresholds: tuple[float, ...] = calibrate_deflicker.THRESHOLDS
+    # The paste-back threshold (when the preset has the paste-back on) is chosen on this many validation clips
+    # (`model.train.calibrate_paste_back`: the best PSNR over the still against the steady truth); 0 clips: keep the
+    # preset's.
+    paste_back_calibration_clips: int = 4
+    paste_back_calibration_seconds: float = 12.0
+    paste_back_thresholds: tuple[float, ...] = calibrate_paste_back.THRESHOLDS
 
 
 def run_recipe(
@@ -202,12 +209,46 @@ def run_recipe(
     )
     shipped = distilled_preset(preset)
     result = {"stages": summaries, "seconds": round(time.monotonic() - started, 1)}
+    steps = summaries["distill"]["steps"]
     if cfg.deflicker_calibration_clips and shipped.generator.deflicker.frames:
-        calibration = calibrated_deflicker(out, shipped, student, vae, cfg, summaries["distill"]["steps"], log)
+        calibration = calibrated(
+            out,
+            "deflicker",
+            steps,
+            log,
+            lambda: calibrate_deflicker.calibrate(
+                AvatarModel(shipped, student, vae, description="deflicker calibration"),
+                list(cfg.deflicker_thresholds),
+                cfg.deflicker_calibration_clips,
+                cfg.deflicker_calibration_seconds,
+                data=cfg.data,
+                progress=log,
+            ),
+        )
         deflicker = shipped.generator.deflicker.model_copy(update={"threshold": calibration["chosen_threshold"]})
-        generator = shipped.generator.model_copy(update={"deflicker": deflicker})
-        shipped = shipped.model_copy(update={"generator": generator})
+        shipped = shipped.model_copy(
+            update={"generator": shipped.generator.model_copy(update={"deflicker": deflicker})}
+        )
         result["deflicker_calibration"] = calibration
+    if cfg.paste_back_calibration_clips and shipped.generator.paste_back.threshold:
+        calibration = calibrated(
+            out,
+            "paste_back",
+            steps,
+            log,
+            lambda: calibrate_paste_back.calibrate(
+                AvatarModel(shipped, student, vae, description="paste-back calibration"),
+                list(cfg.paste_back_thresholds),
+                cfg.paste_back_calibration_clips,
+                cfg.paste_back_calibration_seconds,
+                progress=log,
+            ),
+        )
+        paste_back = PasteBackConfig(threshold=calibration["chosen_threshold"])
+        shipped = shipped.model_copy(
+            update={"generator": shipped.generator.model_copy(update={"paste_back": paste_back})}
+        )
+        result["paste_back_calibration"] = calibration
     save_checkpoint(out / "final_model", shipped, {"dit": student, "vae": vae}, {"training": result})
     if ship_to is not None:
         save_checkpoint(ship_to, shipped, {"dit": student, "vae": vae}, {"training": result})
@@ -249,30 +290,14 @@ def check_lineage(out: Path, stage: str, latent_space: str) -> None:
     )
 
 
-def calibrated_deflicker(
-    out: Path, preset: Preset, student: CausalWanDiT, vae: WanVAE, cfg: RecipeConfig, distill_steps: int, log=print
-) -> dict:
-    """The deflicker threshold for the trained model, chosen on training clips; kept in `out/deflicker.json` for as
-    long as the student it was chosen for (the same number of distillation steps)."""
-    path = out / "deflicker.json"
+def calibrated(out: Path, name: str, distill_steps: int, log, run) -> dict:
+    """A threshold calibration of the trained model (`run()`: its result, with `chosen_threshold` and `by_threshold`),
+    kept in `out/<name>.json` for as long as the student it was chosen for (the same number of distillation steps)."""
+    path = out / f"{name}.json"
     if path.exists() and json.loads(path.read_text()).get("distill_steps") == distill_steps:
         return json.loads(path.read_text())
-    model = AvatarModel(preset, student, vae, description="deflicker calibration")
-    calibration = calibrate(
-        model,
-        list(cfg.deflicker_thresholds),
-        cfg.deflicker_calibration_clips,
-        cfg.deflicker_calibration_seconds,
-        data=cfg.data,
-        progress=log,
-    )
-    calibration["distill_steps"] = distill_steps
-    log(
-        f"deflicker: threshold {calibration['chosen_threshold']:g} (latent_seam_jitter on training clips by "
-        "threshold: "
-        + ", ".join(f"{float(t):g}: {v['latent_seam_jitter']:.3f}" for t, v in calibration["by_threshold"].items())
-        + ")"
-    )
+    calibration = run() | {"distill_steps": distill_steps}
+    log(f"{name}: threshold {calibration['chosen_threshold']:g} chosen among {sorted(calibration['by_threshold'])}")
     path.write_text(json.dumps(calibration, indent=2))
     return calibration
 
@@ -298,14 +323,14 @@ def _deflicker_line(deflicker: DeflickerConfig, result: dict) -> str:
     )
 
 
-def _paste_back_line(paste_back: PasteBackConfig) -> str:
+def _paste_back_line(paste_back: PasteBackConfig, result: dict) -> str:
     if not paste_back.threshold:
         return "no paste-back"
-    return (
-        f"the portrait pasted back where a frame moved less than {paste_back.threshold:g} grey levels from it (the "
-        "preset's threshold, chosen for the shipped model by `python -m model.train.calibrate_paste_back` on "
-        "validation clips)"
+    chosen = (
+        "chosen on validation clips by the recipe" if "paste_back_calibration" in result else "the preset's threshold"
     )
+    moved = f"the portrait pasted back where a frame moved less than {paste_back.threshold:g} grey levels from it"
+    return f"{moved} ({chosen})"
 
 
 def write_model_card(
@@ -341,7 +366,7 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
   {preset.vae.temporal_stride}, frame-local residual convs) trained here.
 - Generator: step plan {list(gen.step_plan)} (PSB), sampler `{gen.sampler}`, t_mci {gen.t_mci} (MCI), horizon
   {gen.horizon_frames} latent frames with URCR resets, the portrait's latent as the cache sink, {anchoring};
-  {_deflicker_line(gen.deflicker, result)}; {_paste_back_line(gen.paste_back)}.
+  {_deflicker_line(gen.deflicker, result)}; {_paste_back_line(gen.paste_back, result)}.
 - Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, CPU only; {
         "no time budget" if budget_minutes is None else f"a budget of {budget_minutes} minutes"
     }; {sum(s["seconds"] for s in result["stages"].values()) / 60:.1f} minutes of stage time in all (wall time of each
