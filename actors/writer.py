@@ -15,6 +15,7 @@ import time
 import ray
 
 from actors.render import MP4
+from model.errors import InputError
 from pipeline.events import RowFinished, RowStatus, StageTimed
 from pipeline.records import RowRecord
 from pipeline.settings import PipelineSettings
@@ -52,6 +53,21 @@ def _quality_metrics(video: str, portrait: str, audio: str) -> dict:
     return {k: scores[k] for k in keys if k in scores}
 
 
+def _truth_video_metrics(store: ObjectStore, uri: str, video: str, portrait: str, settings: PipelineSettings) -> dict:
+    """The PSNR against the row's truth video, the still portrait's beside it; a truth that cannot be read or compared
+    costs these numbers, not the row's others."""
+    from model.eval.evaluate import score_truth_video
+
+    try:
+        with input_copy(store, uri, "truth video", settings.limits) as truth:
+            try:
+                return score_truth_video(video, truth, portrait)
+            except InputError as err:  # named by the URI, not the local copy
+                raise InputError(uri, err.problem) from None
+    except Exception as err:
+        return {"truth_video_error": f"{type(err).__name__}: {err}"}
+
+
 def _stitch_and_upload(record: RowRecord, store: ObjectStore, settings: PipelineSettings) -> None:
     from model.media import concat_mp4
 
@@ -70,5 +86,8 @@ def _stitch_and_upload(record: RowRecord, store: ObjectStore, settings: Pipeline
             if 0 < result["video_seconds"] <= settings.metrics_max_seconds:
                 with input_copy(store, task.portrait, "portrait", settings.limits) as portrait:
                     result["metrics"] = _quality_metrics(out, portrait, audio)
+                    if task.truth_video and "error" not in result["metrics"]:
+                        truth = _truth_video_metrics(store, task.truth_video, out, portrait, settings)
+                        result["metrics"] |= truth
         store.put_file(task.output, out)
     store.delete_prefix(task.segments)

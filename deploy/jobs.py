@@ -41,7 +41,7 @@ from pipeline.uri import confine, is_under, normalize_uri
 log = logging.getLogger(__name__)
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
-MEDIA_COLUMNS = ("portrait", "audio")  # row columns naming files the service would read
+MEDIA_COLUMNS = ("portrait", "audio", "truth_video")  # row columns naming files the service would read
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its tracebacks
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: .*)?$")  # "KeyError: 'x'"
 MAX_ERROR_CHARS = 300  # a failed job's `error`: one line, this long at most (the log keeps the whole story)

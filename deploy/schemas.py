@@ -14,7 +14,7 @@ MAX_LIST_OFFSET = 1_000_000_000  # paging past any store's size (API and console
 
 class JobRequest(BaseModel):
     """Submit either a manifest URI or inline rows (exactly one). Rows use the manifest's columns:
-    `id`, `portrait`, `audio`, optional `prompt`, `output` and per-row overrides."""
+    `id`, `portrait`, `audio`, optional `prompt`, `output`, `truth_video` and per-row overrides."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,7 +1,8 @@
 """Regenerate the bundled example manifest (`make examples`): SynthTalk clips and one real portrait.
 
-Three SynthTalk portraits with formant speech, and `skimage.data.astronaut()` (a real photo shipped with
-scikit-image) speaking espeak-ng speech. Inputs only: `make demo` renders them.
+Three SynthTalk portraits with formant speech, each with its ground-truth video (`truth_video`: the report scores the
+render's PSNR against it beside the still portrait's), and `skimage.data.astronaut()` (a real photo shipped with
+scikit-image) speaking espeak-ng speech. `make demo` renders them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from PIL import Image
 
 from model.config import get_preset
 from model.media.audio import save_wav
+from model.media.video import VideoWriter
 from model.synth import make_clip
 from model.synth.world import make_speech
 
 HERE = Path(__file__).parent
 SECONDS = 4.0
 SEED = 2026
+TRUTH_CRF = 10  # near-lossless: the truth should not carry much more coding loss than the render's mp4
 
 
 def main() -> None:
@@ -29,7 +32,9 @@ def main() -> None:
         name = f"synth-{i}"
         Image.fromarray(clip.portrait).save(HERE / f"{name}.png")
         save_wav(HERE / f"{name}.wav", clip.audio, clip.sample_rate)
-        rows.append({"id": name, "portrait": f"{name}.png", "audio": f"{name}.wav"})
+        with VideoWriter(HERE / f"{name}.truth.mp4", clip.fps, size, size, crf=TRUTH_CRF) as truth:
+            truth.write(clip.frames)
+        rows.append({"id": name, "portrait": f"{name}.png", "audio": f"{name}.wav", "truth_video": f"{name}.truth.mp4"})
 
     from skimage.data import astronaut
 

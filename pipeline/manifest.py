@@ -1,8 +1,10 @@
 """Job manifests: read JSONL, CSV or Parquet from any store, and validate each row on its own.
 
-Columns: `id`, `portrait`, `audio` (required); `prompt`, `output` and the per-row overrides `seed`,
+Columns: `id`, `portrait`, `audio` (required); `prompt`, `output`, `truth_video` and the per-row overrides `seed`,
 `steps` ("8,6,4", a list, or one int), `height`, `width` (optional), which validate into the generator's
-own `model.generator.RenderSettings`. Relative input paths resolve against the manifest's directory. A
+own `model.generator.RenderSettings`. `truth_video` is a ground-truth video of the row's speech (a recorded take):
+the report then scores the render's PSNR against it beside the still portrait's; it does not change the render.
+Relative input paths resolve against the manifest's directory. A
 row's `output` must lie inside the job's output root (a relative path, or a URI under the root) and end
 in ".mp4"; by default it is `<output root>/<id>.mp4` (the id made safe).
 
@@ -40,7 +42,7 @@ from pipeline.storage import ObjectStore, ObjectTooLarge
 from pipeline.uri import confined_uri, is_under, normalize_uri, parent_uri, safe_name
 
 REQUIRED = ("id", "portrait", "audio")
-OPTIONAL = ("prompt", "output", "seed", "steps", "height", "width")
+OPTIONAL = ("prompt", "output", "truth_video", "seed", "steps", "height", "width")
 KNOWN_COLUMNS = frozenset(REQUIRED + OPTIONAL)
 SEGMENTS_DIR = ".segments"  # under the output root: one folder per row in progress
 PARQUET_BATCH_ROWS = 1024
@@ -58,6 +60,7 @@ class RowTask(BaseModel):
     audio: str = ""
     prompt: str | None = None
     output: str = ""
+    truth_video: str | None = None  # scored against in the report, never read by the render
     render: RenderSettings = RenderSettings()  # the row's overrides; the rest keep the model's values
     segments: str = ""  # URI prefix of this row's stored segments
     error: str | None = None
@@ -269,14 +272,19 @@ def _validate(index, row_id, row, output_root, base_uri, limits, preset, model_k
             f"unknown column(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(KNOWN_COLUMNS))}"
         )
     inputs = {}
-    for column in ("portrait", "audio"):
+    for column in ("portrait", "audio", "truth_video"):
         value = row.get(column)
+        if column == "truth_video" and value is None:
+            continue
+        if column == "truth_video" and not isinstance(value, str):
+            raise ValueError(f"truth_video must be a URI or path, got {type(value).__name__}")
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"missing {column}")
         try:
             inputs[column] = normalize_uri(value, base=base_uri)
         except ValueError as err:
             raise ValueError(f"{column}: {err}") from None
+    truth_video = inputs.pop("truth_video", None)  # not a render input: it stays out of the segment key
     prompt = row.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
@@ -297,6 +305,7 @@ def _validate(index, row_id, row, output_root, base_uri, limits, preset, model_k
         audio=inputs["audio"],
         prompt=prompt,
         output=output,
+        truth_video=truth_video,
         render=render,
         segments=f"{output_root}/{SEGMENTS_DIR}/{key}",
     )

@@ -226,3 +226,43 @@ def test_the_psnr_summary_reads_references_that_were_not_scored_as_na():
         {"model_metrics": render, "still_portrait": None, "steady_truth": {"truth_psnr": None}, "clips": 1}
     )
     assert "render 24.00 dB, still portrait n/a" in line and "render 30.00 dB, still n/a" in line
+
+
+def test_psnr_against_a_truth_video_comes_with_the_still_portraits(tmp_path):
+    """`score_truth_video` (the report's and `avatar-render eval --truth-video`'s numbers): the render's PSNR against
+    a ground-truth video, streamed, beside the still portrait's against the same frames; another size is fitted, a
+    shorter truth is scored over the frames both have, another frame rate is refused naming the truth."""
+    from PIL import Image
+
+    from model.errors import InputError
+    from model.eval import metrics
+    from model.eval.evaluate import TRUTH_VIDEO_METRICS, score_truth_video
+    from model.media import read_video
+    from model.media.video import VideoWriter
+
+    row = write_clip(make_clip(0, 2.0, size=64), tmp_path)
+    p = {k: str(tmp_path / v) for k, v in row.items() if k != "id"}
+    frames, _ = read_video(p["video"])
+    portrait = np.asarray(Image.open(p["portrait"]).convert("RGB"))
+    still = metrics.squared_errors(frames, portrait)
+
+    same = score_truth_video(p["video"], p["video"], p["portrait"])
+    assert same["truth_psnr"] == same["truth_psnr_frame0"] == 100.0 and same["truth_frames"] == len(frames) == 50
+    assert same["still_truth_psnr"] == pytest.approx(metrics.psnr(still.mean()))
+    assert same["still_truth_psnr_frame0"] == pytest.approx(metrics.psnr(still[0]))
+    assert same["still_truth_psnr"] < 40  # the portrait is not the moving face
+
+    big = tmp_path / "big.mp4"
+    with VideoWriter(big, FPS, 128, 128, crf=0) as writer:
+        writer.write(frames[:30].repeat(2, axis=1).repeat(2, axis=2))
+    fitted = score_truth_video(p["video"], big, p["portrait"])
+    assert fitted["truth_frames"] == 30 and 30 < fitted["truth_psnr"] < 100
+
+    other_rate = tmp_path / "30fps.mp4"
+    with VideoWriter(other_rate, 30, 64, 64) as writer:
+        writer.write(frames[:10])
+    with pytest.raises(InputError, match=r"30fps.mp4: truth video is 30 fps, the render 25 fps"):
+        score_truth_video(p["video"], other_rate, p["portrait"])
+
+    scores = evaluate(p["video"], p["portrait"], p["audio"], truth_video_path=p["video"])
+    assert {k: scores[k] for k in TRUTH_VIDEO_METRICS} == {k: same[k] for k in TRUTH_VIDEO_METRICS}

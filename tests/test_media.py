@@ -20,6 +20,7 @@ from model.media import (
     probe,
     read_video,
     save_wav,
+    stream_video,
 )
 
 FPS = 25
@@ -252,6 +253,18 @@ def test_concat_mp4_copies_video_exactly_and_muxes_audio(tmp_path):
     assert info["frames"] == sum(lengths) and abs(info["audio_duration"] - total) < FRAME_SECONDS
     np.testing.assert_array_equal(read_video(tmp_path / "joined_audio.mp4")[0], decoded_segments)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # temp files gone
+
+    # A last segment of one frame (a render's 100 frames in blocks of 99): the joined stream lasts longer than its
+    # frames, and ffmpeg's average rate reads 24.51; the frame rate is still the frames' own (the metrics time the
+    # speech by it).
+    segments = []
+    for i, n in enumerate([99, 1]):
+        segments.append(str(tmp_path / f"last{i}.mp4"))
+        with VideoWriter(segments[-1], FPS, 48, 32) as writer:
+            writer.write(frames_pattern(n))
+    save_wav(tmp_path / "speech4.wav", speech_like(100 / FPS, 16000), 16000)
+    concat_mp4(segments, tmp_path / "short_last.mp4", audio_path=str(tmp_path / "speech4.wav"))
+    assert probe(tmp_path / "short_last.mp4")["fps"] == stream_video(tmp_path / "short_last.mp4").fps == FPS
 
 
 def test_key_frames_are_read_from_a_file_or_a_presigned_url_as_an_mp4_only(tmp_path, s3_server, s3_bucket):

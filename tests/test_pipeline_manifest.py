@@ -125,3 +125,13 @@ def test_unknown_format_fails_the_job(tmp_path):
         read_manifest(str(tmp_path / "m.txt"), ObjectStore())
     with pytest.raises(FileNotFoundError):
         read_manifest(str(tmp_path / "missing.jsonl"), ObjectStore())
+
+
+def test_a_truth_video_resolves_like_an_input_and_never_changes_the_render():
+    base = {"id": "a", "portrait": "face.png", "audio": "speech.wav"}
+    (plain,) = _validate([base])
+    with_truth, bad = _validate([{**base, "truth_video": "takes/a.mp4"}, {**base, "id": "d", "truth_video": 7}])
+    assert plain.truth_video is None and with_truth.truth_video == "file:///jobs/takes/a.mp4"
+    # The segment key is the render's inputs: a truth is only scored against, so adding one resumes the same render.
+    assert with_truth.segments == plain.segments
+    assert bad.error == "row 2 (id 'd'): truth_video must be a URI or path, got int"

@@ -15,6 +15,7 @@ from test_security import make_playlist, silent_flac
 
 from actors import job_workers
 from model.media import read_video, save_wav
+from model.media.video import VideoWriter
 from pipeline.events import BlockRendered, RowFinished, RowStarted
 from pipeline.job import JobSpec, run_job
 from pipeline.settings import PipelineSettings
@@ -69,16 +70,18 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
     Image.new("RGB", (8, 8)).save(inputs / "tiny.png")
     make_playlist(inputs, tmp_path / "elsewhere")  # in/speech.m3u8, its segments outside in/
     silent_flac(inputs / "long.flac", 120)
+    with VideoWriter(inputs / "truth.mp4", 25, 128, 128) as truth:  # twice the render's size: fitted to it
+        truth.write(np.repeat(np.asarray(Image.open(inputs / "face.png").resize((128, 128)))[None], 25, axis=0))
     good = {"portrait": "in/face.png", "audio": "in/speech.wav"}
     rows = [
-        {"id": "good-1", **good},
+        {"id": "good-1", **good, "truth_video": "in/truth.mp4"},
         {"id": "missing-file", "portrait": "in/face.png", "audio": "in/nowhere.wav"},
         {"id": "corrupt-audio", "portrait": "in/face.png", "audio": "in/corrupt.wav"},
         {"id": "not-an-image", "portrait": "in/text.png", "audio": "in/speech.wav"},
         {"id": "zero-length", "portrait": "in/face.png", "audio": "in/empty.wav"},
         {"id": "good-1", **good, "seed": 3},
         {"id": "unknown-column", **good, "voice": "deep"},
-        {"id": "good-2", **good, "seed": 5},
+        {"id": "good-2", **good, "seed": 5, "truth_video": "in/no-truth.mp4"},
         {"id": "tiny-portrait", "portrait": "in/tiny.png", "audio": "in/speech.wav"},
         {"id": "playlist", "portrait": "in/face.png", "audio": "in/speech.m3u8"},
         {"id": "too-long", "portrait": "in/face.png", "audio": " in/long.flac"},
@@ -101,6 +104,12 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
         assert len(frames) == 25 == report[row_id]["frames"]  # 1 s at 25 fps
         metrics = report[row_id]["metrics"]  # quality numbers of the rendered video, from model.eval
         assert metrics["lipsync_reference"] == "envelope" and 0 <= metrics["identity_error"] <= 1
+    # A row's truth video gives the PSNR against it beside the still portrait's (printed too); one that cannot be read
+    # costs those numbers only.
+    truth = report["good-1"]["metrics"]
+    assert truth["truth_frames"] == 25 and all(10 < truth[k] < 100 for k in ("truth_psnr", "still_truth_psnr"))
+    assert "truth_psnr" not in report["good-2"]["metrics"] and "lipsync_r" in report["good-2"]["metrics"]
+    assert "no-truth.mp4: truth video file not found" in report["good-2"]["metrics"]["truth_video_error"]
     expected = {
         "missing-file": ("input", "nowhere.wav: audio file not found"),
         "corrupt-audio": ("input", "corrupt.wav: cannot decode audio"),
@@ -114,7 +123,9 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
     for row_id, (kind, text) in expected.items():
         assert report[row_id]["status"] == "failed" and report[row_id]["error_kind"] == kind, report[row_id]
         assert text in report[row_id]["error"], report[row_id]["error"]
-    assert "11 rows: 9 failed, 2 succeeded" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "11 rows: 9 failed, 2 succeeded" in out
+    assert f"good-1: PSNR against its truth video {truth['truth_psnr']:.2f} dB, the still portrait " in out
     assert not os.listdir(tmp_path / "out" / ".segments")  # finished rows leave no segments
 
 

@@ -193,6 +193,9 @@ def test_input_roots_confine_manifests_and_row_media(tmp_path):
         assert escaping.status_code == 422 and escaping.json()["field"] == "manifest.rows.0.audio"
         assert c.post("/v1/jobs", json={"manifest": "/etc/passwd.jsonl"}).json()["field"] == "manifest"
         inside = {"id": "a", "portrait": str(inputs / "f.png"), "audio": f"file://{inputs}/s.wav"}
+        truth_outside = c.post("/v1/jobs", json={"rows": [{**inside, "truth_video": "/etc/x.mp4"}]})
+        assert truth_outside.status_code == 422 and truth_outside.json()["field"] == "rows.0.truth_video"
+        assert c.post("/v1/jobs", json={"rows": [{**inside, "truth_video": str(inputs / "t.mp4")}]}).status_code == 202
         assert c.post("/v1/jobs", json={"rows": [inside]}).status_code == 202
 
 

@@ -1,4 +1,5 @@
-"""`avatar-render eval VIDEO --portrait P --audio A [--truth T] [--json]`: quality metrics of a rendered video."""
+"""`avatar-render eval VIDEO --portrait P --audio A [--truth T] [--truth-video V] [--json]`: quality metrics of a
+rendered video."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--portrait", required=True, help="the portrait it was rendered from")
     p.add_argument("--audio", required=True, help="the speech it was rendered from")
     p.add_argument("--truth", help="SynthTalk truth.json: lip-sync against its phones instead of the audio envelope")
+    p.add_argument(
+        "--truth-video",
+        help="a ground-truth video of the same speech: PSNR against it, next to the still portrait's (the baseline)",
+    )
     p.add_argument("--block-frames", type=int, default=12, help="video frames per generated block (after the first)")
     p.add_argument("--first-block-frames", type=int, default=9, help="video frames of the first block")
     p.add_argument(
@@ -43,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             args.first_block_frames,
             args.mouth,
             args.window_seconds,
+            truth_video_path=args.truth_video,
         )
     except InputError as err:
         raise SystemExit(f"eval: {err}") from None
@@ -52,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
     )
     for name in METRICS:
         print(f"  {name:18s} {_fmt(result[name]):>10s}   drift {_fmt(result['drift'][name + '_per_min'])}/min")
+    if "truth_psnr" in result:
+        print(
+            f"  PSNR against the truth video ({result['truth_frames']} frames): render {result['truth_psnr']:.2f} dB, "
+            f"still portrait {result['still_truth_psnr']:.2f} dB; frame 0: {result['truth_psnr_frame0']:.2f} / "
+            f"{result['still_truth_psnr_frame0']:.2f} dB"
+        )
     if len(result["windows"]) > 1:
         for w in result["windows"]:
             print(

@@ -67,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
     for row in report.rows:
         if row.status not in OK_STATUSES:
             print(f"{row.status}: {row.id}: {row.error}", file=sys.stderr)
+        if "truth_psnr" in row.metrics:  # always beside the still portrait's: the baseline of not animating
+            m = row.metrics
+            print(
+                f"{row.id}: PSNR against its truth video {m['truth_psnr']:.2f} dB, the still portrait "
+                f"{m['still_truth_psnr']:.2f} dB (frame 0: {m['truth_psnr_frame0']:.2f} / "
+                f"{m['still_truth_psnr_frame0']:.2f} dB)"
+            )
     summary = ", ".join(f"{n} {status}" for status, n in sorted(report.counts.items()))
     print(f"{len(report.rows)} rows: {summary}; report at {spec.output.rstrip('/')}/report.jsonl")
     return 0 if all(row.status in OK_STATUSES for row in report.rows) else 1

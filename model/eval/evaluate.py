@@ -1,6 +1,8 @@
 """Score a rendered video against its inputs: portrait, audio, and the truth file's phones when given.
 
-Never reads a ground-truth video: only what a renderer was given and what it produced.
+The metrics read only what a renderer was given and what it produced, except the PSNR against a ground-truth video
+(a recorded take of the same speech), computed only when one is given and always printed next to the still
+portrait's PSNR against the same frames: the honest baseline, a video that does not animate at all.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ SAMPLE_RATE = 16000
 # with SynthTalk's locator too: the held-out photo evaluation asks for the mesh explicitly.
 _SMALL_PORTRAIT = 128
 METRICS = ("lipsync_r", "av_offset_frames", "identity_error", "portrait_psnr", "boundary_jitter")
+# Against a ground-truth video: the render's PSNR over the frames both have and at frame 0, and the still portrait's.
+TRUTH_VIDEO_METRICS = ("truth_psnr", "still_truth_psnr", "truth_psnr_frame0", "still_truth_psnr_frame0")
 
 
 def _pick_method(method: MouthMethod, portrait: np.ndarray, has_truth: bool) -> str:
@@ -172,6 +176,46 @@ def score(
     }
 
 
+def _frames(chunks: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    for chunk in chunks:
+        yield from chunk
+
+
+def score_truth_video(
+    video_path: str | os.PathLike, truth_video_path: str | os.PathLike, portrait_path: str | os.PathLike
+) -> dict:
+    """PSNR of the render against a ground-truth video over the frames both have (the mean of per-frame squared
+    errors) and at frame 0, with the still portrait's (fitted to the render's size, as `evaluate` fits it) against the
+    same frames. Both videos are streamed in step, a frame of each at a time; a truth of another size is fitted to the
+    render's as a portrait is (centre crop, resize). The frame rates must agree: frame i is one instant in both."""
+    from model.media.image import fit_image, load_portrait
+    from model.media.video import stream_video
+
+    source = os.fspath(truth_video_path)
+    video, truth = stream_video(video_path), stream_video(truth_video_path)
+    portrait = load_portrait(portrait_path, video.height, video.width)
+    if abs(truth.fps - video.fps) > 1e-3:
+        raise InputError(
+            source, f"truth video is {truth.fps:g} fps, the render {video.fps:g} fps: frames would not match"
+        )
+    render_errors, still_errors = [], []
+    for frame, true in zip(_frames(video), _frames(truth)):
+        if true.shape != frame.shape:
+            true = fit_image(true, frame.shape[0], frame.shape[1])
+        render_errors.append(metrics.squared_errors(frame[None], true)[0])
+        still_errors.append(metrics.squared_errors(portrait[None], true)[0])
+    if not render_errors:
+        raise InputError(source, "truth video has no frames")
+    render, still = np.array(render_errors), np.array(still_errors)
+    return {
+        "truth_psnr": metrics.psnr(render.mean()),
+        "still_truth_psnr": metrics.psnr(still.mean()),
+        "truth_psnr_frame0": metrics.psnr(render[0]),
+        "still_truth_psnr_frame0": metrics.psnr(still[0]),
+        "truth_frames": len(render),
+    }
+
+
 def evaluate(
     video_path: str | os.PathLike,
     portrait_path: str | os.PathLike,
@@ -181,9 +225,11 @@ def evaluate(
     first_block_frames: int = metrics.FIRST_BLOCK_FRAMES,
     mouth: MouthMethod = "auto",
     window_seconds: float = WINDOW_SECONDS,
+    truth_video_path: str | os.PathLike | None = None,
 ) -> dict:
     """Read the files and `score` them, the video streamed (memory holds one chunk of frames, however long
-    it is). The portrait is fitted (centre crop, resize) to the video's size."""
+    it is). The portrait is fitted (centre crop, resize) to the video's size. With `truth_video_path`, the
+    `score_truth_video` numbers too."""
     from model.media.audio import load_audio
     from model.media.image import load_portrait
     from model.media.video import stream_video
@@ -202,7 +248,7 @@ def evaluate(
             raise InputError(os.fspath(truth_path), "file not found") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise InputError(os.fspath(truth_path), f"not a SynthTalk truth file: {err}") from None
-    return score(
+    result = score(
         video,
         video.fps,
         portrait,
@@ -215,3 +261,6 @@ def evaluate(
         window_seconds,
         source=os.fspath(portrait_path),
     )
+    if truth_video_path is not None:
+        result |= score_truth_video(video_path, truth_video_path, portrait_path)
+    return result

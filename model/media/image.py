@@ -86,11 +86,18 @@ def load_portrait(
         if isinstance(err, InputError):
             raise
         raise InputError(path, f"corrupt or truncated image: {err}") from None
+    return fit_image(np.asarray(rgb, dtype=np.uint8), height, width, fit)
+
+
+def fit_image(rgb: np.ndarray, height: int, width: int, fit: str = "crop") -> np.ndarray:
+    """uint8 (h, w, 3) -> uint8 (height, width, 3) by one of the two fits (above): a portrait, or a frame of a video
+    compared with a render of another size."""
     if fit == "cover":
-        return cover_resize(np.asarray(rgb, dtype=np.uint8), height, width)
+        return cover_resize(rgb, height, width)
     if fit != "crop":
         raise ValueError(f"unknown portrait fit {fit!r}; want 'crop' or 'cover'")
-    box = center_crop_box(rgb.width, rgb.height, height, width)
+    image = Image.fromarray(rgb)
+    box = center_crop_box(image.width, image.height, height, width)
     # Crop first: resizing with box= would let the filter read pixels outside the crop.
-    resized = rgb.crop(box).resize((width, height), Image.Resampling.LANCZOS)
+    resized = image.crop(box).resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(resized, dtype=np.uint8).copy()

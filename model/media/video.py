@@ -278,7 +278,10 @@ def _parse_stream_info(path: str) -> dict:
         info["video_codec"] = codec[1] if codec else None
         info["pix_fmt"] = pix_fmt[1] if pix_fmt else None
         size = re.search(r"\b(\d{2,5})x(\d{2,5})\b", video[1])
-        rate = re.search(r"([\d.]+)(k?) (?:fps|tbr)", video[1])
+        # The stream's base rate (tbr, r_frame_rate: every timestamp a multiple of it) before its average (fps): a
+        # joined mp4 whose last segment is a frame or two long has evenly spaced frames but a longer stream duration,
+        # which the average divides by (100 frames at 25 read "24.51 fps, 25 tbr").
+        rate = re.search(r"([\d.]+)(k?) tbr", video[1]) or re.search(r"([\d.]+)(k?) fps", video[1])
         if size:
             info["width"], info["height"] = int(size[1]), int(size[2])
         if rate:
