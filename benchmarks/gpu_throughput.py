@@ -177,7 +177,7 @@ def scaled_preset(name: str, scale: str, height: int | None, width: int | None, 
         preset = preset.with_resolution(height or preset.video.height, width or preset.video.width)
     if steps:
         plan = preset.generator.step_plan[:-1] + (steps,)
-        preset = preset.model_copy(update={"generator": preset.generator.model_copy(update={"step_plan": plan})})
+        preset = preset.with_generator(step_plan=plan)
     return preset
 
 

@@ -288,6 +288,10 @@ class Preset(_Frozen):
             raise ValueError(f"resolution {height}x{width} must be a multiple of {stride}")
         return self.model_copy(update={"video": self.video.model_copy(update={"height": height, "width": width})})
 
+    def with_generator(self, **update) -> Preset:
+        """This preset with some of its generator's fields replaced (a calibrated threshold, an ablation)."""
+        return self.model_copy(update={"generator": self.generator.model_copy(update=update)})
+
 
 def _tiny() -> Preset:
     # 2 frames ahead (80 ms, 1.6 std of SynthTalk's coarticulation): with a latent per video frame no frame sees any

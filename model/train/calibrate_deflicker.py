@@ -51,9 +51,7 @@ def calibrate(
             phones = load_truth_phones(clip.truth)
             for threshold in thresholds:
                 deflicker = DeflickerConfig(frames=frames, threshold=threshold)
-                model.preset = preset.model_copy(
-                    update={"generator": preset.generator.model_copy(update={"deflicker": deflicker})}
-                )
+                model.preset = preset.with_generator(deflicker=deflicker)
                 # Seams as the decoder makes them: the paste-back would hide them wherever nothing moved.
                 video = render_clip(model, clip, RenderSettings(seed=i, paste_back=False))
                 result = score(video, clip.fps, clip.portrait, clip.audio, phones=phones, **layout)

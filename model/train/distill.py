@@ -39,7 +39,7 @@ class DistillConfig(BaseModel):
 
 def distilled_preset(preset: Preset) -> Preset:
     """The student samples by predicting x0 and re-noising (the few-step sampler it is trained with)."""
-    return preset.model_copy(update={"generator": preset.generator.model_copy(update={"sampler": "renoise"})})
+    return preset.with_generator(sampler="renoise")
 
 
 class DistillStage:

@@ -226,9 +226,7 @@ def run_recipe(
             ),
         )
         deflicker = shipped.generator.deflicker.model_copy(update={"threshold": calibration["chosen_threshold"]})
-        shipped = shipped.model_copy(
-            update={"generator": shipped.generator.model_copy(update={"deflicker": deflicker})}
-        )
+        shipped = shipped.with_generator(deflicker=deflicker)
         result["deflicker_calibration"] = calibration
     if cfg.paste_back_calibration_clips and shipped.generator.paste_back.threshold:
         calibration = calibrated(
@@ -244,10 +242,7 @@ def run_recipe(
                 progress=log,
             ),
         )
-        paste_back = PasteBackConfig(threshold=calibration["chosen_threshold"])
-        shipped = shipped.model_copy(
-            update={"generator": shipped.generator.model_copy(update={"paste_back": paste_back})}
-        )
+        shipped = shipped.with_generator(paste_back=PasteBackConfig(threshold=calibration["chosen_threshold"]))
         result["paste_back_calibration"] = calibration
     save_checkpoint(out / "final_model", shipped, {"dit": student, "vae": vae}, {"training": result})
     if ship_to is not None:
@@ -429,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = cfg.model_copy(update={"data": data, "max_steps": caps})
     if args.mci_off:
         cfg = cfg.model_copy(update={"dit": cfg.dit.model_copy(update={"t_mci_max": 0.0})})
-        preset = preset.model_copy(update={"generator": preset.generator.model_copy(update={"t_mci": 0.0})})
+        preset = preset.with_generator(t_mci=0.0)
     if args.reuse:
         reuse_stages(Path(args.reuse), Path(args.out), ("vae", "teacher", "data"))
     command = "python -m model.train.recipe " + " ".join(sys.argv[1:] if argv is None else argv)
