@@ -248,11 +248,13 @@ def sentence_phones(
 def espeak_speech(seed: int, seconds: float, sample_rate: int = SAMPLE_RATE, speaker_seed: int | None = None) -> Speech:
     """Sentences spoken by espeak-ng filling exactly `seconds`: `seed` picks the text, `speaker_seed` the voice. Spoken
     in a fresh process, so the result does not depend on what was spoken before (the module docstring says why)."""
+    if multiprocessing.current_process().daemon:  # may not start processes (a DataLoader's worker): spoken here
+        return _speak_clip(seed, seconds, sample_rate, speaker_seed)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_speak_in_fresh_process, (seed, seconds, sample_rate, speaker_seed))
+        return pool.apply(_speak_clip, (seed, seconds, sample_rate, speaker_seed))
 
 
-def _speak_in_fresh_process(seed: int, seconds: float, sample_rate: int, speaker_seed: int | None) -> Speech:
+def _speak_clip(seed: int, seconds: float, sample_rate: int, speaker_seed: int | None) -> Speech:
     voice_rng = np.random.default_rng([seed if speaker_seed is None else speaker_seed, _SPEAKER_STREAM])
     voice = str(voice_rng.choice(_VOICES))
     rate_wpm, pitch, pitch_range = (
