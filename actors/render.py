@@ -61,10 +61,12 @@ def last_stored_state(store: ObjectStore, prefix: str) -> tuple[int, bytes] | No
     """The last complete segment's index and its state's bytes, or None when no segment is stored. Another attempt
     of the same row (a retry overlapping one still running) stores newer segments and deletes the state before its
     newest, so the state listed can be gone when it is read: then the newer one is listed and read instead."""
-    for _ in range(STATE_LOOKUPS):
+    for lookup in range(STATE_LOOKUPS):
         index = last_complete_segment(store, prefix)
-        if index is None:
+        if index is None and lookup == 0:
             return None
+        if index is None:  # every state went: the other attempt finished the row and its writer took the segments
+            raise RuntimeError(f"{prefix}: the row's stored segments were removed while it resumed (another attempt)")
         try:
             return index, store.get_bytes(segment_uri(prefix, index, STATE))
         except FileNotFoundError:

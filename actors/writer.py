@@ -61,9 +61,11 @@ def _truth_video_metrics(store: ObjectStore, uri: str, video: str, portrait: str
     try:
         with input_copy(store, uri, "truth video", settings.limits) as truth:
             try:
-                return score_truth_video(video, truth, portrait)
-            except InputError as err:  # named by the URI, not the local copy
-                raise InputError(uri, err.problem) from None
+                return score_truth_video(video, truth, portrait, settings.limits.max_portrait_pixels)
+            except InputError as err:
+                if err.source not in (truth, os.path.realpath(truth)):
+                    raise  # the render's or the portrait's
+                raise InputError(uri, err.problem) from None  # named by its URI, not the local copy
     except Exception as err:
         return {"truth_video_error": f"{type(err).__name__}: {err}"}
 

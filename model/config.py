@@ -289,8 +289,10 @@ class Preset(_Frozen):
         return self.model_copy(update={"video": self.video.model_copy(update={"height": height, "width": width})})
 
     def with_generator(self, **update) -> Preset:
-        """This preset with some of its generator's fields replaced (a calibrated threshold, an ablation)."""
-        return self.model_copy(update={"generator": self.generator.model_copy(update=update)})
+        """This preset with some of its generator's fields replaced (a calibrated threshold, an ablation), validated
+        as a new GeneratorConfig: an unknown field or a bad value raises instead of riding along unchecked."""
+        generator = type(self.generator).model_validate({**dict(self.generator), **update})
+        return self.model_copy(update={"generator": generator})
 
 
 def _tiny() -> Preset:

@@ -264,5 +264,8 @@ def test_psnr_against_a_truth_video_comes_with_the_still_portraits(tmp_path):
     with pytest.raises(InputError, match=r"30fps.mp4: truth video is 30 fps, the render 25 fps"):
         score_truth_video(p["video"], other_rate, p["portrait"])
 
+    with pytest.raises(InputError, match=r"big.mp4: truth video is 128x128, over the limit of 10000 pixels"):
+        score_truth_video(p["video"], big, p["portrait"], max_pixels=10_000)  # from the header, before decoding
+
     scores = evaluate(p["video"], p["portrait"], p["audio"], truth_video_path=p["video"])
     assert {k: scores[k] for k in TRUTH_VIDEO_METRICS} == {k: same[k] for k in TRUTH_VIDEO_METRICS}

@@ -267,6 +267,14 @@ def test_concat_mp4_copies_video_exactly_and_muxes_audio(tmp_path):
     assert probe(tmp_path / "short_last.mp4")["fps"] == stream_video(tmp_path / "short_last.mp4").fps == FPS
 
 
+def test_frame_rate_is_the_base_rate_unless_the_average_is_far_from_it():
+    from model.media.video import _frame_rate
+
+    assert _frame_rate("h264, yuv420p, 128x128, 41 kb/s, 24.51 fps, 25 tbr, 12800 tbn") == 25.0  # a joined mp4
+    assert _frame_rate("h264, yuv420p, 1080x1920, 29.92 fps, 120 tbr, 90k tbn") == 29.92  # a phone's variable rate
+    assert _frame_rate("h264, 30 tbr, 90k tbn") == 30.0 and _frame_rate("rawvideo, 64x64") is None
+
+
 def test_key_frames_are_read_from_a_file_or_a_presigned_url_as_an_mp4_only(tmp_path, s3_server, s3_bucket):
     from model.media.video import read_key_frames
     from pipeline.storage import ObjectStore

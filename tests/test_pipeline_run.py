@@ -125,7 +125,9 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
         assert text in report[row_id]["error"], report[row_id]["error"]
     out = capsys.readouterr().out
     assert "11 rows: 9 failed, 2 succeeded" in out
-    assert f"good-1: PSNR against its truth video {truth['truth_psnr']:.2f} dB, the still portrait " in out
+    assert (
+        f"good-1: PSNR against the truth video (25 frames): render {truth['truth_psnr']:.2f} dB, still portrait " in out
+    )
     assert not os.listdir(tmp_path / "out" / ".segments")  # finished rows leave no segments
 
 
@@ -386,4 +388,16 @@ def test_a_resume_reads_the_newer_state_when_another_attempt_deleted_the_one_it_
     for index in range(5):
         store.put_bytes(segment_uri(prefix, index, STATE), b"state")
     with pytest.raises(RuntimeError, match="kept vanishing"):
+        last_stored_state(store, prefix)
+
+    class FinishedElsewhereStore(ObjectStore):
+        """The other attempt finishes the row right after the listing: its writer removes all the segments."""
+
+        def get_bytes(self, uri: str, max_bytes: int | None = None) -> bytes:
+            self.delete_prefix(prefix)
+            return super().get_bytes(uri, max_bytes)
+
+    store = FinishedElsewhereStore()
+    store.put_bytes(segment_uri(prefix, 0, STATE), b"state")
+    with pytest.raises(RuntimeError, match="segments were removed while it resumed"):  # not a fresh start from block 0
         last_stored_state(store, prefix)

@@ -260,11 +260,17 @@ def test_recipe_ships_a_loadable_model(tmp_path):
     # resumed run reads them back.
     assert len(list((tmp_path / "run" / "data").glob("clips-*.frames.npy"))) == 1
     # Re-running resumes: every stage is already done and nothing is retrained (nor recalibrated).
+    kept = {name: (tmp_path / "run" / f"{name}.json").stat().st_mtime_ns for name in ("deflicker", "paste_back")}
     result = run_recipe(tmp_path / "run", with_deflicker, cfg, ship_to=None, log=lambda *_: None)
+    assert kept == {name: (tmp_path / "run" / f"{name}.json").stat().st_mtime_ns for name in kept}
     assert json.loads((tmp_path / "run" / "vae" / "done.json").read_text())["steps"] == 2
     assert result["stages"]["teacher"]["steps"] == 2
     assert result["deflicker_calibration"]["chosen_threshold"] == chosen
     assert result["paste_back_calibration"] == pasted
+    # A calibration is kept only for what it was measured on: other thresholds are measured again.
+    others = cfg.model_copy(update={"paste_back_thresholds": (16.0,)})
+    result = run_recipe(tmp_path / "run", with_deflicker, others, ship_to=None, log=lambda *_: None)
+    assert set(result["paste_back_calibration"]["by_threshold"]) == {"0.0", "16.0"}
     # Training the VAE further changes its latent space: the DiT stages begun on the old one are refused, not resumed
     # on latents they were never trained on, and the new VAE gets latents of its own.
     from model.train.recipe import StaleStageError

@@ -36,7 +36,7 @@ def _fmt(value) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from model.errors import InputError
-    from model.eval.evaluate import METRICS, evaluate
+    from model.eval.evaluate import METRICS, evaluate, truth_psnr_line
 
     try:
         result = evaluate(
@@ -59,11 +59,7 @@ def run(args: argparse.Namespace) -> int:
     for name in METRICS:
         print(f"  {name:18s} {_fmt(result[name]):>10s}   drift {_fmt(result['drift'][name + '_per_min'])}/min")
     if "truth_psnr" in result:
-        print(
-            f"  PSNR against the truth video ({result['truth_frames']} frames): render {result['truth_psnr']:.2f} dB, "
-            f"still portrait {result['still_truth_psnr']:.2f} dB; frame 0: {result['truth_psnr_frame0']:.2f} / "
-            f"{result['still_truth_psnr_frame0']:.2f} dB"
-        )
+        print(f"  {truth_psnr_line(result)}")
     if len(result["windows"]) > 1:
         for w in result["windows"]:
             print(

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from actors import job_workers
+    from model.eval.evaluate import truth_psnr_line
     from pipeline.events import OK_STATUSES, BlockRendered, RowFinished
     from pipeline.job import JobSpec, run_job
     from pipeline.settings import PipelineSettings
@@ -68,12 +69,9 @@ def run(args: argparse.Namespace) -> int:
         if row.status not in OK_STATUSES:
             print(f"{row.status}: {row.id}: {row.error}", file=sys.stderr)
         if "truth_psnr" in row.metrics:  # always beside the still portrait's: the baseline of not animating
-            m = row.metrics
-            print(
-                f"{row.id}: PSNR against its truth video {m['truth_psnr']:.2f} dB, the still portrait "
-                f"{m['still_truth_psnr']:.2f} dB (frame 0: {m['truth_psnr_frame0']:.2f} / "
-                f"{m['still_truth_psnr_frame0']:.2f} dB)"
-            )
+            print(f"{row.id}: {truth_psnr_line(row.metrics)}")
+        elif "truth_video_error" in row.metrics:
+            print(f"{row.id}: no PSNR against its truth video: {row.metrics['truth_video_error']}", file=sys.stderr)
     summary = ", ".join(f"{n} {status}" for status, n in sorted(report.counts.items()))
     print(f"{len(report.rows)} rows: {summary}; report at {spec.output.rstrip('/')}/report.jsonl")
     return 0 if all(row.status in OK_STATUSES for row in report.rows) else 1

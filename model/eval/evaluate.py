@@ -1,4 +1,4 @@
-"""Score a rendered video against its inputs: portrait, audio, and the truth file's phones when given.
+"""Score a rendered video against its inputs (portrait, audio, the truth file's phones) and a ground-truth video.
 
 The metrics read only what a renderer was given and what it produced, except the PSNR against a ground-truth video
 (a recorded take of the same speech), computed only when one is given and always printed next to the still
@@ -7,6 +7,7 @@ portrait's PSNR against the same frames: the honest baseline, a video that does 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -182,30 +183,40 @@ def _frames(chunks: Iterable[np.ndarray]) -> Iterable[np.ndarray]:
 
 
 def score_truth_video(
-    video_path: str | os.PathLike, truth_video_path: str | os.PathLike, portrait_path: str | os.PathLike
+    video_path: str | os.PathLike,
+    truth_video_path: str | os.PathLike,
+    portrait_path: str | os.PathLike,
+    max_pixels: int | None = None,
 ) -> dict:
     """PSNR of the render against a ground-truth video over the frames both have (the mean of per-frame squared
-    errors) and at frame 0, with the still portrait's (fitted to the render's size, as `evaluate` fits it) against the
-    same frames. Both videos are streamed in step, a frame of each at a time; a truth of another size is fitted to the
-    render's as a portrait is (centre crop, resize). The frame rates must agree: frame i is one instant in both."""
-    from model.media.image import fit_image, load_portrait
+    errors) and at frame 0, with the still portrait's (fitted to the render's size, as `evaluate` fits it: centre crop,
+    resize) against the same frames. Both videos are streamed in step, a frame of each at a time; a truth of another
+    size is fitted to the render's the same way, one of more than `max_pixels` (default: a portrait's limit) refused
+    from its header. The frame rates must agree: frame i is one instant in both."""
+    from model.media.image import MAX_PORTRAIT_PIXELS, fit_image, load_portrait
     from model.media.video import stream_video
 
     source = os.fspath(truth_video_path)
     video, truth = stream_video(video_path), stream_video(truth_video_path)
+    max_pixels = MAX_PORTRAIT_PIXELS if max_pixels is None else max_pixels
+    if truth.width * truth.height > max_pixels:
+        raise InputError(source, f"truth video is {truth.width}x{truth.height}, over the limit of {max_pixels} pixels")
+    if truth.fps is None or video.fps is None or abs(truth.fps - video.fps) > 1e-3:
+        rates = " fps, the render ".join("unknown" if r is None else f"{r:g}" for r in (truth.fps, video.fps))
+        raise InputError(source, f"truth video is {rates} fps: frames would not match")
     portrait = load_portrait(portrait_path, video.height, video.width)
-    if abs(truth.fps - video.fps) > 1e-3:
-        raise InputError(
-            source, f"truth video is {truth.fps:g} fps, the render {video.fps:g} fps: frames would not match"
-        )
+    renders, truths = _frames(video), _frames(truth)
+    first_render, first_truth = next(renders, None), next(truths, None)
+    if first_render is None:
+        raise InputError(os.fspath(video_path), "video has no frames")
+    if first_truth is None:
+        raise InputError(source, "truth video has no frames")
     render_errors, still_errors = [], []
-    for frame, true in zip(_frames(video), _frames(truth)):
+    for frame, true in zip(itertools.chain([first_render], renders), itertools.chain([first_truth], truths)):
         if true.shape != frame.shape:
             true = fit_image(true, frame.shape[0], frame.shape[1])
         render_errors.append(metrics.squared_errors(frame[None], true)[0])
         still_errors.append(metrics.squared_errors(portrait[None], true)[0])
-    if not render_errors:
-        raise InputError(source, "truth video has no frames")
     render, still = np.array(render_errors), np.array(still_errors)
     return {
         "truth_psnr": metrics.psnr(render.mean()),
@@ -214,6 +225,15 @@ def score_truth_video(
         "still_truth_psnr_frame0": metrics.psnr(still[0]),
         "truth_frames": len(render),
     }
+
+
+def truth_psnr_line(scores: dict) -> str:
+    """The render's PSNR against the truth video beside the still portrait's, for people (CLI output)."""
+    return (
+        f"PSNR against the truth video ({scores['truth_frames']} frames): render {scores['truth_psnr']:.2f} dB, "
+        f"still portrait {scores['still_truth_psnr']:.2f} dB (frame 0: {scores['truth_psnr_frame0']:.2f} / "
+        f"{scores['still_truth_psnr_frame0']:.2f} dB)"
+    )
 
 
 def evaluate(

@@ -48,6 +48,11 @@ STREAM_CHUNK_BYTES = 8 << 20  # decoded frames held at once by stream_video
 MEDIA_DEMUXERS = tuple(dict.fromkeys(VIDEO_DEMUXERS + AUDIO_DEMUXERS))
 
 
+# A constant-rate stream's average frame rate may sit this far (relative) below its base rate: a few frames of stream
+# duration past the last frame (2 % for 100 frames with 2 extra).
+CFR_RATE_TOLERANCE = 0.05
+
+
 def _temp_path_beside(path: str) -> str:
     """A fresh temporary .mp4 name in the directory of `path` (so os.replace is an atomic rename)."""
     directory, name = os.path.split(os.path.abspath(path))
@@ -278,15 +283,27 @@ def _parse_stream_info(path: str) -> dict:
         info["video_codec"] = codec[1] if codec else None
         info["pix_fmt"] = pix_fmt[1] if pix_fmt else None
         size = re.search(r"\b(\d{2,5})x(\d{2,5})\b", video[1])
-        # The stream's base rate (tbr, r_frame_rate: every timestamp a multiple of it) before its average (fps): a
-        # joined mp4 whose last segment is a frame or two long has evenly spaced frames but a longer stream duration,
-        # which the average divides by (100 frames at 25 read "24.51 fps, 25 tbr").
-        rate = re.search(r"([\d.]+)(k?) tbr", video[1]) or re.search(r"([\d.]+)(k?) fps", video[1])
         if size:
             info["width"], info["height"] = int(size[1]), int(size[2])
-        if rate:
-            info["fps"] = float(rate[1]) * (1000 if rate[2] else 1)
+        info["fps"] = _frame_rate(video[1])
     return info
+
+
+def _frame_rate(stream_line: str) -> float | None:
+    """The frame rate of a video stream from ffmpeg's description of it. Its average (fps, frames over the stream's
+    duration) unless that is within CFR_RATE_TOLERANCE of its base rate (tbr, every timestamp a multiple of it), then
+    the base rate: a joined mp4 whose last segment is a frame or two long has evenly spaced frames but a longer stream,
+    which the average divides by (100 frames at 25 read "24.51 fps, 25 tbr"); a variable-rate video's base rate can be
+    far from its real one (a phone's 29.9 fps video reads 120 tbr), and there the average is the better guess."""
+
+    def rate(unit: str) -> float | None:
+        found = re.search(rf"([\d.]+)(k?) {unit}\b", stream_line)
+        return None if found is None else float(found[1]) * (1000 if found[2] else 1)
+
+    average, base = rate("fps"), rate("tbr")
+    if average is None or (base is not None and abs(average - base) <= CFR_RATE_TOLERANCE * base):
+        return base
+    return average
 
 
 def count_video_frames(path: str | os.PathLike) -> int:

@@ -211,38 +211,40 @@ def run_recipe(
     result = {"stages": summaries, "seconds": round(time.monotonic() - started, 1)}
     steps = summaries["distill"]["steps"]
     if cfg.deflicker_calibration_clips and shipped.generator.deflicker.frames:
+        thresholds, clips, seconds = (
+            list(cfg.deflicker_thresholds),
+            cfg.deflicker_calibration_clips,
+            cfg.deflicker_calibration_seconds,
+        )
         calibration = calibrated(
-            out,
-            "deflicker",
-            steps,
+            out / "deflicker.json",
+            {"distill_steps": steps, "thresholds": thresholds, "clips": clips, "seconds": seconds, "data": cfg.data},
+            shipped,
             log,
-            lambda: calibrate_deflicker.calibrate(
-                AvatarModel(shipped, student, vae, description="deflicker calibration"),
-                list(cfg.deflicker_thresholds),
-                cfg.deflicker_calibration_clips,
-                cfg.deflicker_calibration_seconds,
-                data=cfg.data,
-                progress=log,
-            ),
+            lambda model: calibrate_deflicker.calibrate(model, thresholds, clips, seconds, data=cfg.data, progress=log),
+            student,
+            vae,
         )
         deflicker = shipped.generator.deflicker.model_copy(update={"threshold": calibration["chosen_threshold"]})
         shipped = shipped.with_generator(deflicker=deflicker)
         result["deflicker_calibration"] = calibration
     if cfg.paste_back_calibration_clips and shipped.generator.paste_back.threshold:
-        calibration = calibrated(
-            out,
-            "paste_back",
-            steps,
-            log,
-            lambda: calibrate_paste_back.calibrate(
-                AvatarModel(shipped, student, vae, description="paste-back calibration"),
-                list(cfg.paste_back_thresholds),
-                cfg.paste_back_calibration_clips,
-                cfg.paste_back_calibration_seconds,
-                progress=log,
-            ),
+        thresholds, clips, seconds = (
+            list(cfg.paste_back_thresholds),
+            cfg.paste_back_calibration_clips,
+            cfg.paste_back_calibration_seconds,
         )
-        shipped = shipped.with_generator(paste_back=PasteBackConfig(threshold=calibration["chosen_threshold"]))
+        calibration = calibrated(
+            out / "paste_back.json",
+            {"distill_steps": steps, "thresholds": thresholds, "clips": clips, "seconds": seconds},
+            shipped,
+            log,
+            lambda model: calibrate_paste_back.calibrate(model, thresholds, clips, seconds, progress=log),
+            student,
+            vae,
+        )
+        paste_back = shipped.generator.paste_back.model_copy(update={"threshold": calibration["chosen_threshold"]})
+        shipped = shipped.with_generator(paste_back=paste_back)
         result["paste_back_calibration"] = calibration
     save_checkpoint(out / "final_model", shipped, {"dit": student, "vae": vae}, {"training": result})
     if ship_to is not None:
@@ -285,16 +287,32 @@ def check_lineage(out: Path, stage: str, latent_space: str) -> None:
     )
 
 
-def calibrated(out: Path, name: str, distill_steps: int, log, run) -> dict:
-    """A threshold calibration of the trained model (`run()`: its result, with `chosen_threshold` and `by_threshold`),
-    kept in `out/<name>.json` for as long as the student it was chosen for (the same number of distillation steps)."""
-    path = out / f"{name}.json"
-    if path.exists() and json.loads(path.read_text()).get("distill_steps") == distill_steps:
-        return json.loads(path.read_text())
-    calibration = run() | {"distill_steps": distill_steps}
-    log(f"{name}: threshold {calibration['chosen_threshold']:g} chosen among {sorted(calibration['by_threshold'])}")
+def calibrated(path: Path, inputs: dict, preset: Preset, log, run, student: CausalWanDiT, vae: WanVAE) -> dict:
+    """A threshold calibration of the trained model: `run(model)`'s result (with `chosen_threshold` and
+    `by_threshold`), kept in `path` with what it was measured on (`inputs`: the student's distillation steps, the
+    thresholds, clips and seconds; and the preset's generator, whose other post-processing the render applies) and
+    reused only for the same."""
+    measured_on = json.loads(json.dumps({**inputs, "generator": preset.generator}, default=_jsonable))
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("measured_on") == measured_on:
+            return kept
+    calibration = run(AvatarModel(preset, student, vae, description=f"{path.stem} calibration"))
+    # Through JSON, so a fresh result and a kept one read alike (threshold keys are text in both).
+    calibration = json.loads(json.dumps(calibration | {"measured_on": measured_on}, default=_jsonable))
+    by_threshold = ", ".join(
+        f"{float(t):g}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+        for t, row in calibration["by_threshold"].items()
+    )
+    log(f"{path.stem}: threshold {calibration['chosen_threshold']:g} chosen ({by_threshold})")
     path.write_text(json.dumps(calibration, indent=2))
     return calibration
+
+
+def _jsonable(value):
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def reuse_stages(source: Path, out: Path, stages: tuple[str, ...]) -> None:
@@ -319,11 +337,11 @@ def _deflicker_line(deflicker: DeflickerConfig, result: dict) -> str:
 
 
 def _paste_back_line(paste_back: PasteBackConfig, result: dict) -> str:
-    if not paste_back.threshold:
-        return "no paste-back"
     chosen = (
         "chosen on validation clips by the recipe" if "paste_back_calibration" in result else "the preset's threshold"
     )
+    if not paste_back.threshold:
+        return "no paste-back" + (f" ({chosen})" if "paste_back_calibration" in result else "")
     moved = f"the portrait pasted back where a frame moved less than {paste_back.threshold:g} grey levels from it"
     return f"{moved} ({chosen})"
 
