@@ -443,16 +443,24 @@ def test_job_page_says_when_a_rows_metrics_could_not_be_computed(tmp_path):
     """The writer reports {"error": ...} when a metric fails (the row still succeeds): the page shows why, next to
     the numbers that were computed, instead of an empty quality cell."""
     with TestClient(create_app(ServiceSettings(state_dir=tmp_path / "state"), run_jobs=False), base_url=LOCAL) as c:
-        rows = [{"id": name, "portrait": "/in/face.png", "audio": "/in/a.wav"} for name in ("scored", "unscored")]
+        names = ("scored", "unscored", "no-truth")
+        rows = [{"id": name, "portrait": "/in/face.png", "audio": "/in/a.wav"} for name in names]
         job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
         store = c.app.state.manager.store
         store.put_row(job_id, RowResult(id="scored", status=RowStatus.SUCCEEDED, metrics={"lipsync_r": 0.81}))
         failed = {"error": "ValueError: no face found in the portrait"}
         store.put_row(job_id, RowResult(id="unscored", status=RowStatus.SUCCEEDED, metrics=failed))
+        truthless = {"lipsync_r": 0.8, "truth_video_error": "InputError: /in/t.mp4: truth video file not found"}
+        store.put_row(job_id, RowResult(id="no-truth", status=RowStatus.SUCCEEDED, metrics=truthless))
         html = c.get(f"/console/jobs/{job_id}").text
     cells = dict(re.findall(r'data-row="([^"]+)">.*?<td class="metrics">(.*?)</td>', html, re.S))
     assert "lipsync_r" in cells["scored"] and "not computed" not in cells["scored"]
     assert "metrics not computed: ValueError: no face found in the portrait" in cells["unscored"]
+    # A truth video that could not be scored says so beside the numbers that were.
+    assert (
+        "lipsync_r" in cells["no-truth"]
+        and "no PSNR against the truth video: InputError: /in/t.mp4" in cells["no-truth"]
+    )
 
 
 def test_throughput_history_is_bounded_and_per_actor():
