@@ -15,6 +15,7 @@ share of the time, whichever comes first, and `done.json` records which. The res
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import platform
@@ -209,43 +210,7 @@ def run_recipe(
     )
     shipped = distilled_preset(preset)
     result = {"stages": summaries, "seconds": round(time.monotonic() - started, 1)}
-    steps = summaries["distill"]["steps"]
-    if cfg.deflicker_calibration_clips and shipped.generator.deflicker.frames:
-        thresholds, clips, seconds = (
-            list(cfg.deflicker_thresholds),
-            cfg.deflicker_calibration_clips,
-            cfg.deflicker_calibration_seconds,
-        )
-        calibration = calibrated(
-            out / "deflicker.json",
-            {"distill_steps": steps, "thresholds": thresholds, "clips": clips, "seconds": seconds, "data": cfg.data},
-            shipped,
-            log,
-            lambda model: calibrate_deflicker.calibrate(model, thresholds, clips, seconds, data=cfg.data, progress=log),
-            student,
-            vae,
-        )
-        deflicker = shipped.generator.deflicker.model_copy(update={"threshold": calibration["chosen_threshold"]})
-        shipped = shipped.with_generator(deflicker=deflicker)
-        result["deflicker_calibration"] = calibration
-    if cfg.paste_back_calibration_clips and shipped.generator.paste_back.threshold:
-        thresholds, clips, seconds = (
-            list(cfg.paste_back_thresholds),
-            cfg.paste_back_calibration_clips,
-            cfg.paste_back_calibration_seconds,
-        )
-        calibration = calibrated(
-            out / "paste_back.json",
-            {"distill_steps": steps, "thresholds": thresholds, "clips": clips, "seconds": seconds},
-            shipped,
-            log,
-            lambda model: calibrate_paste_back.calibrate(model, thresholds, clips, seconds, progress=log),
-            student,
-            vae,
-        )
-        paste_back = shipped.generator.paste_back.model_copy(update={"threshold": calibration["chosen_threshold"]})
-        shipped = shipped.with_generator(paste_back=paste_back)
-        result["paste_back_calibration"] = calibration
+    shipped = calibrate_thresholds(out, shipped, cfg, summaries["distill"]["steps"], student, vae, result, log)
     save_checkpoint(out / "final_model", shipped, {"dit": student, "vae": vae}, {"training": result})
     if ship_to is not None:
         save_checkpoint(ship_to, shipped, {"dit": student, "vae": vae}, {"training": result})
@@ -285,6 +250,54 @@ def check_lineage(out: Path, stage: str, latent_space: str) -> None:
         f"{directory} {problem}: the VAE or the training clips changed. Remove it and the stages after it to train "
         "them again."
     )
+
+
+def calibrate_thresholds(
+    out: Path,
+    preset: Preset,
+    cfg: RecipeConfig,
+    distill_steps: int,
+    student: CausalWanDiT,
+    vae: WanVAE,
+    result: dict,
+    log=print,
+) -> Preset:
+    """The trained model's post-processing thresholds, for what its preset has on, chosen in order: the deflicker's on
+    training clips, then the paste-back's on validation clips (rendered with that deflicker). Each calibration goes
+    into `result["<name>_calibration"]`; returns the preset with the chosen thresholds."""
+    calibrations = (
+        (
+            "deflicker",
+            preset.generator.deflicker.frames,
+            (cfg.deflicker_thresholds, cfg.deflicker_calibration_clips, cfg.deflicker_calibration_seconds),
+            functools.partial(calibrate_deflicker.calibrate, data=cfg.data),
+            {"data": cfg.data},
+        ),
+        (
+            "paste_back",
+            preset.generator.paste_back.threshold,
+            (cfg.paste_back_thresholds, cfg.paste_back_calibration_clips, cfg.paste_back_calibration_seconds),
+            calibrate_paste_back.calibrate,
+            {},
+        ),
+    )
+    for name, on, (thresholds, clips, seconds), calibrate, inputs in calibrations:
+        if not (clips and on):
+            continue
+        measured = {"distill_steps": distill_steps, "thresholds": list(thresholds), "clips": clips, "seconds": seconds}
+        calibration = calibrated(
+            out / f"{name}.json",
+            measured | inputs,
+            preset,
+            log,
+            lambda model: calibrate(model, list(thresholds), clips, seconds, progress=log),  # noqa: B023 (called at once)
+            student,
+            vae,
+        )
+        chosen = getattr(preset.generator, name).model_copy(update={"threshold": calibration["chosen_threshold"]})
+        preset = preset.with_generator(**{name: chosen})
+        result[f"{name}_calibration"] = calibration
+    return preset
 
 
 def calibrated(path: Path, inputs: dict, preset: Preset, log, run, student: CausalWanDiT, vae: WanVAE) -> dict:
