@@ -108,7 +108,7 @@ def test_bad_rows_fail_alone_and_exit_code_says_so(ray_cluster, tmp_path, monkey
     # costs those numbers only.
     truth = report["good-1"]["metrics"]
     assert truth["truth_frames"] == 25 and all(10 < truth[k] < 100 for k in ("truth_psnr", "still_truth_psnr"))
-    # The truth is one picture held for 25 frames: the still scores the same against each of them, the render does not.
+    # The truth is one picture held for 25 frames: the still scores the same against each of them.
     assert abs(truth["still_truth_psnr"] - truth["still_truth_psnr_frame0"]) < 0.1
     assert "truth_psnr" not in report["good-2"]["metrics"] and "lipsync_r" in report["good-2"]["metrics"]
     assert "no-truth.mp4: truth video file not found" in report["good-2"]["metrics"]["truth_video_error"]
