@@ -193,6 +193,8 @@ def score_truth_video(
     resize) against the same frames. Both videos are streamed in step, a frame of each at a time; a truth of another
     size is fitted to the render's the same way, one of more than `max_pixels` (default: a portrait's limit) refused
     from its header. The frame rates must agree: frame i is one instant in both."""
+    from PIL import Image
+
     from model.media.image import MAX_PORTRAIT_PIXELS, fit_image, load_portrait
     from model.media.video import stream_video
 
@@ -214,7 +216,7 @@ def score_truth_video(
     render_errors, still_errors = [], []
     for frame, true in zip(itertools.chain([first_render], renders), itertools.chain([first_truth], truths)):
         if true.shape != frame.shape:
-            true = fit_image(true, frame.shape[0], frame.shape[1])
+            true = fit_image(Image.fromarray(true), frame.shape[0], frame.shape[1])
         render_errors.append(metrics.squared_errors(frame[None], true)[0])
         still_errors.append(metrics.squared_errors(portrait[None], true)[0])
     render, still = np.array(render_errors), np.array(still_errors)

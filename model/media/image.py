@@ -86,17 +86,16 @@ def load_portrait(
         if isinstance(err, InputError):
             raise
         raise InputError(path, f"corrupt or truncated image: {err}") from None
-    return fit_image(np.asarray(rgb, dtype=np.uint8), height, width, fit)
+    return fit_image(rgb, height, width, fit)
 
 
-def fit_image(rgb: np.ndarray, height: int, width: int, fit: str = "crop") -> np.ndarray:
-    """uint8 (h, w, 3) -> uint8 (height, width, 3) by one of the two fits (above): a portrait, or a frame of a video
+def fit_image(image: Image.Image, height: int, width: int, fit: str = "crop") -> np.ndarray:
+    """An RGB image -> uint8 (height, width, 3) by one of the two fits (above): a portrait, or a frame of a video
     compared with a render of another size."""
     if fit == "cover":
-        return cover_resize(rgb, height, width)
+        return cover_resize(np.asarray(image, dtype=np.uint8), height, width)
     if fit != "crop":
         raise ValueError(f"unknown portrait fit {fit!r}; want 'crop' or 'cover'")
-    image = Image.fromarray(rgb)
     box = center_crop_box(image.width, image.height, height, width)
     # Crop first: resizing with box= would let the filter read pixels outside the crop.
     resized = image.crop(box).resize((width, height), Image.Resampling.LANCZOS)

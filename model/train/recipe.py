@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_jsonable_python
 
 from model.audio_features import build_featurizer
 from model.checkpoint import save_checkpoint
@@ -284,35 +285,32 @@ def calibrate_thresholds(
     for name, on, (thresholds, clips, seconds), calibrate, inputs in calibrations:
         if not (clips and on):
             continue
-        measured = {"distill_steps": distill_steps, "thresholds": list(thresholds), "clips": clips, "seconds": seconds}
-        calibration = calibrated(
-            out / f"{name}.json",
-            measured | inputs,
-            preset,
-            log,
-            lambda model: calibrate(model, list(thresholds), clips, seconds, progress=log),  # noqa: B023 (called at once)
-            student,
-            vae,
-        )
+        # What the calibration depends on, its generator included (the render applies the rest of the post-processing).
+        measured_on = {
+            "distill_steps": distill_steps,
+            "thresholds": list(thresholds),
+            "clips": clips,
+            "seconds": seconds,
+        }
+        model = AvatarModel(preset, student, vae, description=f"{name} calibration")
+        run = functools.partial(calibrate, model, list(thresholds), clips, seconds, progress=log)
+        calibration = calibrated(out / f"{name}.json", measured_on | inputs | {"generator": preset.generator}, run, log)
         chosen = getattr(preset.generator, name).model_copy(update={"threshold": calibration["chosen_threshold"]})
         preset = preset.with_generator(**{name: chosen})
         result[f"{name}_calibration"] = calibration
     return preset
 
 
-def calibrated(path: Path, inputs: dict, preset: Preset, log, run, student: CausalWanDiT, vae: WanVAE) -> dict:
-    """A threshold calibration of the trained model: `run(model)`'s result (with `chosen_threshold` and
-    `by_threshold`), kept in `path` with what it was measured on (`inputs`: the student's distillation steps, the
-    thresholds, clips and seconds; and the preset's generator, whose other post-processing the render applies) and
-    reused only for the same."""
-    measured_on = json.loads(json.dumps({**inputs, "generator": preset.generator}, default=_jsonable))
+def calibrated(path: Path, measured_on: dict, run, log=print) -> dict:
+    """A threshold calibration: `run()`'s result (with `chosen_threshold` and `by_threshold`), kept in `path` with
+    what it was measured on and reused only for the same. Both go through JSON, so a fresh result and a kept one read
+    alike (threshold keys are text in both)."""
+    measured_on = json.loads(json.dumps(measured_on, default=to_jsonable_python))
     if path.exists():
         kept = json.loads(path.read_text())
         if kept.get("measured_on") == measured_on:
             return kept
-    calibration = run(AvatarModel(preset, student, vae, description=f"{path.stem} calibration"))
-    # Through JSON, so a fresh result and a kept one read alike (threshold keys are text in both).
-    calibration = json.loads(json.dumps(calibration | {"measured_on": measured_on}, default=_jsonable))
+    calibration = json.loads(json.dumps(run() | {"measured_on": measured_on}, default=to_jsonable_python))
     by_threshold = ", ".join(
         f"{float(t):g}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
         for t, row in calibration["by_threshold"].items()
@@ -320,12 +318,6 @@ def calibrated(path: Path, inputs: dict, preset: Preset, log, run, student: Caus
     log(f"{path.stem}: threshold {calibration['chosen_threshold']:g} chosen ({by_threshold})")
     path.write_text(json.dumps(calibration, indent=2))
     return calibration
-
-
-def _jsonable(value):
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def reuse_stages(source: Path, out: Path, stages: tuple[str, ...]) -> None:
