@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -294,17 +295,25 @@ def test_a_killed_segment_encoder_reopens_its_row_from_the_last_segment(ray_clus
     import signal
 
     spec = killed_and_reference_job("encoder-kill", tmp_path)
-    events, killed = [], []
+    events, killed, finished = [], [], threading.Event()
 
-    def on_event(event) -> None:
-        events.append(event)
-        if not killed and isinstance(event, BlockRendered) and event.row_id == "killed":
-            if event.block_index >= SEGMENT_BLOCKS:  # a segment is stored; the next one's encoder is running
-                for pid in _segment_encoders(row_index=0):
+    def kill_a_later_encoder() -> None:
+        """Watch the files, not the events (they can arrive after the row is done): once a segment's state is
+        stored, SIGKILL the first encoder of the row seen running (a later segment's)."""
+        while not killed and not finished.is_set():
+            if list((tmp_path / "out" / ".segments").glob("killed-*/*.state")):
+                for pid in _segment_encoders(row_index=0)[:1]:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
+            time.sleep(0.005)
 
-    report = run_job(spec, settings(), WORKERS, on_event=on_event)
+    killer = threading.Thread(target=kill_a_later_encoder, daemon=True)
+    killer.start()
+    try:
+        report = run_job(spec, settings(), WORKERS, on_event=events.append)
+    finally:
+        finished.set()
+        killer.join()
     assert len(killed) == 1, killed  # the killed row's one encoder
     assert report.counts == {"succeeded": 2}, report.rows
     starts = [e for e in events if isinstance(e, RowStarted) and e.row_id == "killed"]
