@@ -41,6 +41,7 @@ FED_BY_THE_JOB = (
     "actor_fps",
 )
 SCRAPE_INTERVAL = "1s"  # fast, so several scrapes land while a few-second job runs
+STEP_S = 1.0  # the resolution of the dashboard's range queries here
 PROMETHEUS = shutil.which("prometheus")
 
 
@@ -147,17 +148,19 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         assert prometheus.query("max(avatar_render_actor_fps)") > 0
         assert prometheus.query('up{job="avatar-render"}') == 1
 
-        # Every query of the Grafana dashboard, evaluated at each second from the job's start to now (after the
-        # scrape that saw it end; a rate needs two samples, which a job of a few seconds may only give by then),
-        # returns data: some series with a finite value (a quantile over no observations is NaN, which Grafana
-        # draws as nothing). The counters start at zero, so "has data" alone would pass for a panel nothing fed:
-        # each panel the job feeds must also rise above zero.
+        # Every query of the Grafana dashboard, evaluated at each second from the job's start through the scrape
+        # that saw it end (a rate needs two samples, which a job of a few seconds may only give by then), returns
+        # data: some series with a finite value (a quantile over no observations is NaN, which Grafana draws as
+        # nothing). The counters start at zero, so "has data" alone would pass for a panel nothing fed: each panel
+        # the job feeds must also rise above zero. The range ends one step past that scrape's sample: steps fall
+        # at start + k seconds, and on a fast machine the last one before "now" can precede it.
         queries = dashboard_queries()
         assert len(queries) >= 8 and not [q for _, q in queries if "$" in q]  # no Grafana variables to fill in
         empty, flat = [], []
-        until = time.time()
+        ended_seen = prometheus.query('timestamp(avatar_render_rows_total{status="succeeded"})')
+        until = max(time.time(), ended_seen + STEP_S)
         for title, promql in queries:
-            series = prometheus.query_range(promql, job["started"], until)
+            series = prometheus.query_range(promql, job["started"], until, STEP_S)
             values = [float(v) for s in series for _, v in s["values"]]
             if not any(math.isfinite(v) for v in values):
                 empty.append(f"{title}: {promql} -> {str(series)[:200]}")
