@@ -17,7 +17,7 @@ from model.engine import run_block
 from model.eval import metrics
 from model.eval.heldout import HELD_OUT, VALIDATION, drift_check, window_is_worse
 from model.generator import AvatarModel, RenderSettings
-from model.train.data import DataConfig, LatentDataset, encode_clip, training_clips
+from model.train.data import DataConfig, LatentDataset, clip_speech, encode_clip, training_clips
 from model.train.distill import DistillConfig, DistillStage
 from model.train.loop import run_stage
 from model.train.recipe import RecipeConfig, run_recipe
@@ -75,6 +75,23 @@ def test_data_matches_the_generators_audio_and_shapes(setup):
         DataConfig(data_seed=100, num_clips=1)
     with pytest.raises(ValueError, match="identity seeds"):
         DataConfig(identity_base=VALIDATION.identity_base - 5, num_identities=10)
+
+
+def test_training_data_mixes_espeak_speech_in_by_clip_seed():
+    half = DataConfig(num_clips=64, espeak_fraction=0.5)
+    kinds = [clip_speech(half, i) for i in range(half.num_clips)]
+    assert 20 < kinds.count("espeak") < 44 and kinds == [clip_speech(half, i) for i in range(half.num_clips)]
+    # A clip's speech is drawn from its own seed: more clips or another share keep the others' draws in order.
+    assert kinds[:32] == [clip_speech(half.model_copy(update={"num_clips": 32}), i) for i in range(32)]
+    assert {clip_speech(DataConfig(), i) for i in range(64)} == {"formant"}
+    assert {clip_speech(DataConfig(espeak_fraction=1.0), i) for i in range(64)} == {"espeak"}
+    # The clips made are what the draw says: espeak-ng's, with its phones driving the mouth.
+    data = DataConfig(num_clips=2, seconds=1.2, num_identities=1, num_speakers=1, espeak_fraction=1.0)
+    clips = training_clips(data, 32)
+    assert [c.truth["speech"] for c in clips] == ["espeak", "espeak"]
+    assert all(max(c.truth["frames"]["opening"]) > 0.2 for c in clips)
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        DataConfig(espeak_fraction=1.5)
 
 
 def test_teacher_and_student_learn_and_resume(setup, tmp_path):

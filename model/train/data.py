@@ -17,16 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.audio_features import build_featurizer
 from model.config import Preset
 from model.eval.heldout import VALIDATION
-from model.synth import RENDER_VERSION, Clip, Framing, make_clip
+from model.synth import RENDER_VERSION, Clip, Framing, SpeechKind, make_clip
 from model.vae import WanVAE, frames_to_tensor
 
 _CONTENT_SEEDS_PER_DATA_SEED = 100_000
-_FRAMING_STREAM = 77  # the random stream of a training clip's framing, apart from SynthTalk's own streams
+_FRAMING_STREAM = 77  # the random streams of a training clip's framing and speech, apart from SynthTalk's own
+_SPEECH_STREAM = 78
 
 
 class DataConfig(BaseModel):
@@ -47,6 +48,11 @@ class DataConfig(BaseModel):
     # up and 0.12 sideways, as in photos like skimage's astronaut); the rest, and every evaluation clip, as the seed
     # draws it.
     framed_fraction: float = 0.0
+    # This fraction of the clips speaks espeak-ng's phonetic English (`model.synth.espeak`), the rest SynthTalk's
+    # formant voices: real speech's spectra and timing in training (the bundled model heard formant speech only, and
+    # its lip-sync on espeak clips is below its formant one; docs/results.md). espeak-ng's samples are reproducible
+    # only up to a small residue, so a run keeps the clips it made (`cached_training_clips`).
+    espeak_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _below_the_evaluation_seeds(self) -> DataConfig:
@@ -75,6 +81,12 @@ def clip_framing(data: DataConfig, index: int) -> Framing:
     return Framing(zoom=zoom, dx=float(rng.uniform(-0.12, 0.12)), dy=float(rng.uniform(-0.25, 0.05)))
 
 
+def clip_speech(data: DataConfig, index: int) -> SpeechKind:
+    """Training clip `index`'s speech: espeak-ng for `espeak_fraction` of the clips (drawn by seed), else formant."""
+    rng = np.random.default_rng([data.data_seed, index, _SPEECH_STREAM])
+    return "espeak" if rng.random() < data.espeak_fraction else "formant"
+
+
 def training_clips(data: DataConfig, size: int) -> list[Clip]:
     """Clip i: identity i mod n_id, speaker (i // n_id + i) mod n_spk, so faces and voices mix."""
     clips = []
@@ -86,6 +98,7 @@ def training_clips(data: DataConfig, size: int) -> list[Clip]:
                 data.data_seed * _CONTENT_SEEDS_PER_DATA_SEED + i,
                 data.seconds,
                 size,
+                speech=clip_speech(data, i),
                 identity_seed=identity,
                 speaker_seed=speaker,
                 head_motion=data.head_motion,

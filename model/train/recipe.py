@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_jsonable_python
 
 from model.audio_features import build_featurizer
@@ -377,6 +377,7 @@ Trained from scratch on this machine by the recipe in `model/train/` (DESIGN 3.4
         cfg.data.speaker_base + cfg.data.num_speakers - 1
     }. The VAE learns with head motion x{cfg.vae_head_motion}, the DiT stages with
   x{cfg.data.head_motion} and {cfg.data.framed_fraction:.0%} of the clips framed otherwise (docs/results.md says why).
+  Speech: {cfg.data.espeak_fraction:.0%} of the clips espeak-ng's phonetic English, the rest SynthTalk's formant voices.
   Held-out evaluation uses identity seeds from {HELD_OUT.identity_base}, speaker seeds from {HELD_OUT.speaker_base}
   and content seeds from {HELD_OUT.content_base} (never used for training, tuning or calibration).
 - DiT: {sum(p.numel() for p in dit.parameters()):,} parameters; VAE: {sum(p.numel() for p in vae.parameters()):,}
@@ -409,6 +410,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=None, help="total training time, split by stage")
     parser.add_argument("--clips", type=int, default=None, help="training clips (default: the recipe's)")
     parser.add_argument("--data-seed", type=int, default=None)
+    parser.add_argument(
+        "--espeak-fraction",
+        type=float,
+        default=None,
+        help="share of the training clips spoken by espeak-ng instead of formant voices (default: the recipe's)",
+    )
     parser.add_argument("--ship-to", default=str(BUNDLED_MODEL), help="where the final model goes ('' = nowhere)")
     parser.add_argument(
         "--max-steps", default=None, help="step caps per stage, e.g. vae=1600,teacher=5000 (default: the recipe's)"
@@ -436,8 +443,20 @@ def main(argv: list[str] | None = None) -> None:
     preset = get_preset(args.preset)
     cfg = RecipeConfig()
     data = cfg.data.model_copy(
-        update={k: v for k, v in {"num_clips": args.clips, "data_seed": args.data_seed}.items() if v is not None}
+        update={
+            k: v
+            for k, v in {
+                "num_clips": args.clips,
+                "data_seed": args.data_seed,
+                "espeak_fraction": args.espeak_fraction,
+            }.items()
+            if v is not None
+        }
     )
+    try:  # model_copy does not validate: check the command line's values as the config's
+        data = DataConfig.model_validate(data.model_dump())
+    except ValidationError as err:
+        parser.error(str(err))
     caps = dict(cfg.max_steps)
     for item in filter(None, (args.max_steps or "").split(",")):
         name, _, value = item.partition("=")
