@@ -15,8 +15,9 @@ import ray
 from pipeline.events import Event, RowStarted
 
 
-@ray.remote(num_cpus=0, max_concurrency=1)
-class ProgressActor:
+class ProgressLog:
+    """The actor's state and methods (`ProgressActor` is it as a Ray actor)."""
+
     def __init__(self, job_id: str):
         self.job_id = job_id
         self.events: list[Event] = []
@@ -56,3 +57,6 @@ class ProgressActor:
     def get_render_actor_nodes(self) -> dict[str, str]:
         """Render actor id -> the Ray node it runs on (without asking the actor, which is busy rendering)."""
         return dict(self.render_actor_nodes)
+
+
+ProgressActor = ray.remote(num_cpus=0, max_concurrency=1)(ProgressLog)

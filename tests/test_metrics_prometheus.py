@@ -8,12 +8,14 @@ import json
 import math
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from test_pipeline_run import HOLD_LIMIT_S, workers_held_at
 from test_service_jobs import FPS, ServiceThread, free_port, make_inputs, service_settings, wait_for
 
 from cli.main import main
@@ -103,10 +105,17 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="needs the Debian prometheus package (make system-deps)")
-def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
+def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path, monkeypatch):
+    import ray
+
+    from pipeline.job import progress_actor_name
+
     seconds = 2.0
     media = make_inputs(tmp_path / "in", seconds)
     port = free_port()
+    # A rate needs two samples of the row's frames, one before its last block: the render actor waits at block 1
+    # until a scrape has seen frames (on a fast machine the whole row fits between two scrapes).
+    monkeypatch.setattr("actors.job_workers", lambda: workers_held_at("a", 1))
     with (
         ServiceThread(create_app(service_settings(tmp_path)), port) as service,
         Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}") as prometheus,
@@ -123,7 +132,24 @@ def test_prometheus_scrapes_frames_while_a_job_runs(ray_cluster, tmp_path):
         manifest = tmp_path / "job.jsonl"
         missing = {"id": "b", "portrait": media["portrait"], "audio": str(tmp_path / "in" / "gone.wav")}
         manifest.write_text(json.dumps({"id": "a", **media}) + "\n" + json.dumps(missing) + "\n")
+
+        released = []
+
+        def release_once_scraped() -> None:
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while not (prometheus.query("sum(avatar_render_frames_rendered_total)") or 0) > 0:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.1)
+            (running,) = httpx.get(f"{service.url}/v1/jobs").json()["jobs"]
+            ray.get(ray.get_actor(progress_actor_name(running["job_id"])).release.remote())
+            released.append(running["job_id"])
+
+        releaser = threading.Thread(target=release_once_scraped, daemon=True)
+        releaser.start()
         assert main(["submit", str(manifest), "--url", service.url, "--wait", "--poll", "0.2"]) == 1
+        releaser.join()
+        assert released, "no scrape saw the held row's frames"
         (job,) = httpx.get(f"{service.url}/v1/jobs").json()["jobs"]
         assert job["state"] == "succeeded" and job["frames"] == int(seconds * FPS), job
         assert job["counts"] == {"succeeded": 1, "failed": 1}, job

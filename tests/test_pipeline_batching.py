@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-from test_pipeline_run import SEGMENT_BLOCKS, WORKERS, make_audio, make_portrait, settings
+from test_pipeline_run import (
+    SEGMENT_BLOCKS,
+    WORKERS,
+    is_block,
+    kill_the_render_actor,
+    make_audio,
+    make_portrait,
+    settings,
+    workers_held_at,
+)
 
 from model.media import read_video
-from pipeline.events import BlockRendered, RowStarted
+from pipeline.events import RowStarted
 from pipeline.job import JobSpec, run_job
 
 PIXEL_TOLERANCE = 2  # grey levels: rows of a batch differ from their solo renders only by matmul rounding
@@ -41,23 +50,16 @@ def test_rows_per_actor_renders_the_same_videos_together(ray_cluster, tmp_path):
 
 
 def test_a_killed_batching_actor_resumes_every_row_from_its_segments(ray_cluster, tmp_path):
-    import ray
-
-    from pipeline.job import progress_actor_name
-
     job = rows(tmp_path)[:2]
     spec = JobSpec(job_id="batch-kill", rows=job, output=str(tmp_path / "out"), options={"rows_per_actor": 2})
     events, killed = [], []
 
-    def on_event(event) -> None:
+    def on_event(event) -> None:  # the actor is held at row-1's block after its first segment until the kill
         events.append(event)
-        if not killed and isinstance(event, BlockRendered) and event.block_index == SEGMENT_BLOCKS:
-            progress = ray.get_actor(progress_actor_name(spec.job_id))
-            (actor,) = ray.get(progress.get_render_actors.remote()).values()
-            ray.kill(actor, no_restart=False)
-            killed.append(event)
+        if not killed and is_block(event, "row-1", SEGMENT_BLOCKS - 1):
+            killed.append(kill_the_render_actor(spec.job_id))
 
-    report = run_job(spec, settings(), WORKERS, on_event=on_event)
+    report = run_job(spec, settings(), workers_held_at("row-1", SEGMENT_BLOCKS - 1), on_event=on_event)
     assert killed and report.counts == {"succeeded": 2}, report.rows
     starts = {}
     for event in events:

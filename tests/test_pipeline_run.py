@@ -5,6 +5,7 @@ Renders are small (the suite's seeded random 64x64 model, conftest.py; ~1 s of a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -25,6 +26,47 @@ from pipeline.storage import ObjectStore
 SAMPLE_RATE = 16000
 WORKERS = job_workers()
 SEGMENT_BLOCKS = 2  # K: small, so a 1-2 s row has several segments
+
+
+HOLD_LIMIT_S = 60.0  # a held render actor goes on by itself after this (a test that never releases it fails, not hangs)
+
+
+def workers_held_at(row_id: str, block_index: int):
+    """Job workers whose progress actor holds the render actor once, at one block of one row: that block's events
+    are in the log (the driver relays them) but the answer to its push waits until the test calls `release` or the
+    job is cancelled. What the test does on seeing the block (a kill, a cancel) then lands at that block on any
+    machine; reacting to the relayed event alone lands up to a poll or two later (pipeline.job.POLL_SECONDS), and a
+    fast machine renders a small row's remaining blocks meanwhile."""
+    import ray
+
+    from actors.progress import ProgressLog
+
+    class HoldingProgressLog(ProgressLog):  # defined here, so that Ray ships it by value to its worker
+        def __init__(self, job_id: str):
+            super().__init__(job_id)
+            self.held = self.released = False
+
+        def push_and_check(self, events: list) -> bool:
+            self.push(events)
+            if not self.held and any(
+                isinstance(e, BlockRendered) and e.row_id == row_id and e.block_index == block_index for e in events
+            ):
+                self.held = True
+                deadline = time.monotonic() + HOLD_LIMIT_S
+                while not (self.released or self.cancelled) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return self.cancelled
+
+        def release(self) -> None:
+            self.released = True
+
+    # A second thread serves the driver's polls, the cancel and the release while a push is held.
+    held = ray.remote(num_cpus=0, max_concurrency=2)(HoldingProgressLog)
+    return dataclasses.replace(WORKERS, progress_actor=held)
+
+
+def is_block(event, row_id: str | None, block_index: int) -> bool:
+    return isinstance(event, BlockRendered) and row_id in (None, event.row_id) and event.block_index == block_index
 
 
 def make_portrait(path, seed: int = 0) -> None:
@@ -189,12 +231,14 @@ def test_cancel_keeps_segments_and_the_next_run_resumes(ray_cluster, tmp_path):
     )
     cancel = threading.Event()
 
-    def on_event(event) -> None:
-        if isinstance(event, BlockRendered) and event.block_index >= SEGMENT_BLOCKS - 1:
+    def on_event(event) -> None:  # the row is held at this block (segment 0 stored) until the cancel reaches it
+        if is_block(event, "long", SEGMENT_BLOCKS - 1):
             cancel.set()
 
-    report = run_job(spec, settings(), WORKERS, on_event=on_event, cancel=cancel)
+    held = workers_held_at("long", SEGMENT_BLOCKS - 1)
+    report = run_job(spec, settings(), held, on_event=on_event, cancel=cancel)
     assert report.rows[0].status == "cancelled" and report.rows[0].error_kind == "cancelled"
+    assert report.rows[0].error.startswith(f"cancelled after {SEGMENT_BLOCKS} blocks"), report.rows[0].error  # held
     assert not (tmp_path / "out" / "long.mp4").exists()
     (row_segments,) = (tmp_path / "out" / ".segments").iterdir()
     stored = sorted(path.name for path in row_segments.iterdir())
@@ -205,7 +249,7 @@ def test_cancel_keeps_segments_and_the_next_run_resumes(ray_cluster, tmp_path):
     report = run_job(spec.model_copy(update={"job_id": "cancel-job-2"}), settings(), WORKERS, on_event=events.append)
     assert report.rows[0].status == "succeeded" and report.rows[0].frames == 50
     (started,) = [e for e in events if isinstance(e, RowStarted)]
-    assert started.resumed_from_block >= SEGMENT_BLOCKS
+    assert started.resumed_from_block == SEGMENT_BLOCKS
 
 
 def killed_and_reference_job(job_id: str, tmp_path) -> JobSpec:
@@ -217,37 +261,38 @@ def killed_and_reference_job(job_id: str, tmp_path) -> JobSpec:
     return JobSpec(job_id=job_id, rows=rows, output=str(tmp_path / "out"))
 
 
-def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path):
-    """Kill the render actor right after its first segment is stored; the row still completes, renders
-    each finished segment once, and its frames equal those of an uninterrupted render of the same inputs."""
+def kill_the_render_actor(job_id: str) -> str:
+    """Kill the job's one render actor (Ray restarts it) and release the push it was held at; its id."""
     import ray
 
     from pipeline.job import progress_actor_name
 
+    progress = ray.get_actor(progress_actor_name(job_id))
+    ((actor_id, actor),) = ray.get(progress.get_render_actors.remote()).items()
+    ray.kill(actor, no_restart=False)
+    ray.get(progress.release.remote())
+    return actor_id
+
+
+def test_killed_render_actor_resumes_from_its_last_segment(ray_cluster, tmp_path):
+    """Kill the render actor right after its first segment is stored; the row still completes, renders
+    each finished segment once, and its frames equal those of an uninterrupted render of the same inputs."""
     spec = killed_and_reference_job("kill-job", tmp_path)
     events, killed = [], []
 
     def on_event(event) -> None:
         events.append(event)
-        if (
-            not killed
-            and isinstance(event, BlockRendered)
-            and event.row_id == "killed"
-            and event.block_index == SEGMENT_BLOCKS - 1
-        ):  # pushed after segment 0 was stored
-            progress = ray.get_actor(progress_actor_name(spec.job_id))
-            (actor,) = ray.get(progress.get_render_actors.remote()).values()
-            ray.kill(actor, no_restart=False)
-            killed.append(event.actor_id)
+        if not killed and is_block(event, "killed", SEGMENT_BLOCKS - 1):  # pushed after segment 0 was stored; held
+            killed.append(kill_the_render_actor(spec.job_id))
 
-    report = run_job(spec, settings(), WORKERS, on_event=on_event)
+    report = run_job(spec, settings(), workers_held_at("killed", SEGMENT_BLOCKS - 1), on_event=on_event)
     assert killed, "the render actor was never killed"
     assert report.counts == {"succeeded": 2}, report.rows
     # The dying worker kills its ffmpeg first, so the row may be reopened there before the restart: a reopen is
     # not an attempt.
     starts = [e for e in events if isinstance(e, RowStarted) and e.row_id == "killed" and not e.reopened]
     assert [s.resumed_from_block > 0 for s in starts] == [False, True], starts
-    assert starts[1].resumed_from_block % SEGMENT_BLOCKS == 0
+    assert starts[1].resumed_from_block == SEGMENT_BLOCKS  # killed at the block it was held at
     blocks = {
         row_id: [e.block_index for e in events if isinstance(e, BlockRendered) and e.row_id == row_id]
         for row_id in ("killed", "reference")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_pipeline_run import is_block, workers_held_at
 
 from deploy.app import create_app
 from deploy.settings import ServiceSettings
@@ -68,15 +69,30 @@ def record_events(app) -> list:
     return seen
 
 
-def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path):
+def held_at(app, client, job_id: str, row_id: str, block_index: int) -> None:
+    """Wait until the job's render actor is held at that block (`workers_held_at`): the job is running there."""
+    events = record_events(app)
+    wait_for(
+        lambda: {"state": client.get(f"/v1/jobs/{job_id}").json()["state"],
+                 "held": any(is_block(e, row_id, block_index) for e in events)},
+        lambda s: s["held"],
+        f"{row_id}'s block {block_index}",
+    )  # fmt: skip
+
+
+def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path, monkeypatch):
     seconds = 3.0
     media = make_inputs(tmp_path / "in", seconds)
     rows = [{"id": "long", **media}, {"id": "missing", "portrait": media["portrait"], "audio": "/nowhere.wav"}]
     settings = service_settings(tmp_path)
+    # The render actor waits at block 1 (segments stored up to it) until the service's stop interrupts the job, on
+    # any machine. The second attempt resumes after it, so it is not held again.
+    monkeypatch.setattr("actors.job_workers", lambda: workers_held_at("long", 1))
 
-    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
+    app = create_app(settings)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         job_id = c.post("/v1/jobs", json={"rows": rows}).json()["job_id"]
-        wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["frames"] > 0, "the first block")
+        held_at(app, c, job_id, "long", 1)
     # The service stopped mid-job: the job is kept, queued to run again, not cancelled.
     store = JobStore(settings.state_dir)
     interrupted = store.get(job_id)
@@ -105,12 +121,14 @@ def test_job_outlives_a_service_restart_and_resumes(ray_cluster, tmp_path):
     assert restarts and restarts[0].resumed_from_block >= 1, restarts
 
 
-def test_cancel_stops_a_running_job_at_the_next_block(ray_cluster, tmp_path):
-    seconds = 6.0
+def test_cancel_stops_a_running_job_at_the_next_block(ray_cluster, tmp_path, monkeypatch):
+    seconds = 3.0
     media = make_inputs(tmp_path / "in", seconds)
-    with TestClient(create_app(service_settings(tmp_path)), base_url="http://127.0.0.1") as c:
+    monkeypatch.setattr("actors.job_workers", lambda: workers_held_at("talk", 1))  # running until the cancel
+    app = create_app(service_settings(tmp_path))
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         job_id = c.post("/v1/jobs", json={"rows": [{"id": "talk", **media}]}).json()["job_id"]
-        wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["frames"] > 0, "the first block")
+        held_at(app, c, job_id, "talk", 1)
         response = c.delete(f"/v1/jobs/{job_id}")
         assert response.status_code == 202 and response.json()["cancel_requested"]
         done = wait_for(lambda: c.get(f"/v1/jobs/{job_id}").json(), lambda s: s["state"] in TERMINAL, "the end")
@@ -118,7 +136,7 @@ def test_cancel_stops_a_running_job_at_the_next_block(ray_cluster, tmp_path):
         assert c.delete(f"/v1/jobs/{job_id}").status_code == 202  # cancelling a cancelled job is a no-op
         metrics = c.get("/metrics").text
     assert done["state"] == "cancelled", done
-    assert row["status"] == "cancelled" and row["output"] is None
+    assert row["status"] == "cancelled" and row["output"] is None and row["frames"] < int(seconds * FPS), row
     assert 'avatar_render_rows_total{status="cancelled"} 1.0' in metrics
     assert 'avatar_render_jobs{state="cancelled"} 1.0' in metrics
 

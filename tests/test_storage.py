@@ -173,9 +173,13 @@ def test_s3_outage_mid_upload_is_retried_and_never_shows_a_partial_object(tmp_pa
                 pass
             time.sleep(0.05)
 
-    def progress(_bytes: int) -> None:
-        if not cut.is_alive() and len(servers) == 1:
-            cut.start()  # the first bytes are out: take the endpoint down
+    cut_started, cut_lock = [], threading.Lock()
+
+    def progress(_bytes: int) -> None:  # called from the upload's worker threads, several at once
+        with cut_lock:
+            if not cut_started:
+                cut_started.append(True)
+                cut.start()  # the first bytes are out: take the endpoint down
 
     watching = threading.Thread(target=reader)
     watching.start()
@@ -184,7 +188,8 @@ def test_s3_outage_mid_upload_is_retried_and_never_shows_a_partial_object(tmp_pa
     finally:
         uploading.clear()
         watching.join()
-        cut.join()
+        if cut_started:
+            cut.join()
     try:
         assert len(servers) == 2, "the endpoint never went down"
         assert raw.get_object(Bucket="outage", Key="out/video.mp4")["Body"].read() == whole
