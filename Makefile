@@ -80,6 +80,7 @@ eval-tiny: install
 	$(HELDOUT) --checkpoint $(MODEL) --identity-base 400000 --speaker-base 450000 --content-base 40000000 \
 		--out $(EVAL)/second-set.json
 	$(HELDOUT) --checkpoint $(MODEL) --photo examples/astronaut.jpg --out $(EVAL)/astronaut.json
+	$(HELDOUT) --checkpoint $(MODEL) --photo examples/astronaut.jpg --photo-framing face --out $(EVAL)/astronaut-face.json
 	$(HELDOUT) --checkpoint $(MODEL) --no-paste-back --out $(EVAL)/paste-back-off.json
 	$(HELDOUT) --checkpoint $(MODEL) --speech espeak --out $(EVAL)/espeak.json
 	$(HELDOUT) --checkpoint $(MODEL) --step-plan 4 --out $(EVAL)/psb-off.json

@@ -202,6 +202,29 @@ def test_facemesh_finds_and_tracks_the_astronauts_mouth():
     assert opening[-1] > 2 * opening[0]
 
 
+def test_a_photo_framed_on_its_face_shows_it_where_synthtalk_puts_faces(tmp_path):
+    """--photo-framing face: wherever the face is in the photo, the crop puts it at SynthTalk's place and size (the
+    plain fit leaves the astronaut's face less than half that tall); within the face mesh's own jitter."""
+    import skimage.data
+    from PIL import Image
+
+    from model.eval.facemesh import face_oval_box
+    from model.eval.heldout import face_framed_photo, synth_face_place
+    from model.media.image import load_portrait
+
+    x, y, height = (v * 128 for v in synth_face_place(128))
+    framed = face_framed_photo("examples/astronaut.jpg", 128)
+    found_x, found_y, found_height = face_oval_box(framed)
+    assert abs(found_x - x) < 3 and abs(found_y - y) < 3 and found_height == pytest.approx(height, rel=0.08)
+    assert face_oval_box(load_portrait("examples/astronaut.jpg", 128, 128))[2] < height / 2
+    # The same photo inside a larger grey canvas, further right and down: the same face, the same framing.
+    canvas = np.full((800, 700, 3), 128, np.uint8)
+    canvas[250:762, 150:662] = skimage.data.astronaut()
+    Image.fromarray(canvas).save(tmp_path / "moved.png")
+    moved_x, moved_y, moved_height = face_oval_box(face_framed_photo(str(tmp_path / "moved.png"), 128))
+    assert abs(moved_x - x) < 3 and abs(moved_y - y) < 3 and moved_height == pytest.approx(height, rel=0.08)
+
+
 def test_the_steady_truth_is_the_same_clip_with_the_head_held_still():
     """The ceiling of a render that holds the head still: the held-out clip's mouth and blinks, without the sway."""
     from model.eval.heldout import HELD_OUT, truth_psnr

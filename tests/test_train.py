@@ -482,6 +482,7 @@ def test_heldout_evaluation_with_urcr_off_and_a_teacher_checkpoint(setup, tmp_pa
         str(tmp_path / "m"), clips=1, seconds=2.4, urcr=False, window_seconds=0.8, progress=lambda *_: None
     )
     assert result["urcr"] is False and len(result["windows"][0]) == 3
+    assert [set(row) for row in result["portrait_reconstruction"]] == [{"psnr", "mouth_psnr"}]  # one per clip
     assert isinstance(result["drift_passed"], bool)
     assert set(result["model_metrics"]) == {
         "lipsync_r",
@@ -529,7 +530,7 @@ def test_a_real_photo_is_scored_against_itself_with_the_face_mesh(tmp_path):
     from test_eval import warp_mouth_open
 
     from model.checkpoint import save_checkpoint
-    from model.eval.heldout import evaluate_checkpoint
+    from model.eval.heldout import evaluate_checkpoint, psnr_summary
     from model.media.image import load_portrait
     from model.synth import load_truth_phones, mouth_track
 
@@ -546,6 +547,11 @@ def test_a_real_photo_is_scored_against_itself_with_the_face_mesh(tmp_path):
     )
     row, check = result["per_clip"][0], result["targets"]["per_clip"][0]
     assert result["vae_reconstruction"] is None and "truth_psnr" not in row  # no ground-truth video
+    assert result["photo_framing"] == "fit"
+    # The VAE's reconstruction of the photo, once (every clip has the same portrait), over it and at its mouth.
+    (recon,) = result["portrait_reconstruction"]
+    assert 5 < recon["psnr"] < 100 and 5 < recon["mouth_psnr"] < 100 and recon["mouth_psnr"] != recon["psnr"]
+    assert "inside the mouth box" in psnr_summary(result)
     assert row["portrait_psnr"] > 30 and check["portrait_psnr"]
     assert row["lipsync_r"] > 0.6 and abs(row["av_offset_frames"]) <= 1
     assert set(result["targets"]["met"]) == {"lipsync_r", "av_offset_frames", "portrait_psnr"}

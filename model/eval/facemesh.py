@@ -15,6 +15,11 @@ EYE_OUTER = (33, 263)
 MIN_SIDE = 256  # smaller images are upscaled for the mesh (it finds no face in a 64x64 astronaut scaled to 128)
 # Outer lip contour (mediapipe FACEMESH_LIPS): bounds the mouth region left out of identity comparisons.
 LIP_CONTOUR = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 185, 40, 39, 37, 0, 267, 269, 270, 409)
+# Face oval (mediapipe FACEMESH_FACE_OVAL): forehead to chin, cheek to cheek; hair and ears are outside it.
+FACE_OVAL = (
+    *(10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377),
+    *(152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109),
+)
 
 
 class FaceMesh:
@@ -111,3 +116,14 @@ def facemesh_mouth_box(portrait: np.ndarray, source: str = "portrait", pad: floa
         slice(max(int(y0 - px), 0), min(int(np.ceil(y1 + py)), height)),
         slice(max(int(x0 - px), 0), min(int(np.ceil(x1 + px)), width)),
     )
+
+
+def face_oval_box(image: np.ndarray, source: str = "portrait") -> tuple[float, float, float]:
+    """The face oval's centre (x, y) and height, in the image's pixels."""
+    with FaceMesh() as mesh:
+        points = mesh.landmarks(image)
+    if points is None:
+        raise InputError(source, "no face found by the face mesh")
+    oval = points[list(FACE_OVAL)]
+    (x0, y0), (x1, y1) = oval.min(axis=0), oval.max(axis=0)
+    return float(x0 + x1) / 2, float(y0 + y1) / 2, float(y1 - y0)

@@ -14,6 +14,9 @@ know it; a render that holds the head still is at best that steady truth, and it
 effect, the most any sharp render can gain against the swaying truth (beyond it, blur that hedges over the sway is
 what raises the PSNR; not a proven bound: another mouth could happen to fit the swayed frames better).
 Every row also gets `steady_psnr`, its PSNR against the steady truth: what the model itself controls.
+Every clip's portrait is also encoded and decoded alone (`portrait_reconstruction`, over the picture and inside the
+mouth box): what the VAE can draw of that face at all. A real photo (`--photo`) can be shown fitted as a portrait or
+cropped to its face at SynthTalk's framing (`--photo-framing face`).
 The per-30-second windows of every clip are compared with its first window (`drift_check`, the drift test).
 The held-out clips are `HeldOutSet`'s: faces, voices and content seeds that training never draws from.
 A bidirectional teacher is evaluated the same way through `python -m model.train.teacher` (its own sampler).
@@ -31,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -93,6 +97,42 @@ HELD_OUT = HeldOutSet()
 VALIDATION = HeldOutSet(identity_base=90_000, speaker_base=95_000, content_base=10_000_000)
 
 
+PhotoFraming = Literal["fit", "face"]
+FACE_REFERENCE_PORTRAITS = 16  # validation faces that say where SynthTalk puts a face
+
+
+def synth_face_place(size: int, identities: int = FACE_REFERENCE_PORTRAITS) -> tuple[float, float, float]:
+    """Where SynthTalk's default framing puts a face, as the face mesh sees it: the mean face-oval centre (x, y) and
+    height over the first validation identities' portraits, as fractions of the frame's side."""
+    from model.eval.facemesh import face_oval_box
+    from model.synth.face import Identity, render_portrait
+
+    first = VALIDATION.identity_base
+    boxes = [face_oval_box(render_portrait(Identity.from_seed(first + i), size)) for i in range(identities)]
+    return tuple(float(v) / size for v in np.mean(boxes, axis=0))
+
+
+def face_framed_photo(path: str, size: int) -> np.ndarray:
+    """A photo cropped square around its face (face mesh) so the face sits where SynthTalk's default framing puts one,
+    at the same size, then resized to `size`: a photo shot from further away shown to the model at the scale it was
+    trained on. The crop is shifted to stay inside the photo, and shrunk to it when the face would need more."""
+    from PIL import Image
+
+    from model.eval.facemesh import face_oval_box
+    from model.media.image import load_image
+
+    image = load_image(path)
+    photo = np.asarray(image)
+    x, y, height = face_oval_box(photo, path)
+    place_x, place_y, place_height = synth_face_place(size)
+    side = min(height / place_height, *photo.shape[:2])
+    left = min(max(x - place_x * side, 0.0), photo.shape[1] - side)
+    top = min(max(y - place_y * side, 0.0), photo.shape[0] - side)
+    box = tuple(round(v) for v in (left, top, left + side, top + side))
+    crop = image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(crop, dtype=np.uint8).copy()
+
+
 def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.ndarray:
     """A clip's whole video, uint8 (N, H, W, 3), rendered by the real generator from its portrait and audio."""
     session = model.open(clip.portrait, None, settings)
@@ -145,6 +185,27 @@ def generator_render(settings: RenderSettings) -> Render:
         return render_clip(model, clip, settings.model_copy(update={"seed": index}))
 
     return render
+
+
+@torch.no_grad()
+def portrait_reconstruction(vae: WanVAE, portrait: np.ndarray) -> dict:
+    """PSNR of the VAE's reconstruction of the portrait (one frame encoded and decoded) over the picture and inside
+    the face mesh's mouth box (None where the mesh finds no face): a mouth the VAE cannot draw, no generator using it
+    can move."""
+    from model.errors import InputError
+    from model.eval.facemesh import facemesh_mouth_box
+
+    was_training = vae.training
+    vae.eval()
+    recon = tensor_to_frames(vae.decode(vae.encode(frames_to_tensor(portrait[None]))))[0]
+    vae.train(was_training)
+    errors = (recon.astype(np.float32) - portrait) ** 2
+    try:
+        rows, cols = facemesh_mouth_box(portrait)
+        mouth = metrics.psnr(errors[rows, cols].mean())
+    except InputError:
+        mouth = None
+    return {"psnr": metrics.psnr(errors.mean()), "mouth_psnr": mouth}
 
 
 @torch.no_grad()
@@ -278,14 +339,16 @@ def evaluate_checkpoint(
     render: Render | None = None,
     sampler: str = "generator",
     photo: str | None = None,
+    photo_framing: PhotoFraming = "fit",
     progress=print,
 ) -> dict:
     """Score `clips` held-out clips of `seconds`. `render` replaces the generator (a teacher's sampler), named by
     `sampler` in the result; the generator's settings (step plan, t_mci, URCR, deflicker, paste-back) apply only
     without it.
 
-    `photo` (an image file, fitted to the model's size) replaces every clip's portrait: a real photo driven by the
-    held-out voices.
+    `photo` (an image file, fitted to the model's size as a portrait is, or with `photo_framing="face"` cropped so
+    its face sits where SynthTalk puts one, `face_framed_photo`) replaces every clip's portrait: a real photo driven
+    by the held-out voices.
     It has no ground-truth video, so it is scored against itself (portrait_psnr outside the face mesh's mouth box)
     and its mouth is read by the face mesh, against the clip's phones."""
     model = AvatarModel.load(checkpoint)
@@ -297,13 +360,18 @@ def evaluate_checkpoint(
         render = generator_render(
             RenderSettings(step_plan=step_plan, t_mci=t_mci, urcr=urcr, deflicker=deflicker, paste_back=paste_back)
         )
-    if photo is not None:
+    if photo is not None and photo_framing == "face":
+        if model.preset.video.width != size:
+            raise ValueError(f"face framing is square, the model's frame is {model.preset.video.width}x{size}")
+        photo_portrait = face_framed_photo(photo, size)
+    elif photo is not None:
         from model.media.image import load_portrait
 
         photo_portrait = load_portrait(photo, size, model.preset.video.width)
     references = references and photo is None
     mouth = "facemesh" if photo is not None else "synth"
     rendered, vae_rows, still_rows, steady_rows, windows, checks, startup = [], [], [], [], [], [], []
+    portraits = []  # the VAE's reconstruction of each clip's portrait (one row for a photo)
     seconds_taken, frames_rendered = 0.0, 0
     for i in range(clips):
         clip = heldout.clip(i, seconds, size, speech)
@@ -311,6 +379,8 @@ def evaluate_checkpoint(
         steady = heldout.clip(i, seconds, size, speech, head_motion=0.0).frames if photo is None else None
         if photo is not None:
             clip.portrait, clip.frames = photo_portrait, None  # nothing else of the synthetic face is used
+        if photo is None or not portraits:
+            portraits.append(portrait_reconstruction(model.vae, clip.portrait))
         phones = load_truth_phones(clip.truth)
         started = time.monotonic()
         frames = render(model, clip, i)
@@ -355,6 +425,7 @@ def evaluate_checkpoint(
         "model": model.description,
         "heldout": heldout.model_dump(),
         "photo": photo,
+        "photo_framing": photo_framing if photo is not None else None,
         "clips": clips,
         "seconds": seconds,
         "speech": speech,
@@ -374,6 +445,7 @@ def evaluate_checkpoint(
         "per_clip_still": still_rows or None,
         "per_clip_steady_truth": steady_rows or None,
         "per_clip_vae": vae_rows or None,
+        "portrait_reconstruction": portraits,
         "targets": target_check(rendered, still_rows, photo=photo is not None, steady=steady_rows),
         "startup_excess_error": {k: float(np.mean([row[k] for row in startup])) for k in startup[0]}
         if startup
@@ -414,6 +486,13 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
         default=None,
         help="a real portrait (e.g. examples/astronaut.jpg) driven by the held-out voices instead of the faces",
     )
+    parser.add_argument(
+        "--photo-framing",
+        choices=["fit", "face"],
+        default="fit",
+        help="fit: the photo as a portrait is fitted (centre crop); face: cropped to its face, placed and sized as "
+        "SynthTalk frames its faces (face mesh)",
+    )
     parser.add_argument("--out", default=None, help="write the JSON here too")
     return parser
 
@@ -439,6 +518,7 @@ def run(args: argparse.Namespace, command: str, render: Render | None = None, sa
         render=render,
         sampler=sampler,
         photo=args.photo,
+        photo_framing=args.photo_framing,
         progress=lambda line: print(line, file=sys.stderr),
     )
     result["command"] = command
@@ -471,7 +551,12 @@ def psnr_summary(result: dict) -> str:
     m, s = result["model_metrics"], result.get("still_portrait") or {}
     c = result.get("steady_truth") or {}
     if m.get("truth_psnr") is None:
-        return f"portrait_psnr (outside the mouth) {m['portrait_psnr']:.2f} dB; lipsync_r {m['lipsync_r']:.3f}"
+        line = f"portrait_psnr (outside the mouth) {m['portrait_psnr']:.2f} dB; lipsync_r {m['lipsync_r']:.3f}"
+        (recon, *_) = result.get("portrait_reconstruction") or [None]
+        if recon is not None:
+            mouth = "n/a" if recon["mouth_psnr"] is None else f"{recon['mouth_psnr']:.2f} dB"
+            line += f"; the VAE's reconstruction of the portrait {recon['psnr']:.2f} dB, inside the mouth box {mouth}"
+        return line
 
     def db(row: dict, key: str) -> str:  # a reference that was not scored reads n/a
         return "n/a" if row.get(key) is None else f"{row[key]:.2f} dB"

@@ -65,6 +65,13 @@ def load_portrait(
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"target size must be positive, got {height}x{width}")
+    return fit_image(load_image(path, max_pixels, min_side), height, width, fit)
+
+
+def load_image(
+    path: str | os.PathLike, max_pixels: int = MAX_PORTRAIT_PIXELS, min_side: int = MIN_PORTRAIT_SIDE
+) -> Image.Image:
+    """Decode an image file to an RGB image at its own size, upright; the checks and errors of `load_portrait`."""
     path = check_input_file(path)
     try:
         with Image.open(path, formats=PORTRAIT_FORMATS) as img:
@@ -86,7 +93,7 @@ def load_portrait(
         if isinstance(err, InputError):
             raise
         raise InputError(path, f"corrupt or truncated image: {err}") from None
-    return fit_image(rgb, height, width, fit)
+    return rgb
 
 
 def fit_image(image: Image.Image, height: int, width: int, fit: str = "crop") -> np.ndarray:
