@@ -42,7 +42,8 @@ class ProgressLog:
         return self.starts.get(row_id, 0)
 
     def events_since(self, cursor: int) -> tuple[list[Event], int]:
-        return self.events[cursor:], len(self.events)
+        new = self.events[cursor:]  # one read: a push served on another thread cannot slip between list and cursor
+        return new, cursor + len(new)
 
     def cancel(self) -> None:
         self.cancelled = True

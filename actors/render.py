@@ -35,6 +35,7 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from model.eval.metrics import block_layout
 from model.media import EncoderKilledError
 from pipeline.events import BlockRendered, RowStarted, RowStatus
 from pipeline.model_cache import local_checkpoint
@@ -223,6 +224,7 @@ class RowRender:
                 "fps": session.fps,
                 "video_seconds": session.frames_done / session.fps,
                 "blocks": session.blocks_done,
+                "block_layout": block_layout(session.stride, session.gen.frames_per_block),  # the report's seams
                 "segments": self.segment,
                 "resumed_from_segment": self.resume_from,
                 "actor_id": self.renderer.actor_id,

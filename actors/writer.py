@@ -41,15 +41,17 @@ def write_row(row: dict, *, settings: PipelineSettings, job_id: str, progress) -
     return record.to_row()
 
 
-def _quality_metrics(video: str, portrait: str, audio: str) -> dict:
-    """The report's per-row quality numbers; a metric that cannot be computed is reported, not fatal."""
+def _quality_metrics(video: str, portrait: str, audio: str, layout: dict) -> dict:
+    """The report's per-row quality numbers, seams where the model's blocks end (`layout`, from the render); a
+    metric that cannot be computed is reported, not fatal."""
     from model.eval import evaluate
 
     try:
-        scores = evaluate(video, portrait, audio)
+        scores = evaluate(video, portrait, audio, **layout)
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"}
     keys = ("lipsync_r", "lipsync_reference", "av_offset_frames", "identity_error", "portrait_psnr", "boundary_jitter")
+    keys += ("block_frames", "first_block_frames")  # where boundary_jitter looked for seams
     return {k: scores[k] for k in keys if k in scores}
 
 
@@ -87,7 +89,7 @@ def _stitch_and_upload(record: RowRecord, store: ObjectStore, settings: Pipeline
             concat_mp4(local, out, audio_path=audio)  # the audio opened as in fetch: local file, allowed formats
             if 0 < result["video_seconds"] <= settings.metrics_max_seconds:
                 with input_copy(store, task.portrait, "portrait", settings.limits) as portrait:
-                    result["metrics"] = _quality_metrics(out, portrait, audio)
+                    result["metrics"] = _quality_metrics(out, portrait, audio, result["block_layout"])
                     if task.truth_video and "error" not in result["metrics"]:
                         truth = _truth_video_metrics(store, task.truth_video, out, portrait, settings)
                         result["metrics"] |= truth

@@ -5,7 +5,7 @@
 Prints, per pool size: rows per hour, rendered video-seconds per actor-second, and pipeline efficiency
 (the share of actor time spent generating blocks rather than waiting for inputs, writers or startup).
 "Steady" numbers start at the first row's render and exclude Ray/actor startup (model loading).
-The model is the bundled default, `model/weights/tiny`: 64x64 at 25 fps.
+The model is the bundled default, `model/weights/tiny`: 128x128 at 25 fps (the random portraits are fitted to it).
 """
 
 from __future__ import annotations

@@ -136,6 +136,13 @@ def test_eval_command_json(tmp_path, capsys):
     ):
         assert key in result
     assert result["lipsync_r"] >= 0.95 and result["av_offset_frames"] == 0 and result["frames"] == 250
+    # Seams where the bundled model's blocks end (a latent per frame, 3 a block); --preset or the flags say otherwise.
+    assert (result["first_block_frames"], result["block_frames"]) == (3, 3)
+    assert main(argv + ["--preset", "livetalk-1.3b"]) == 0
+    livetalk = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (livetalk["first_block_frames"], livetalk["block_frames"]) == (9, 12)
+    assert main(argv + ["--block-frames", "6"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["block_frames"] == 6
 
 
 def warp_mouth_open(image: np.ndarray, openings: np.ndarray) -> np.ndarray:
@@ -223,6 +230,32 @@ def test_a_photo_framed_on_its_face_shows_it_where_synthtalk_puts_faces(tmp_path
     Image.fromarray(canvas).save(tmp_path / "moved.png")
     moved_x, moved_y, moved_height = face_oval_box(face_framed_photo(str(tmp_path / "moved.png"), 128))
     assert abs(moved_x - x) < 3 and abs(moved_y - y) < 3 and moved_height == pytest.approx(height, rel=0.08)
+
+
+def test_errors_against_the_streamed_truth_are_those_of_the_held_frames():
+    """compare_with_truth streams the truth and the steady truth chunk by chunk; its per-frame errors are those
+    computed on the whole held clips, for a render shorter than the clip that ends inside a chunk, one shorter still
+    (a VAE reconstruction) and an image shown in every frame."""
+    from model.eval.heldout import HeldOutSet, compare_with_truth
+    from model.eval.metrics import absolute_errors, squared_errors
+
+    heldout = HeldOutSet()
+    truth, steady = heldout.clip(0, 12.0, 64), heldout.clip(0, 12.0, 64, head_motion=0.0)
+    rng = np.random.default_rng(0)
+    render = rng.integers(0, 256, (290, 64, 64, 3), dtype=np.uint8)  # 300 truth frames in chunks of 250
+    recon = render[:281] // 2
+    streamed = compare_with_truth(
+        heldout.clip(0, 12.0, 64, with_frames=False),
+        heldout.clip(0, 12.0, 64, head_motion=0.0, with_frames=False),
+        len(render),
+        {"render": render, "recon": recon, "still": truth.portrait},
+    )
+    for name, video in (("render", render), ("recon", recon), ("still", truth.portrait)):
+        n = len(render) if video.ndim == 3 else len(video)
+        assert np.array_equal(streamed["truth"][name], squared_errors(truth.frames[:n], video))
+        assert np.array_equal(streamed["steady"][name], squared_errors(steady.frames[:n], video))
+        assert np.array_equal(streamed["truth_abs"][name], absolute_errors(truth.frames[:n], video))
+    assert np.array_equal(streamed["truth"]["steady truth"], squared_errors(truth.frames[:290], steady.frames))
 
 
 def test_the_steady_truth_is_the_same_clip_with_the_head_held_still():

@@ -401,6 +401,9 @@ def test_a_checkpoint_brings_its_own_preset(ray_cluster, tmp_path):
     assert report.counts == {"succeeded": 1}, report.rows
     frames, _ = read_video(tmp_path / "out" / "small.mp4")
     assert frames.shape == (25, 32, 48, 3)
+    # The report's seams are where this model's blocks end (a latent per frame, 3 a block), not Wan2.1's 9 + 12.
+    metrics = report.rows[0].metrics
+    assert (metrics["first_block_frames"], metrics["block_frames"]) == (3, 3), metrics
 
 
 def test_a_resume_reads_the_newer_state_when_another_attempt_deleted_the_one_it_listed(tmp_path):

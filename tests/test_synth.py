@@ -73,6 +73,17 @@ def test_clip_ground_truth_and_separable_seeds():
     assert not np.array_equal(other_face.portrait, clip.portrait)
 
 
+def test_a_clip_without_its_frames_renders_the_same_frames_chunk_by_chunk():
+    """`with_frames=False` (long evaluations): nothing held, and `chunks` renders exactly the held clip's frames, in
+    chunks of a fixed size that a held clip's `chunks` slices alike (streams of two clips line up)."""
+    held = make_clip(5, 12.0, identity_seed=7, speaker_seed=8)  # 300 frames: more than one chunk
+    streamed = make_clip(5, 12.0, identity_seed=7, speaker_seed=8, with_frames=False)
+    assert streamed.frames is None and np.array_equal(streamed.audio, held.audio)
+    streamed_chunks, held_chunks = list(streamed.chunks()), list(held.chunks())
+    assert len(streamed_chunks) > 1 and [len(c) for c in streamed_chunks] == [len(c) for c in held_chunks]
+    assert np.array_equal(np.concatenate(streamed_chunks), held.frames)
+
+
 def test_blinks_and_head_motion_do_not_depend_on_the_audio():
     a = make_clip(21, 3.0, speaker_seed=1)
     b = make_clip(21, 3.0, speaker_seed=2)

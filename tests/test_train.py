@@ -411,13 +411,15 @@ def test_latent_seam_jitter_sees_only_the_seams_inside_blocks():
 
 def test_startup_excess_error_splits_the_start_of_a_render_by_latent_frame_and_block():
     from model.eval.heldout import startup_excess_error
+    from model.eval.metrics import absolute_errors
 
     truth = np.full((40, 4, 4, 3), 100, np.uint8)
     recon = truth + 2  # the VAE's own error: 2 everywhere
     frames = truth + 3  # the render: 1 worse than the VAE...
     frames[0] += 8  # ...and 9 worse on frame 0, 5 worse on latent frame 1's four frames
     frames[1:5] += 4
-    excess = startup_excess_error(frames, recon, truth, temporal_stride=4, first_block_frames=9, block_frames=12)
+    errors = absolute_errors(frames, truth), absolute_errors(recon, truth)
+    excess = startup_excess_error(*errors, temporal_stride=4, first_block_frames=9, block_frames=12)
     assert excess == pytest.approx(
         {"frame 0": 9.0, "latent frame 1": 5.0, "rest of block 0": 1.0, "block 1": 1.0, "later": 1.0}
     )

@@ -1,5 +1,5 @@
-"""`avatar-render eval VIDEO --portrait P --audio A [--truth T] [--truth-video V] [--json]`: quality metrics of a
-rendered video."""
+"""`avatar-render eval VIDEO --portrait P --audio A [--truth T] [--truth-video V] [--preset P] [--json]`: quality
+metrics of a rendered video (block seams where the preset's blocks end)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--truth-video",
         help="a ground-truth video of the same speech: PSNR against it, next to the still portrait's (the baseline)",
     )
-    p.add_argument("--block-frames", type=int, default=12, help="video frames per generated block (after the first)")
-    p.add_argument("--first-block-frames", type=int, default=9, help="video frames of the first block")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="the model preset that rendered it: its block layout places the seams (default: the bundled tiny)",
+    )
+    p.add_argument("--block-frames", type=int, help="video frames per generated block after the first (the preset's)")
+    p.add_argument("--first-block-frames", type=int, help="video frames of the first block (the preset's)")
     p.add_argument(
         "--mouth",
         choices=["auto", "synth", "facemesh"],
@@ -35,17 +40,24 @@ def _fmt(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.config import get_preset
     from model.errors import InputError
     from model.eval.evaluate import METRICS, evaluate, truth_psnr_line
+    from model.eval.metrics import block_layout
 
+    try:
+        preset = get_preset(args.preset)
+    except (KeyError, ValueError) as err:
+        raise SystemExit(f"eval: {err}") from None
+    layout = block_layout(preset.vae.temporal_stride, preset.generator.frames_per_block)
     try:
         result = evaluate(
             args.video,
             args.portrait,
             args.audio,
             args.truth,
-            args.block_frames,
-            args.first_block_frames,
+            args.block_frames or layout["block_frames"],
+            args.first_block_frames or layout["first_block_frames"],
             args.mouth,
             args.window_seconds,
             truth_video_path=args.truth_video,

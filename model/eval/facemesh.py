@@ -57,6 +57,15 @@ class FaceMesh:
         self.close()
 
 
+def face_landmarks(image: np.ndarray, source: str = "portrait") -> np.ndarray:
+    """The (468, 2) landmarks of the image's face (one still image); InputError naming `source` if there is none."""
+    with FaceMesh() as mesh:
+        points = mesh.landmarks(image)
+    if points is None:
+        raise InputError(source, "no face found by the face mesh")
+    return points
+
+
 def opening_from_landmarks(points: np.ndarray) -> float:
     gap = float(np.linalg.norm(points[LOWER_INNER_LIP] - points[UPPER_INNER_LIP]))
     eyes = float(np.linalg.norm(points[EYE_OUTER[0]] - points[EYE_OUTER[1]]))
@@ -104,11 +113,7 @@ def facemesh_opening(frames: np.ndarray) -> np.ndarray:
 
 def facemesh_mouth_box(portrait: np.ndarray, source: str = "portrait", pad: float = 0.5) -> tuple[slice, slice]:
     """Rows and columns around the lips of the portrait's face, padded by `pad` of the mouth's size."""
-    with FaceMesh() as mesh:
-        points = mesh.landmarks(portrait)
-    if points is None:
-        raise InputError(source, "no face found by the face mesh")
-    lips = points[list(LIP_CONTOUR)]
+    lips = face_landmarks(portrait, source)[list(LIP_CONTOUR)]
     (x0, y0), (x1, y1) = lips.min(axis=0), lips.max(axis=0)
     px, py = pad * (x1 - x0), pad * (y1 - y0) + 0.5 * (x1 - x0)  # room below for the jaw to drop
     height, width = portrait.shape[:2]
@@ -120,10 +125,6 @@ def facemesh_mouth_box(portrait: np.ndarray, source: str = "portrait", pad: floa
 
 def face_oval_box(image: np.ndarray, source: str = "portrait") -> tuple[float, float, float]:
     """The face oval's centre (x, y) and height, in the image's pixels."""
-    with FaceMesh() as mesh:
-        points = mesh.landmarks(image)
-    if points is None:
-        raise InputError(source, "no face found by the face mesh")
-    oval = points[list(FACE_OVAL)]
+    oval = face_landmarks(image, source)[list(FACE_OVAL)]
     (x0, y0), (x1, y1) = oval.min(axis=0), oval.max(axis=0)
     return float(x0 + x1) / 2, float(y0 + y1) / 2, float(y1 - y0)

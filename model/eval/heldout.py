@@ -28,6 +28,7 @@ other way round.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -77,8 +78,17 @@ class HeldOutSet(BaseModel):
     speaker_base: int = 350_000
     content_base: int = 30_000_000
 
-    def clip(self, index: int, seconds: float, size: int, speech: str = "formant", head_motion: float = 1.0) -> Clip:
-        """Clip `index`; `head_motion` 0 gives the same clip with the head held still (the steady truth)."""
+    def clip(
+        self,
+        index: int,
+        seconds: float,
+        size: int,
+        speech: str = "formant",
+        head_motion: float = 1.0,
+        with_frames: bool = True,
+    ) -> Clip:
+        """Clip `index`; `head_motion` 0 gives the same clip with the head held still (the steady truth);
+        `with_frames=False` holds no frames (`Clip.chunks` renders them a chunk at a time)."""
         return make_clip(
             self.content_base + index,
             seconds,
@@ -87,6 +97,7 @@ class HeldOutSet(BaseModel):
             identity_seed=self.identity_base + index,
             speaker_seed=self.speaker_base + index,
             head_motion=head_motion,
+            with_frames=with_frames,
         )
 
 
@@ -101,6 +112,7 @@ PhotoFraming = Literal["fit", "face"]
 FACE_REFERENCE_PORTRAITS = 16  # validation faces that say where SynthTalk puts a face
 
 
+@functools.cache  # 16 portraits rendered and meshed: once per size
 def synth_face_place(size: int, identities: int = FACE_REFERENCE_PORTRAITS) -> tuple[float, float, float]:
     """Where SynthTalk's default framing puts a face, as the face mesh sees it: the mean face-oval centre (x, y) and
     height over the first validation identities' portraits, as fractions of the frame's side."""
@@ -125,19 +137,33 @@ def face_framed_photo(path: str, size: int) -> np.ndarray:
     photo = np.asarray(image)
     x, y, height = face_oval_box(photo, path)
     place_x, place_y, place_height = synth_face_place(size)
-    side = min(height / place_height, *photo.shape[:2])
-    left = min(max(x - place_x * side, 0.0), photo.shape[1] - side)
-    top = min(max(y - place_y * side, 0.0), photo.shape[0] - side)
-    box = tuple(round(v) for v in (left, top, left + side, top + side))
-    crop = image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+    side = max(1, min(round(height / place_height), *photo.shape[:2]))  # whole pixels: the crop is square
+    left = min(max(round(x - place_x * side), 0), photo.shape[1] - side)
+    top = min(max(round(y - place_y * side), 0), photo.shape[0] - side)
+    crop = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(crop, dtype=np.uint8).copy()
 
 
 def render_clip(model: AvatarModel, clip: Clip, settings: RenderSettings) -> np.ndarray:
-    """A clip's whole video, uint8 (N, H, W, 3), rendered by the real generator from its portrait and audio."""
+    """A clip's whole video, uint8 (N, H, W, 3), rendered by the real generator from its portrait and audio (written
+    block by block into one array: a long render is held once, not also as its list of blocks)."""
     session = model.open(clip.portrait, None, settings)
     session.feed_audio(clip.audio, final=True)
-    return np.concatenate([b.frames for b in session])
+    frames = np.empty((session.total_frames, *clip.portrait.shape), dtype=np.uint8)
+    done = 0
+    for block in session:
+        frames[done : done + len(block.frames)] = block.frames
+        done += len(block.frames)
+    return frames[:done]
+
+
+def psnr_columns(truth_errors: np.ndarray, steady_errors: np.ndarray | None = None) -> dict:
+    """PSNR against the truth over the frames compared and at frame 0, from per-frame squared errors, and with the
+    steady truth's errors the PSNR against that."""
+    row = {"truth_psnr": metrics.psnr(truth_errors.mean()), "truth_psnr_frame0": metrics.psnr(truth_errors[0])}
+    if steady_errors is not None:
+        row[STEADY_KEY] = metrics.psnr(steady_errors.mean())
+    return row
 
 
 def _metrics(
@@ -145,37 +171,54 @@ def _metrics(
     frames: np.ndarray,
     temporal_stride: int,
     layout: dict,
-    truth: np.ndarray | None = None,
-    steady: np.ndarray | None = None,
+    truth_errors: np.ndarray | None = None,
+    steady_errors: np.ndarray | None = None,
 ) -> dict:
-    """A clip's row: `score`'s metrics, the seams inside blocks, and with `truth` (the ground-truth frames) the PSNR
-    against it over the clip and at frame 0; `score`'s windows get their truth PSNR too (for the drift check). With
-    `steady` (the truth without its head sway), the PSNR against that as well."""
+    """A clip's row: `score`'s metrics, the seams inside blocks, and from the per-frame squared errors against the
+    ground truth (`compare_with_truth`) the PSNR over the clip and at frame 0; `score`'s windows get their truth PSNR
+    too (for the drift check). With the errors against the steady truth, the PSNR against that as well."""
     row = {
         **{k: result[k] for k in KEYS},
         "latent_seam_jitter": metrics.latent_seam_jitter(frames, temporal_stride, **layout),
     }
-    if truth is not None:
-        n = min(len(frames), len(truth))
-        errors = metrics.squared_errors(frames[:n], truth[:n])
-        row |= {"truth_psnr": metrics.psnr(errors.mean()), "truth_psnr_frame0": metrics.psnr(errors[0])}
+    if truth_errors is not None:
+        row |= psnr_columns(truth_errors, steady_errors)
         for window in result["windows"]:
-            span = errors[window["start_frame"] : min(window["end_frame"], n)]
+            span = truth_errors[window["start_frame"] : window["end_frame"]]
             window["truth_psnr"] = metrics.psnr(span.mean()) if len(span) else None
-    if steady is not None:
-        n = min(len(frames), len(steady))
-        row[STEADY_KEY] = metrics.psnr(metrics.squared_errors(frames[:n], steady[:n]).mean())
     return row
 
 
 def truth_psnr(frames: np.ndarray, truth: np.ndarray, steady: np.ndarray | None = None) -> dict:
     """PSNR of `frames` (or one image, broadcast over the clip) against the truth, over the clip and at frame 0, and
     with `steady` against the truth without its head sway: the rows of references that `score` has no use for."""
-    errors = metrics.squared_errors(truth, frames)
-    row = {"truth_psnr": metrics.psnr(errors.mean()), "truth_psnr_frame0": metrics.psnr(errors[0])}
-    if steady is not None:
-        row[STEADY_KEY] = metrics.psnr(metrics.squared_errors(steady, frames).mean())
-    return row
+    steady_errors = None if steady is None else metrics.squared_errors(steady, frames)
+    return psnr_columns(metrics.squared_errors(truth, frames), steady_errors)
+
+
+def compare_with_truth(truth: Clip, steady: Clip, num_frames: int, videos: dict[str, np.ndarray]) -> dict:
+    """Per-frame errors (0-255 units) over the first `num_frames` frames, the truth and the steady truth streamed in
+    step a chunk at a time (`Clip.chunks`: neither need be held): for each video (frames, or an image shown in every
+    frame; one shorter than `num_frames` over its own frames) the squared errors against the truth ("truth") and
+    against the steady truth ("steady") and the mean absolute errors against the truth ("truth_abs"); and the steady
+    truth's squared errors against the truth ("truth", "steady truth")."""
+    parts: dict[str, dict[str, list]] = {"truth": {}, "steady": {}, "truth_abs": {}}
+    start = 0
+    for true, still_head in zip(truth.chunks(), steady.chunks()):
+        true, still_head = true[: num_frames - start], still_head[: num_frames - start]
+        if not len(true):
+            break
+        parts["truth"].setdefault("steady truth", []).append(metrics.squared_errors(true, still_head))
+        for name, video in videos.items():
+            span = video if video.ndim == 3 else video[start : start + len(true)]
+            if not len(span):
+                continue
+            against = slice(None) if video.ndim == 3 else slice(len(span))
+            parts["truth"].setdefault(name, []).append(metrics.squared_errors(true[against], span))
+            parts["steady"].setdefault(name, []).append(metrics.squared_errors(still_head[against], span))
+            parts["truth_abs"].setdefault(name, []).append(metrics.absolute_errors(true[against], span))
+        start += len(true)
+    return {kind: {name: np.concatenate(chunks) for name, chunks in named.items()} for kind, named in parts.items()}
 
 
 def generator_render(settings: RenderSettings) -> Render:
@@ -195,47 +238,47 @@ def portrait_reconstruction(vae: WanVAE, portrait: np.ndarray) -> dict:
     from model.errors import InputError
     from model.eval.facemesh import facemesh_mouth_box
 
-    was_training = vae.training
-    vae.eval()
-    recon = tensor_to_frames(vae.decode(vae.encode(frames_to_tensor(portrait[None]))))[0]
-    vae.train(was_training)
-    errors = (recon.astype(np.float32) - portrait) ** 2
+    recon = reconstruct(vae, portrait[None])
+    mouth = None
     try:
         rows, cols = facemesh_mouth_box(portrait)
-        mouth = metrics.psnr(errors[rows, cols].mean())
+        inside = np.zeros(portrait.shape[:2], dtype=bool)
+        inside[rows, cols] = True
+        mouth = metrics.psnr(metrics.squared_errors(recon, portrait, inside)[0])
     except InputError:
-        mouth = None
-    return {"psnr": metrics.psnr(errors.mean()), "mouth_psnr": mouth}
+        pass
+    return {"psnr": metrics.psnr(metrics.squared_errors(recon, portrait)[0]), "mouth_psnr": mouth}
 
 
 @torch.no_grad()
 def reconstruct_clip(vae: WanVAE, clip: Clip) -> np.ndarray:
     """The VAE's own reconstruction of a clip (encode -> decode, as many frames as it takes: 1 + s*k), uint8 frames:
     the floor generators are judged by."""
+    return reconstruct(vae, clip.frames[: vae.num_video_frames(vae.num_latent_frames(len(clip.frames)))])
+
+
+@torch.no_grad()
+def reconstruct(vae: WanVAE, frames: np.ndarray) -> np.ndarray:
+    """uint8 frames (N, H, W, 3) encoded and decoded by the VAE in eval mode (its mode is restored after)."""
     was_training = vae.training
     vae.eval()
-    frames = clip.frames[: vae.num_video_frames(vae.num_latent_frames(len(clip.frames)))]
-    recon = vae.decode(vae.encode(frames_to_tensor(frames)))
+    recon = tensor_to_frames(vae.decode(vae.encode(frames_to_tensor(frames))))
     vae.train(was_training)
-    return tensor_to_frames(recon)
+    return recon
 
 
 def startup_excess_error(
-    frames: np.ndarray,
-    recon: np.ndarray,
-    truth: np.ndarray,
+    render_errors: np.ndarray,
+    recon_errors: np.ndarray,
     temporal_stride: int,
     first_block_frames: int,
     block_frames: int,
 ) -> dict[str, float]:
-    """How much worse than the VAE's own reconstruction the render is at its start: the mean absolute error against
-    the truth (0-255) of the render minus that of the reconstruction, over frame 0 (the first latent frame, decoded
+    """How much worse than the VAE's own reconstruction the render is at its start: the render's per-frame mean
+    absolute error against the truth (0-255) minus the reconstruction's, over frame 0 (the first latent frame, decoded
     alone), the next latent frame's frames, the rest of the first block, the second block, and everything after."""
-    n = min(len(frames), len(recon), len(truth))
-    truth = truth[:n].astype(np.float32)
-    excess = np.abs(frames[:n].astype(np.float32) - truth).mean(axis=(1, 2, 3)) - np.abs(
-        recon[:n].astype(np.float32) - truth
-    ).mean(axis=(1, 2, 3))
+    n = min(len(render_errors), len(recon_errors))
+    excess = render_errors[:n] - recon_errors[:n]
     second_block = first_block_frames + block_frames
     spans = {
         "frame 0": (0, 1),
@@ -374,9 +417,10 @@ def evaluate_checkpoint(
     portraits = []  # the VAE's reconstruction of each clip's portrait (one row for a photo)
     seconds_taken, frames_rendered = 0.0, 0
     for i in range(clips):
-        clip = heldout.clip(i, seconds, size, speech)
-        truth = clip.frames if photo is None else None
-        steady = heldout.clip(i, seconds, size, speech, head_motion=0.0).frames if photo is None else None
+        # The truth is held only for the VAE's reconstruction (a reference); else it is streamed, as the steady
+        # truth always is, when the render is compared with them (compare_with_truth).
+        clip = heldout.clip(i, seconds, size, speech, with_frames=references)
+        steady = heldout.clip(i, seconds, size, speech, head_motion=0.0, with_frames=False) if photo is None else None
         if photo is not None:
             clip.portrait, clip.frames = photo_portrait, None  # nothing else of the synthetic face is used
         if photo is None or not portraits:
@@ -397,21 +441,28 @@ def evaluate_checkpoint(
             faceless="closed",
             **layout,
         )
-        rendered.append(_metrics(result, frames, stride, layout, truth, steady))
+        videos = {"render": frames, "still": clip.portrait}
+        if references:
+            recon = reconstruct_clip(model.vae, clip)
+            videos["recon"] = recon
+        errors = compare_with_truth(clip, steady, len(frames), videos) if photo is None else None
+        truth, steady_errors = (errors["truth"], errors["steady"]) if errors else ({}, {})
+        rendered.append(_metrics(result, frames, stride, layout, truth.get("render"), steady_errors.get("render")))
         windows.append(result["windows"])
         checks.append(drift_check(result["windows"]))
         if references:
-            recon = reconstruct_clip(model.vae, clip)
             recon_score = score(recon, clip.fps, clip.portrait, clip.audio, phones=phones, mouth=mouth, **layout)
-            vae_rows.append(_metrics(recon_score, recon, stride, layout, truth, steady))
-            startup.append(startup_excess_error(frames, recon, truth, stride, **layout))
-            still = np.repeat(clip.portrait[None], len(frames), axis=0)
+            vae_rows.append(_metrics(recon_score, recon, stride, layout, truth["recon"], steady_errors["recon"]))
+            startup.append(
+                startup_excess_error(errors["truth_abs"]["render"], errors["truth_abs"]["recon"], stride, **layout)
+            )
+            still = np.broadcast_to(clip.portrait, (len(frames), *clip.portrait.shape))  # a view: no copies
             still_score = score(still, clip.fps, clip.portrait, clip.audio, phones=phones, mouth=mouth, **layout)
-            still_rows.append(_metrics(still_score, still, stride, layout, truth, steady))
-        elif truth is not None:  # the honest baseline costs no render: keep it even without the references
-            still_rows.append(truth_psnr(clip.portrait, truth[: len(frames)], steady[: len(frames)]))
-        if truth is not None:  # and neither does the ceiling
-            steady_rows.append(truth_psnr(steady[: len(frames)], truth[: len(frames)]))
+            still_rows.append(_metrics(still_score, still, stride, layout, truth["still"], steady_errors["still"]))
+        elif errors:  # the honest baseline costs no render: keep it even without the references
+            still_rows.append(psnr_columns(truth["still"], steady_errors["still"]))
+        if errors:  # and neither does the ceiling
+            steady_rows.append(psnr_columns(truth["steady truth"]))
         line = {k: round(v, 4) if isinstance(v, float) else v for k, v in rendered[-1].items()}
         if still_rows:
             line["still truth_psnr"] = round(still_rows[-1]["truth_psnr"], 3)

@@ -145,19 +145,33 @@ def latent_seam_jitter(
     return boundary_jitter(frame_changes(frames), inside)
 
 
-def squared_errors(frames: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """(N,) mean squared error (0-255 units) of each uint8 frame (N, H, W, 3) against a reference image (H, W, 3)
-    or one reference frame each (N, H, W, 3), over the pixels where `mask` (H, W) is True (all without one).
-    One frame at a time, so a long video costs one float per frame."""
+def _frame_differences(frames: np.ndarray, reference: np.ndarray):
+    """Each uint8 frame minus its reference (an image, or one frame each), float32, one frame at a time."""
     reference = np.asarray(reference)
     per_frame = reference.ndim == 4
     if per_frame and len(reference) < len(frames):
         raise ValueError(f"{len(frames)} frames but {len(reference)} reference frames")
-    out = np.empty(len(frames))
     for i, frame in enumerate(frames):
-        diff = frame.astype(np.float32) - (reference[i] if per_frame else reference).astype(np.float32)
-        out[i] = float(np.square((diff[mask] if mask is not None else diff).astype(np.float64)).mean())
-    return out
+        yield frame.astype(np.float32) - (reference[i] if per_frame else reference).astype(np.float32)
+
+
+def squared_errors(frames: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,) mean squared error (0-255 units) of each uint8 frame (N, H, W, 3) against a reference image (H, W, 3)
+    or one reference frame each (N, H, W, 3), over the pixels where `mask` (H, W) is True (all without one).
+    One frame at a time, so a long video costs one float per frame."""
+    return np.array(
+        [
+            float(np.square((diff[mask] if mask is not None else diff).astype(np.float64)).mean())
+            for diff in _frame_differences(frames, reference)
+        ],
+        dtype=np.float64,
+    )
+
+
+def absolute_errors(frames: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(N,) mean absolute error (0-255 units) of each uint8 frame against a reference image or one reference frame
+    each (as `squared_errors`), one frame at a time."""
+    return np.array([float(np.abs(diff).mean()) for diff in _frame_differences(frames, reference)], dtype=np.float64)
 
 
 def psnr(mean_squared_error: float) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -38,10 +38,20 @@ class Clip:
     id: str
     portrait: np.ndarray  # uint8 (H, W, 3): the face at rest, mouth closed
     audio: np.ndarray  # float32 mono at `sample_rate`
-    frames: np.ndarray  # uint8 (N, H, W, 3), ground truth
+    frames: np.ndarray | None  # uint8 (N, H, W, 3), ground truth; None when not held (`make_clip(with_frames=False)`)
     truth: dict = field(repr=False)  # see `truth_dict`
     sample_rate: int = SAMPLE_RATE
     fps: int = FPS
+    render_chunks: Callable[[], Iterator[np.ndarray]] | None = field(default=None, repr=False)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The ground-truth frames in order, `_RENDER_CHUNK` at a time: slices of `frames` when it is held, else
+        rendered again chunk by chunk, so a clip too long to hold can still be compared frame by frame."""
+        if self.frames is not None:
+            return (self.frames[i : i + _RENDER_CHUNK] for i in range(0, len(self.frames), _RENDER_CHUNK))
+        if self.render_chunks is None:
+            raise ValueError(f"clip {self.id} holds no frames and cannot render them")
+        return self.render_chunks()
 
 
 def make_speech(kind: SpeechKind, seed: int, seconds: float, speaker_seed: int) -> Speech:
@@ -82,10 +92,12 @@ def make_clip(
     freeze_mouth: bool = False,
     head_motion: float = 1.0,
     framing: Framing = DEFAULT_FRAMING,
+    with_frames: bool = True,
 ) -> Clip:
     """One clip. `freeze_mouth` keeps the mouth at rest whatever is said (a lip-sync negative control);
     `head_motion` scales the idle head motion (0: the head stays at the portrait's pose; blinks are unchanged);
-    `framing` places the head in the picture (portrait and frames alike)."""
+    `framing` places the head in the picture (portrait and frames alike). `with_frames=False` leaves `frames` None
+    (`Clip.chunks` renders them when asked): memory for the audio and the truth only, however long the clip."""
     identity_seed = seed if identity_seed is None else identity_seed
     speaker_seed = seed if speaker_seed is None else speaker_seed
     num_frames = int(round(seconds * FPS))
@@ -96,19 +108,17 @@ def make_clip(
         mouth[:] = mouth_track([], 1, FPS)[0]
     pose, blink = idle_motion(seed, num_frames, FPS)
     pose = np.concatenate([pose[:, :3] * head_motion, 1 + (pose[:, 3:] - 1) * head_motion], axis=1).astype(np.float32)
-    frames = np.concatenate(
-        [
-            render(
-                identity,
-                pose[i : i + _RENDER_CHUNK],
-                mouth[i : i + _RENDER_CHUNK],
-                blink[i : i + _RENDER_CHUNK],
-                size,
-                framing=framing,
-            )
-            for i in range(0, num_frames, _RENDER_CHUNK)
-        ]
-    )
+
+    def render_chunks() -> Iterator[np.ndarray]:
+        for i in range(0, num_frames, _RENDER_CHUNK):
+            span = slice(i, i + _RENDER_CHUNK)
+            yield render(identity, pose[span], mouth[span], blink[span], size, framing=framing)
+
+    frames = None
+    if with_frames:
+        frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)  # filled in place: no second copy
+        for i, chunk in enumerate(render_chunks()):
+            frames[i * _RENDER_CHUNK : i * _RENDER_CHUNK + len(chunk)] = chunk
     meta = {
         "fps": FPS,
         "sample_rate": voice.sample_rate,
@@ -131,6 +141,7 @@ def make_clip(
         frames=frames,
         truth=truth_dict(voice.phones, mouth, pose, blink, meta),
         sample_rate=voice.sample_rate,
+        render_chunks=render_chunks,
     )
 
 
