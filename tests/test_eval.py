@@ -249,6 +249,7 @@ def test_errors_against_the_streamed_truth_are_those_of_the_held_frames():
         heldout.clip(0, 12.0, 64, head_motion=0.0, with_frames=False),
         len(render),
         {"render": render, "recon": recon, "still": truth.portrait},
+        absolute=("render", "recon", "still"),
     )
     for name, video in (("render", render), ("recon", recon), ("still", truth.portrait)):
         n = len(render) if video.ndim == 3 else len(video)

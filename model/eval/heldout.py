@@ -196,12 +196,14 @@ def truth_psnr(frames: np.ndarray, truth: np.ndarray, steady: np.ndarray | None 
     return psnr_columns(metrics.squared_errors(truth, frames), steady_errors)
 
 
-def compare_with_truth(truth: Clip, steady: Clip, num_frames: int, videos: dict[str, np.ndarray]) -> dict:
+def compare_with_truth(
+    truth: Clip, steady: Clip, num_frames: int, videos: dict[str, np.ndarray], absolute: tuple[str, ...] = ()
+) -> dict:
     """Per-frame errors (0-255 units) over the first `num_frames` frames, the truth and the steady truth streamed in
     step a chunk at a time (`Clip.chunks`: neither need be held): for each video (frames, or an image shown in every
     frame; one shorter than `num_frames` over its own frames) the squared errors against the truth ("truth") and
-    against the steady truth ("steady") and the mean absolute errors against the truth ("truth_abs"); and the steady
-    truth's squared errors against the truth ("truth", "steady truth")."""
+    against the steady truth ("steady"), for the videos named in `absolute` the mean absolute errors against the
+    truth ("truth_abs"); and the steady truth's squared errors against the truth ("truth", "steady truth")."""
     parts: dict[str, dict[str, list]] = {"truth": {}, "steady": {}, "truth_abs": {}}
     start = 0
     for true, still_head in zip(truth.chunks(), steady.chunks()):
@@ -216,7 +218,8 @@ def compare_with_truth(truth: Clip, steady: Clip, num_frames: int, videos: dict[
             against = slice(None) if video.ndim == 3 else slice(len(span))
             parts["truth"].setdefault(name, []).append(metrics.squared_errors(true[against], span))
             parts["steady"].setdefault(name, []).append(metrics.squared_errors(still_head[against], span))
-            parts["truth_abs"].setdefault(name, []).append(metrics.absolute_errors(true[against], span))
+            if name in absolute:
+                parts["truth_abs"].setdefault(name, []).append(metrics.absolute_errors(true[against], span))
         start += len(true)
     return {kind: {name: np.concatenate(chunks) for name, chunks in named.items()} for kind, named in parts.items()}
 
@@ -445,7 +448,8 @@ def evaluate_checkpoint(
         if references:
             recon = reconstruct_clip(model.vae, clip)
             videos["recon"] = recon
-        errors = compare_with_truth(clip, steady, len(frames), videos) if photo is None else None
+        startup_videos = ("render", "recon") if references else ()  # startup_excess_error's
+        errors = compare_with_truth(clip, steady, len(frames), videos, startup_videos) if photo is None else None
         truth, steady_errors = (errors["truth"], errors["steady"]) if errors else ({}, {})
         rendered.append(_metrics(result, frames, stride, layout, truth.get("render"), steady_errors.get("render")))
         windows.append(result["windows"])
